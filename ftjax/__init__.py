@@ -1,0 +1,2 @@
+"""ftjax: functional JAX fine-tuning of large language models."""
+__version__ = "0.1.0"

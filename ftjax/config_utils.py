@@ -1,0 +1,572 @@
+"""Experiment configs: load `configs/<name>.py[:arg]`, apply CLI overrides, hash and record.
+
+An experiment is a config file defining `get_config(arg=None) -> ml_collections.ConfigDict`
+(DESIGN.md §1.5). The pieces here turn a command line such as
+
+    --config configs/lora_sft.py:model=llama,rank=16 --config.optimizer.learning_rate=2e-4
+
+into a resolved, typed ConfigDict, and write it with its hash next to every result.
+Every mistake (unknown key, wrong type, missing file) raises a ValueError that names the key,
+the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import enum
+import hashlib
+import importlib.util
+import inspect
+import json
+import logging
+import math
+import os
+import pathlib
+import sys
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "parse_arg",
+    "pack_arg",
+    "load_config",
+    "apply_overrides",
+    "parse_value",
+    "parse_cli",
+    "config_hash",
+    "to_jsonable",
+    "write_resolved_config",
+]
+
+_TRUE = frozenset({"true", "1", "yes"})
+_FALSE = frozenset({"false", "0", "no"})
+
+
+# ------------------------------------------------------------------------------------------
+# Scalar parsing shared by parse_arg and apply_overrides.
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError(f"not a bool (use one of {sorted(_TRUE | _FALSE)})")
+
+
+def _parse_int(text: str) -> int:
+    s = text.strip()
+    try:
+        return int(s, 0) if s.lower().startswith(("0x", "-0x", "0b", "0o")) else int(s)
+    except ValueError:
+        pass
+    # Accept integral scientific notation such as 1e4 (handy for step counts), not 1.5.
+    f = float(s)  # raises ValueError for non-numbers
+    if not math.isfinite(f) or not f.is_integer():
+        raise ValueError("not an integer")
+    return int(f)
+
+
+def _parse_float(text: str) -> float:
+    return float(text.strip())
+
+
+def _autotype(text: str) -> Any:
+    """Best-effort literal: Python literal (None, numbers, tuples, ...) else the raw string."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+
+
+def _type_name(t: type) -> str:
+    return getattr(t, "__name__", str(t))
+
+
+# ------------------------------------------------------------------------------------------
+# Typed config-file arguments ("model=llama,rank=16").
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """Parses a config file's argument string into a ConfigDict typed by `defaults`.
+
+    `parse_arg("model=llama,rank=16,lora=True", model="gemma", rank=8, lora=False)` gives
+    `{model: 'llama', rank: 16, lora: True}`. Values are converted to the type of the default:
+    bool (true/false/1/0/yes/no; a bare `lora` means `lora=True`), int, float (ints accepted),
+    str; a default of None accepts any Python literal, falling back to the raw string.
+    Keys not given keep their default. Unknown keys or unparsable values raise ValueError.
+    """
+    result = ml_collections.ConfigDict(dict(defaults))
+    if arg is None or not arg.strip():
+        return result
+    seen: set[str] = set()
+    for item in arg.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, has_value, text = item.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise ValueError(
+                f"unknown config argument {key!r} in {arg!r}; allowed keys: {sorted(defaults)}"
+            )
+        if key in seen:
+            raise ValueError(f"config argument {key!r} given twice in {arg!r}")
+        seen.add(key)
+        default = defaults[key]
+        if not has_value:
+            if isinstance(default, bool):
+                result[key] = True
+                continue
+            raise ValueError(
+                f"config argument {key!r} needs a value ({key}=...); only bool arguments "
+                f"may be given bare"
+            )
+        result[key] = _convert_arg(key, text, default)
+    return result
+
+
+def _convert_arg(key: str, text: str, default: Any) -> Any:
+    if default is None:
+        return _autotype(text)
+    parsers = {bool: _parse_bool, int: _parse_int, float: _parse_float, str: lambda s: s}
+    kind = type(default)
+    if kind not in parsers:
+        raise ValueError(
+            f"config argument {key!r} has a default of unsupported type {_type_name(kind)}; "
+            f"use bool, int, float, str or None"
+        )
+    try:
+        return parsers[kind](text)
+    except ValueError:
+        raise ValueError(
+            f"config argument {key!r}: cannot parse {text!r} as {_type_name(kind)} "
+            f"(default {default!r})"
+        ) from None
+
+
+def pack_arg(**kwargs: Any) -> str:
+    """Inverse of `parse_arg` for scalars: `pack_arg(rank=16, model='llama')` -> 'rank=16,model=llama'."""
+    return ",".join(f"{k}={v}" for k, v in kwargs.items())
+
+
+# ------------------------------------------------------------------------------------------
+# Loading config files.
+
+
+def _split_spec(spec: str) -> tuple[str, str | None]:
+    """'a/b.py:x=1' -> ('a/b.py', 'x=1'); 'a/b.py' -> ('a/b.py', None)."""
+    idx = spec.find(".py:")
+    if idx >= 0:
+        return spec[: idx + 3], spec[idx + 4 :]
+    return spec, None
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Loads `path/to/file.py` or `path/to/file.py:arg string` and returns `get_config(arg)`.
+
+    The file is imported by path. If it lives in a package directory (e.g. `configs/` with an
+    `__init__.py`), the directory above it is put on `sys.path` so that `from configs import
+    common` works wherever the command is launched from.
+    """
+    path_str, arg = _split_spec(spec)
+    path = pathlib.Path(path_str).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"config file {str(path)!r} (from --config {spec!r}) does not exist "
+            f"(cwd: {os.getcwd()})"
+        )
+    path = path.resolve()
+    if (path.parent / "__init__.py").is_file():
+        root = str(path.parent.parent)
+        if root not in sys.path:
+            sys.path.insert(0, root)
+
+    mod_name = f"_ftjax_config_{path.stem}_{uuid.uuid4().hex[:8]}"
+    mod_spec = importlib.util.spec_from_file_location(mod_name, path)
+    if mod_spec is None or mod_spec.loader is None:
+        raise ValueError(f"cannot import config file {str(path)!r}: not a Python file?")
+    module = importlib.util.module_from_spec(mod_spec)
+    sys.modules[mod_name] = module  # lets dataclasses/pickling inside the config resolve
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception:
+        sys.modules.pop(mod_name, None)
+        raise
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise ValueError(f"config file {str(path)!r} does not define get_config(arg=None)")
+
+    params = [
+        p for p in inspect.signature(get_config).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+    ]
+    if arg is not None:
+        if not params:
+            raise ValueError(
+                f"config file {str(path)!r}: get_config() takes no argument, but {arg!r} "
+                f"was given after ':'"
+            )
+        cfg = get_config(arg)
+    elif params and params[0].default is inspect.Parameter.empty and params[0].kind != (
+        inspect.Parameter.VAR_POSITIONAL
+    ):
+        cfg = get_config(None)  # get_config(arg) with a required arg: no arg means None.
+    else:
+        cfg = get_config()
+
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise ValueError(
+            f"config file {str(path)!r}: get_config returned {type(cfg).__name__}, "
+            f"expected ml_collections.ConfigDict"
+        )
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------
+# Command-line overrides ("--config.optimizer.learning_rate=2e-4").
+
+
+def _nearest_keys_msg(name: str, keys: Sequence[str], parent: str, full_key: str) -> str:
+    where = f"{parent!r}" if parent else "the top level"
+    close = difflib.get_close_matches(name, keys, n=3, cutoff=0.6)
+    hint = ""
+    if close:
+        pre = f"{parent}." if parent else ""
+        hint = "; did you mean " + " or ".join(repr(pre + c) for c in close) + "?"
+    return f"unknown config key {full_key!r}; {where} has keys: {sorted(keys)}{hint}"
+
+
+def _parse_sequence(key: str, text: str, current: Sequence[Any]) -> tuple | list:
+    try:
+        value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        # Unquoted comma lists of names: `--config.lora.targets=q_proj,v_proj`.
+        value = tuple(s.strip() for s in text.split(",") if s.strip())
+    if isinstance(value, str) and value.strip():
+        value = (value,)
+    if not isinstance(value, (tuple, list)):
+        raise ValueError(
+            f"config key {key!r}: cannot set {text!r}; expected a {type(current).__name__} "
+            f"(e.g. \"(1, 2)\" or \"a,b\"), got {type(value).__name__}"
+        )
+    elem_types = {type(v) for v in current}
+    if len(elem_types) == 1:
+        (elem,) = elem_types
+        for v in value:
+            ok = isinstance(v, elem) or (elem is float and type(v) is int)
+            if elem in (int, float) and type(v) is bool:
+                ok = False
+            if not ok and elem in (bool, int, float, str):
+                raise ValueError(
+                    f"config key {key!r}: cannot set {text!r}; expected a "
+                    f"{type(current).__name__} of {_type_name(elem)}, got element {v!r}"
+                )
+        if elem is float:
+            value = [float(v) for v in value]
+    return type(current)(value)
+
+
+def parse_value(key: str, text: str, current: Any, field_type: type | None = None) -> Any:
+    """Parses override `text` for config `key` to the type of the field's `current` value.
+
+    `field_type` is the declared type of a FieldReference/placeholder field (which then also
+    accepts "None"). Fields whose current value is None (and have no declared type) accept any
+    Python literal, falling back to the raw string.
+    """
+    if field_type is None and current is not None:
+        field_type = type(current)
+    if field_type is None or field_type is type(None):
+        return _autotype(text)
+    if text.strip() == "None" and current is None:
+        return None  # a typed placeholder that is currently unset may be reset to None.
+
+    def fail(expected: str) -> ValueError:
+        hint = ""
+        if text.strip() == "None":
+            hint = " (None is only accepted by fields whose default is None)"
+        return ValueError(f"config key {key!r}: cannot set {text!r}; expected {expected}{hint}")
+
+    if field_type is bool:
+        try:
+            return _parse_bool(text)
+        except ValueError:
+            raise fail("bool (true/false/1/0/yes/no)") from None
+    if field_type is int:
+        try:
+            return _parse_int(text)
+        except ValueError:
+            raise fail("int") from None
+    if field_type is float:
+        try:
+            return _parse_float(text)
+        except ValueError:
+            raise fail("float") from None
+    if field_type is str:
+        return text
+    if field_type in (tuple, list):
+        seq = current if isinstance(current, (tuple, list)) else field_type()
+        if text.strip() == "None":
+            raise fail(_type_name(field_type))
+        return _parse_sequence(key, text, seq)
+    if isinstance(current, ml_collections.ConfigDict) or field_type is ml_collections.ConfigDict:
+        raise ValueError(
+            f"config key {key!r} is a config group; override its fields "
+            f"(e.g. --config.{key}.<field>=...) instead"
+        )
+    # Other types (dicts, custom objects): accept a Python literal of the same type.
+    value = _autotype(text)
+    if not isinstance(value, field_type):
+        raise fail(_type_name(field_type))
+    return value
+
+
+def _walk(cfg: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
+    """Returns (parent node, leaf name) for dotted `key`, with errors naming the nearest keys."""
+    parts = key.split(".")
+    if not all(parts):
+        raise ValueError(f"malformed config key {key!r}")
+    node = cfg
+    for i, name in enumerate(parts[:-1]):
+        parent = ".".join(parts[:i])
+        if name not in node:
+            raise ValueError(_nearest_keys_msg(name, list(node.keys()), parent, key))
+        child = node[name]
+        if not isinstance(child, ml_collections.ConfigDict):
+            raise ValueError(
+                f"unknown config key {key!r}: {'.'.join(parts[: i + 1])!r} is a "
+                f"{type(child).__name__}, not a config group"
+            )
+        node = child
+    leaf = parts[-1]
+    if leaf not in node:
+        raise ValueError(_nearest_keys_msg(leaf, list(node.keys()), ".".join(parts[:-1]), key))
+    return node, leaf
+
+
+def apply_overrides(
+    cfg: ml_collections.ConfigDict,
+    overrides: Iterable[tuple[str, str]] | Mapping[str, str],
+) -> ml_collections.ConfigDict:
+    """Returns a copy of `cfg` with each `("a.b.c", "value string")` override applied.
+
+    The key must already exist; the value is parsed to the type of the existing field (see
+    `parse_value`). Overrides apply in order, so a later one wins. FieldReferences are kept:
+    overriding a referenced field updates the fields that refer to it.
+    """
+    import copy
+
+    out = copy.deepcopy(cfg)
+    items = overrides.items() if isinstance(overrides, Mapping) else overrides
+    for key, text in items:
+        if not isinstance(text, str):
+            raise TypeError(f"override for {key!r} must be a string, got {type(text).__name__}")
+        node, leaf = _walk(out, key)
+        raw = node._fields.get(leaf)  # pylint: disable=protected-access
+        field_type = None
+        if isinstance(raw, config_dict.FieldReference):
+            field_type = raw.get_type()
+            current = raw.get()
+        else:
+            current = node[leaf]
+        value = parse_value(key, text, current, field_type)
+        try:
+            with out.unlocked() if out.is_locked else _nullcontext():
+                node[leaf] = value
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config key {key!r}: cannot set {text!r}: {e}") from None
+    return out
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+# ------------------------------------------------------------------------------------------
+# Command line.
+
+_SUPPORTED = ("--config FILE[.py[:ARG]]", "--workdir DIR", "--config.<key>=VALUE")
+
+
+def parse_cli(
+    argv: Sequence[str], *, extra_flags: Sequence[str] = (), require_config: bool = True
+) -> tuple[str | None, str | None, list[tuple[str, str]], dict[str, str]]:
+    """Parses `argv` (without the program name) into (config_spec, workdir, overrides, extra).
+
+    Understands `--config X`, `--config=X`, `--workdir D`, `--workdir=D`, `--config.a.b=v` and
+    `--config.a.b v`. Flags named in `extra_flags` (e.g. `"eval_only"`) are returned in `extra`
+    as strings; given bare (`--eval_only`) they read "true". Anything else is an error that
+    lists the supported flags.
+    """
+    supported = list(_SUPPORTED) + [f"--{f}[=VALUE]" for f in extra_flags]
+    config_spec: str | None = None
+    workdir: str | None = None
+    overrides: list[tuple[str, str]] = []
+    extra: dict[str, str] = {}
+    args = list(argv)
+    i = 0
+
+    def take_value(flag: str, inline: str | None, optional: bool = False) -> str:
+        nonlocal i
+        if inline is not None:
+            return inline
+        if i + 1 < len(args) and not args[i + 1].startswith("--"):
+            i += 1
+            return args[i]
+        if optional:
+            return "true"
+        raise ValueError(f"flag {flag} needs a value ({flag}=VALUE or {flag} VALUE)")
+
+    while i < len(args):
+        tok = args[i]
+        if not tok.startswith("--"):
+            raise ValueError(
+                f"unexpected argument {tok!r}; supported flags: {', '.join(supported)}"
+            )
+        name, eq, inline_val = tok[2:].partition("=")
+        inline = inline_val if eq else None
+        if name == "config":
+            if config_spec is not None:
+                raise ValueError("--config given twice")
+            config_spec = take_value("--config", inline)
+        elif name == "workdir":
+            if workdir is not None:
+                raise ValueError("--workdir given twice")
+            workdir = take_value("--workdir", inline)
+        elif name.startswith("config."):
+            key = name[len("config."):]
+            overrides.append((key, take_value(f"--{name}", inline)))
+        elif name in extra_flags:
+            extra[name] = take_value(f"--{name}", inline, optional=True)
+        else:
+            raise ValueError(f"unknown flag '--{name}'; supported flags: {', '.join(supported)}")
+        i += 1
+    if require_config and config_spec is None:
+        raise ValueError("missing --config FILE.py[:ARG]; supported flags: " + ", ".join(supported))
+    return config_spec, workdir, overrides, extra
+
+
+# ------------------------------------------------------------------------------------------
+# Canonical JSON, hashing and recording the resolved config.
+
+
+def to_jsonable(obj: Any, _path: str = "") -> Any:
+    """Converts a ConfigDict (or nested value) to plain JSON types, deterministically.
+
+    Tuples become lists, numpy/jax scalars Python numbers, dtypes their name, classes and
+    functions `module.qualname`, enums `Class.NAME`, paths strings. Other objects raise
+    TypeError naming the key, so a config never hashes something with a memory address in it.
+    """
+    if isinstance(obj, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+        obj = obj.to_dict()
+    if isinstance(obj, config_dict.FieldReference):
+        obj = obj.get()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, Mapping):
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise TypeError(f"config key {k!r} at {_path or '<root>'!r} is not a string")
+            out[k] = to_jsonable(v, f"{_path}.{k}" if _path else k)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v, f"{_path}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, (set, frozenset)):
+        return sorted(to_jsonable(v, _path) for v in obj)
+    if isinstance(obj, enum.Enum):
+        return f"{type(obj).__name__}.{obj.name}"
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    # numpy / jax scalars and dtypes, without importing numpy here.
+    if hasattr(obj, "dtype") and getattr(obj, "shape", None) == () and hasattr(obj, "item"):
+        return obj.item()
+    if type(obj).__name__.startswith("dtype") or type(obj).__module__ == "numpy.dtypes":
+        return str(obj)
+    if isinstance(obj, type) or inspect.isfunction(obj) or inspect.isbuiltin(obj):
+        name = getattr(obj, "__qualname__", getattr(obj, "__name__", None))
+        if name and "<" not in name:
+            return f"{obj.__module__}.{name}"
+    raise TypeError(
+        f"config value at {_path or '<root>'!r} of type {type(obj).__name__} is not "
+        f"JSON-serialisable; store a name or a number in the config instead"
+    )
+
+
+def _canonical_json(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def config_hash(cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> str:
+    """First 12 hex chars of sha256 over the canonical JSON (sorted keys, tuples as lists)."""
+    data = to_jsonable(cfg)
+    if isinstance(data, dict):
+        data.pop("_hash", None)
+    return hashlib.sha256(_canonical_json(data).encode()).hexdigest()[:12]
+
+
+def _is_primary_process() -> bool:
+    try:
+        import jax  # pylint: disable=import-outside-toplevel
+
+        return jax.process_index() == 0
+    except Exception:  # pragma: no cover - jax missing or not initialisable
+        return True
+
+
+def _atomic_write(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_resolved_config(
+    cfg: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
+) -> str:
+    """Writes `config.json` (resolved config + "_hash") and `config_hash.txt` into `workdir`.
+
+    Returns the hash. If `workdir/config.json` already holds a config with another hash (a run
+    resumed with a changed config), the old file is kept as `config.<oldhash>.json` and a
+    warning is logged. Only process 0 writes; every process gets the hash.
+    """
+    data = to_jsonable(cfg)
+    h = config_hash(data)
+    if not _is_primary_process():
+        return h
+    wd = pathlib.Path(workdir)
+    wd.mkdir(parents=True, exist_ok=True)
+    path = wd / "config.json"
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+            old_hash = old.get("_hash") or config_hash(old)
+        except (json.JSONDecodeError, AttributeError, TypeError) as e:
+            old_hash = "unreadable"
+            log.warning("existing %s is not valid config JSON (%s)", path, e)
+        if old_hash != h:
+            backup = wd / f"config.{old_hash}.json"
+            os.replace(path, backup)
+            log.warning(
+                "config changed in %s: previous config (hash %s) kept as %s; new hash %s",
+                wd, old_hash, backup.name, h,
+            )
+    payload = dict(data)
+    payload["_hash"] = h
+    _atomic_write(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    _atomic_write(wd / "config_hash.txt", h + "\n")
+    return h
