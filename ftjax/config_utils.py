@@ -281,16 +281,19 @@ def _parse_sequence(key: str, text: str, current: Sequence[Any]) -> tuple | list
 def parse_value(key: str, text: str, current: Any, field_type: type | None = None) -> Any:
     """Parses override `text` for config `key` to the type of the field's `current` value.
 
-    `field_type` is the declared type of a FieldReference/placeholder field (which then also
-    accepts "None"). Fields whose current value is None (and have no declared type) accept any
-    Python literal, falling back to the raw string.
+    bool takes true/false/1/0/yes/no; int takes integers (and integral `1e4`); float takes ints
+    too; str is taken verbatim; tuple/list take a Python literal or an unquoted comma list.
+    Fields whose current value is None (and have no declared type) accept any Python literal,
+    falling back to the raw string. A typed placeholder (FieldReference, `field_type` its
+    declared type) whose value is None takes values of that type or "None". Any other field
+    rejects "None".
     """
     if field_type is None and current is not None:
         field_type = type(current)
     if field_type is None or field_type is type(None):
         return _autotype(text)
     if text.strip() == "None" and current is None:
-        return None  # a typed placeholder that is currently unset may be reset to None.
+        return None
 
     def fail(expected: str) -> ValueError:
         hint = ""
@@ -313,12 +316,12 @@ def parse_value(key: str, text: str, current: Any, field_type: type | None = Non
             return _parse_float(text)
         except ValueError:
             raise fail("float") from None
+    if text.strip() == "None":
+        raise fail(_type_name(field_type))
     if field_type is str:
         return text
     if field_type in (tuple, list):
         seq = current if isinstance(current, (tuple, list)) else field_type()
-        if text.strip() == "None":
-            raise fail(_type_name(field_type))
         return _parse_sequence(key, text, seq)
     if isinstance(current, ml_collections.ConfigDict) or field_type is ml_collections.ConfigDict:
         raise ValueError(
@@ -376,25 +379,17 @@ def apply_overrides(
         raw = node._fields.get(leaf)  # pylint: disable=protected-access
         field_type = None
         if isinstance(raw, config_dict.FieldReference):
-            field_type = raw.get_type()
-            current = raw.get()
+            # A placeholder keeps its declared type; like any field it takes "None" only
+            # while its value is None (a referenced field may feed computed fields).
+            field_type, current = raw.get_type(), raw.get()
         else:
             current = node[leaf]
         value = parse_value(key, text, current, field_type)
         try:
-            with out.unlocked() if out.is_locked else _nullcontext():
-                node[leaf] = value
+            node[leaf] = value  # existing key, so allowed on a locked ConfigDict too
         except (TypeError, ValueError) as e:
             raise ValueError(f"config key {key!r}: cannot set {text!r}: {e}") from None
     return out
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 # ------------------------------------------------------------------------------------------

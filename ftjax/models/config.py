@@ -19,114 +19,114 @@ DTYPES = ("float32", "bfloat16")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Architecture of a decoder-only transformer. Hashable, so it is static under jit."""
+    """Architecture of a decoder-only transformer. Hashable, so it is static under jit."""
 
-  vocab_size: int = 32000
-  hidden_size: int = 512
-  intermediate_size: int = 1408
-  num_layers: int = 8
-  num_heads: int = 8
-  num_kv_heads: int = 8
-  head_dim: Optional[int] = None  # default hidden_size // num_heads
-  max_position_embeddings: int = 4096
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    intermediate_size: int = 1408
+    num_layers: int = 8
+    num_heads: int = 8
+    num_kv_heads: int = 8
+    head_dim: Optional[int] = None  # default hidden_size // num_heads
+    max_position_embeddings: int = 4096
 
-  # Normalisation.
-  norm: str = "rms"              # "rms" | "layer"
-  norm_eps: float = 1e-5
-  norm_offset: float = 0.0       # Gemma: weights stored as w, applied as (1 + w)
-  norm_bias: bool = False        # LayerNorm bias (GPT-2)
+    # Normalisation.
+    norm: str = "rms"              # "rms" | "layer"
+    norm_eps: float = 1e-5
+    norm_offset: float = 0.0       # Gemma: weights stored as w, applied as (1 + w)
+    norm_bias: bool = False        # LayerNorm bias (GPT-2)
 
-  # MLP.
-  mlp: str = "gated"             # "gated" (SwiGLU/GeGLU) | "plain" (GPT-2)
-  activation: str = "silu"
-  mlp_bias: bool = False
+    # MLP.
+    mlp: str = "gated"             # "gated" (SwiGLU/GeGLU) | "plain" (GPT-2)
+    activation: str = "silu"
+    mlp_bias: bool = False
 
-  # Attention.
-  qkv_bias: bool = False         # Qwen2, GPT-2
-  o_bias: bool = False           # GPT-2
-  qk_norm: bool = False          # Qwen3: RMSNorm over head_dim on q and k
-  sliding_window: Optional[int] = None  # Mistral: keys within the last W positions
-  attn_scale: Optional[float] = None    # default head_dim ** -0.5
+    # Attention.
+    qkv_bias: bool = False         # Qwen2, GPT-2
+    o_bias: bool = False           # GPT-2
+    qk_norm: bool = False          # Qwen3: RMSNorm over head_dim on q and k
+    sliding_window: Optional[int] = None  # Mistral: keys within the last W positions
+    attn_scale: Optional[float] = None    # default head_dim ** -0.5
 
-  # Positions.
-  position: str = "rope"         # "rope" | "learned" (GPT-2)
-  rope_theta: float = 10000.0
-  rope_scaling: Optional[str] = None  # None | "linear" | "llama3"
-  rope_factor: float = 1.0
-  rope_low_freq_factor: float = 1.0
-  rope_high_freq_factor: float = 4.0
-  rope_original_max_position: int = 8192
+    # Positions.
+    position: str = "rope"         # "rope" | "learned" (GPT-2)
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[str] = None  # None | "linear" | "llama3"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
 
-  # Embeddings.
-  tie_embeddings: bool = False
-  embed_scale: bool = False      # Gemma: multiply embeddings by sqrt(hidden_size)
+    # Embeddings.
+    tie_embeddings: bool = False
+    embed_scale: bool = False      # Gemma: multiply embeddings by sqrt(hidden_size)
 
-  # Numerics and execution.
-  dtype: str = "float32"         # compute dtype
-  param_dtype: str = "float32"
-  scan_layers: bool = True       # lax.scan over stacked layers; False unrolls a Python loop
-  remat: str = "none"            # see REMAT_POLICIES
-  init_std: float = 0.02
+    # Numerics and execution.
+    dtype: str = "float32"         # compute dtype
+    param_dtype: str = "float32"
+    scan_layers: bool = True       # lax.scan over stacked layers; False unrolls a Python loop
+    remat: str = "none"            # see REMAT_POLICIES
+    init_std: float = 0.02
 
-  family: str = "llama"          # informational (used by checkpoint IO)
+    family: str = "llama"          # informational (used by checkpoint IO)
 
-  def __post_init__(self):
-    errors = []
+    def __post_init__(self):
+        errors = []
 
-    def check(name, value, allowed):
-      if value not in allowed:
-        errors.append(f"{name}={value!r} (allowed: {allowed})")
+        def check(name, value, allowed):
+            if value not in allowed:
+                errors.append(f"{name}={value!r} (allowed: {allowed})")
 
-    check("norm", self.norm, NORMS)
-    check("activation", self.activation, ACTIVATIONS)
-    check("mlp", self.mlp, MLPS)
-    check("position", self.position, POSITIONS)
-    check("rope_scaling", self.rope_scaling, ROPE_SCALINGS)
-    check("remat", self.remat, REMAT_POLICIES)
-    check("dtype", self.dtype, DTYPES)
-    check("param_dtype", self.param_dtype, DTYPES)
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                 "num_kv_heads"):
-      if int(getattr(self, name)) <= 0:
-        errors.append(f"{name}={getattr(self, name)} must be positive")
-    if self.num_heads % max(self.num_kv_heads, 1):
-      errors.append(f"num_heads={self.num_heads} must be a multiple of num_kv_heads="
-                    f"{self.num_kv_heads} (grouped-query attention)")
-    if self.head_dim is None and self.hidden_size % self.num_heads:
-      errors.append(f"hidden_size={self.hidden_size} is not divisible by num_heads="
-                    f"{self.num_heads}; set head_dim explicitly")
-    if self.position == "rope" and self.dim_per_head % 2:
-      errors.append(f"RoPE needs an even head_dim, got {self.dim_per_head}")
-    if self.sliding_window is not None and self.sliding_window <= 0:
-      errors.append(f"sliding_window={self.sliding_window} must be positive or None")
-    if errors:
-      raise ValueError("Invalid ModelConfig: " + "; ".join(errors))
+        check("norm", self.norm, NORMS)
+        check("activation", self.activation, ACTIVATIONS)
+        check("mlp", self.mlp, MLPS)
+        check("position", self.position, POSITIONS)
+        check("rope_scaling", self.rope_scaling, ROPE_SCALINGS)
+        check("remat", self.remat, REMAT_POLICIES)
+        check("dtype", self.dtype, DTYPES)
+        check("param_dtype", self.param_dtype, DTYPES)
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads"):
+            if int(getattr(self, name)) <= 0:
+                errors.append(f"{name}={getattr(self, name)} must be positive")
+        if self.num_heads % max(self.num_kv_heads, 1):
+            errors.append(f"num_heads={self.num_heads} must be a multiple of num_kv_heads="
+                          f"{self.num_kv_heads} (grouped-query attention)")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            errors.append(f"hidden_size={self.hidden_size} is not divisible by num_heads="
+                          f"{self.num_heads}; set head_dim explicitly")
+        if self.position == "rope" and self.dim_per_head % 2:
+            errors.append(f"RoPE needs an even head_dim, got {self.dim_per_head}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            errors.append(f"sliding_window={self.sliding_window} must be positive or None")
+        if errors:
+            raise ValueError("Invalid ModelConfig: " + "; ".join(errors))
 
-  @property
-  def dim_per_head(self) -> int:
-    return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
 
-  @property
-  def q_size(self) -> int:
-    return self.num_heads * self.dim_per_head
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.dim_per_head
 
-  @property
-  def kv_size(self) -> int:
-    return self.num_kv_heads * self.dim_per_head
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.dim_per_head
 
-  def replace(self, **kw) -> "ModelConfig":
-    return dataclasses.replace(self, **kw)
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
 
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-      raise ValueError(f"Unknown ModelConfig fields {unknown}; valid fields: {sorted(fields)}")
-    return cls(**d)
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"Unknown ModelConfig fields {unknown}; valid fields: {sorted(fields)}")
+        return cls(**d)
 
 
 # Family presets: the fields that make a family what it is. Sizes come from the caller.
@@ -152,13 +152,13 @@ SIZES: dict[str, dict[str, Any]] = {
 
 
 def preset(family: str = "llama", size: Optional[str] = None, **overrides) -> ModelConfig:
-  """A ModelConfig for `family` (see FAMILIES) at a named `size` (see SIZES), with overrides."""
-  if family not in FAMILIES:
-    raise ValueError(f"Unknown model family {family!r}; supported: {sorted(FAMILIES)}")
-  fields = dict(FAMILIES[family])
-  if size is not None:
-    if size not in SIZES:
-      raise ValueError(f"Unknown model size {size!r}; supported: {sorted(SIZES)}")
-    fields.update(SIZES[size])
-  fields.update(overrides)
-  return ModelConfig(**fields)
+    """A ModelConfig for `family` (see FAMILIES) at a named `size` (see SIZES), with overrides."""
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown model family {family!r}; supported: {sorted(FAMILIES)}")
+    fields = dict(FAMILIES[family])
+    if size is not None:
+        if size not in SIZES:
+            raise ValueError(f"Unknown model size {size!r}; supported: {sorted(SIZES)}")
+        fields.update(SIZES[size])
+    fields.update(overrides)
+    return ModelConfig(**fields)

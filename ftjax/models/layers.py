@@ -19,129 +19,129 @@ Params = dict[str, Any]
 
 
 def norm(p: Params, x: jax.Array, cfg: ModelConfig, eps: Optional[float] = None) -> jax.Array:
-  """RMSNorm or LayerNorm, computed in float32, with Gemma's (offset + w) scale if configured."""
-  eps = cfg.norm_eps if eps is None else eps
-  dtype = x.dtype
-  x = x.astype(jnp.float32)
-  if cfg.norm == "layer":
-    x = x - jnp.mean(x, axis=-1, keepdims=True)
-  x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
-  scale = p["scale"].astype(jnp.float32) + cfg.norm_offset
-  x = x * scale
-  if "bias" in p:
-    x = x + p["bias"].astype(jnp.float32)
-  return x.astype(dtype)
+    """RMSNorm or LayerNorm, computed in float32, with Gemma's (offset + w) scale if configured."""
+    eps = cfg.norm_eps if eps is None else eps
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    if cfg.norm == "layer":
+        x = x - jnp.mean(x, axis=-1, keepdims=True)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+    scale = p["scale"].astype(jnp.float32) + cfg.norm_offset
+    x = x * scale
+    if "bias" in p:
+        x = x + p["bias"].astype(jnp.float32)
+    return x.astype(dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-  """Inverse frequencies of RoPE, with linear or llama3 (Llama 3.1 paper, sec. 3) scaling."""
-  d = cfg.dim_per_head
-  inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
-  if cfg.rope_scaling == "linear":
-    inv_freq = inv_freq / cfg.rope_factor
-  elif cfg.rope_scaling == "llama3":
-    factor, lo, hi = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
-    old_len = cfg.rope_original_max_position
-    wavelen = 2 * math.pi / inv_freq
-    # Long wavelengths (low frequencies) are slowed by `factor`, short ones kept, and the
-    # band in between is interpolated smoothly.
-    scaled = np.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - lo) / (hi - lo)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
-    inv_freq = np.where(medium, smoothed, scaled)
-  return inv_freq.astype(np.float32)
+    """Inverse frequencies of RoPE, with linear or llama3 (Llama 3.1 paper, sec. 3) scaling."""
+    d = cfg.dim_per_head
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    if cfg.rope_scaling == "linear":
+        inv_freq = inv_freq / cfg.rope_factor
+    elif cfg.rope_scaling == "llama3":
+        factor, lo, hi = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        old_len = cfg.rope_original_max_position
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths (low frequencies) are slowed by `factor`, short ones kept, and the
+        # band in between is interpolated smoothly.
+        scaled = np.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        inv_freq = np.where(medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
-  """Rotates x [B, T, heads, head_dim] by position, in the half-split (GPT-NeoX / HF) layout."""
-  inv_freq = jnp.asarray(rope_inv_freq(cfg))
-  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, d/2]
-  cos = jnp.cos(freqs)[:, :, None, :]
-  sin = jnp.sin(freqs)[:, :, None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
+    """Rotates x [B, T, heads, head_dim] by position, in the half-split (GPT-NeoX / HF) layout."""
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, d/2]
+    cos = jnp.cos(freqs)[:, :, None, :]
+    sin = jnp.sin(freqs)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
 
 
 def attention_mask(q_slots: jax.Array, k_slots: jax.Array, q_seg: jax.Array, k_seg: jax.Array,
                    cfg: ModelConfig) -> jax.Array:
-  """Boolean mask [B, 1, T, S]: causal over slots, same segment, within the sliding window.
+    """Boolean mask [B, 1, T, S]: causal over slots, same segment, within the sliding window.
 
-  Slots are indices in the (cached) sequence; segment ids separate packed documents and mark
-  padding (id 0 only matches padding, so real tokens never attend to it).
-  """
-  causal = k_slots[None, :] <= q_slots[:, None]                        # [T, S]
-  if cfg.sliding_window is not None:
-    causal &= (q_slots[:, None] - k_slots[None, :]) < cfg.sliding_window
-  same_seg = q_seg[:, :, None] == k_seg[:, None, :]                     # [B, T, S]
-  return (causal[None] & same_seg)[:, None]
+    Slots are indices in the (cached) sequence; segment ids separate packed documents and mark
+    padding (id 0 only matches padding, so real tokens never attend to it).
+    """
+    causal = k_slots[None, :] <= q_slots[:, None]                        # [T, S]
+    if cfg.sliding_window is not None:
+        causal &= (q_slots[:, None] - k_slots[None, :]) < cfg.sliding_window
+    same_seg = q_seg[:, :, None] == k_seg[:, None, :]                     # [B, T, S]
+    return (causal[None] & same_seg)[:, None]
 
 
 def attention(p: Params, x: jax.Array, positions: jax.Array, mask: jax.Array,
               cfg: ModelConfig, cache: Optional[dict] = None, cache_index=None):
-  """Grouped-query self-attention. Returns (output [B, T, D], updated layer cache or None)."""
-  b, t, _ = x.shape
-  hd, nh, nkv = cfg.dim_per_head, cfg.num_heads, cfg.num_kv_heads
-  dt = x.dtype
+    """Grouped-query self-attention. Returns (output [B, T, D], updated layer cache or None)."""
+    b, t, _ = x.shape
+    hd, nh, nkv = cfg.dim_per_head, cfg.num_heads, cfg.num_kv_heads
+    dt = x.dtype
 
-  def proj(name, heads):
-    y = linear(x, p[name]["kernel"], dt)
-    if "bias" in p[name]:
-      y = y + p[name]["bias"].astype(dt)
-    return y.reshape(b, t, heads, hd)
+    def proj(name, heads):
+        y = linear(x, p[name]["kernel"], dt)
+        if "bias" in p[name]:
+            y = y + p[name]["bias"].astype(dt)
+        return y.reshape(b, t, heads, hd)
 
-  q, k, v = proj("q_proj", nh), proj("k_proj", nkv), proj("v_proj", nkv)
-  if cfg.qk_norm:
-    q = norm(p["q_norm"], q, cfg)
-    k = norm(p["k_norm"], k, cfg)
-  if cfg.position == "rope":
-    q = apply_rope(q, positions, cfg)
-    k = apply_rope(k, positions, cfg)
+    q, k, v = proj("q_proj", nh), proj("k_proj", nkv), proj("v_proj", nkv)
+    if cfg.qk_norm:
+        q = norm(p["q_norm"], q, cfg)
+        k = norm(p["k_norm"], k, cfg)
+    if cfg.position == "rope":
+        q = apply_rope(q, positions, cfg)
+        k = apply_rope(k, positions, cfg)
 
-  new_cache = None
-  if cache is not None:
-    k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype),
-                                         (0, cache_index, 0, 0))
-    v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype),
-                                         (0, cache_index, 0, 0))
-    new_cache = {"k": k_all, "v": v_all}
-    k, v = k_all.astype(dt), v_all.astype(dt)
+    new_cache = None
+    if cache is not None:
+        k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype),
+                                             (0, cache_index, 0, 0))
+        v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype),
+                                             (0, cache_index, 0, 0))
+        new_cache = {"k": k_all, "v": v_all}
+        k, v = k_all.astype(dt), v_all.astype(dt)
 
-  scale = cfg.attn_scale if cfg.attn_scale is not None else hd ** -0.5
-  q = q.reshape(b, t, nkv, nh // nkv, hd)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-  scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, nh * hd)
-  out = linear(out, p["o_proj"]["kernel"], dt)
-  if "bias" in p["o_proj"]:
-    out = out + p["o_proj"]["bias"].astype(dt)
-  return out, new_cache
+    scale = cfg.attn_scale if cfg.attn_scale is not None else hd ** -0.5
+    q = q.reshape(b, t, nkv, nh // nkv, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, nh * hd)
+    out = linear(out, p["o_proj"]["kernel"], dt)
+    if "bias" in p["o_proj"]:
+        out = out + p["o_proj"]["bias"].astype(dt)
+    return out, new_cache
 
 
 def activation(x: jax.Array, name: str) -> jax.Array:
-  if name == "silu":
-    return jax.nn.silu(x)
-  if name == "gelu":
-    return jax.nn.gelu(x, approximate=False)
-  if name == "gelu_tanh":
-    return jax.nn.gelu(x, approximate=True)
-  if name == "relu":
-    return jax.nn.relu(x)
-  raise ValueError(f"unknown activation {name!r}")
+    if name == "silu":
+        return jax.nn.silu(x)
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name == "gelu_tanh":
+        return jax.nn.gelu(x, approximate=True)
+    if name == "relu":
+        return jax.nn.relu(x)
+    raise ValueError(f"unknown activation {name!r}")
 
 
 def mlp(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
-  """Gated (SwiGLU / GeGLU) or plain (GPT-2) feed-forward block."""
-  dt = x.dtype
+    """Gated (SwiGLU / GeGLU) or plain (GPT-2) feed-forward block."""
+    dt = x.dtype
 
-  def proj(name, h):
-    y = linear(h, p[name]["kernel"], dt)
-    return y + p[name]["bias"].astype(dt) if "bias" in p[name] else y
+    def proj(name, h):
+        y = linear(h, p[name]["kernel"], dt)
+        return y + p[name]["bias"].astype(dt) if "bias" in p[name] else y
 
-  if cfg.mlp == "gated":
-    h = activation(proj("gate_proj", x), cfg.activation) * proj("up_proj", x)
-  else:
-    h = activation(proj("up_proj", x), cfg.activation)
-  return proj("down_proj", h)
+    if cfg.mlp == "gated":
+        h = activation(proj("gate_proj", x), cfg.activation) * proj("up_proj", x)
+    else:
+        h = activation(proj("up_proj", x), cfg.activation)
+    return proj("down_proj", h)

@@ -23,104 +23,104 @@ Params = dict[str, Any]
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-  """Shape, logical axes and initialiser of one param leaf."""
-  shape: tuple[int, ...]
-  axes: tuple[Optional[str], ...]
-  init: str  # "normal" | "zeros" | "ones"
+    """Shape, logical axes and initialiser of one param leaf."""
+    shape: tuple[int, ...]
+    axes: tuple[Optional[str], ...]
+    init: str  # "normal" | "zeros" | "ones"
 
 
 def param_specs(cfg: ModelConfig) -> dict:
-  """The param tree as Specs. Layer leaves carry the leading (num_layers, "layers") dim."""
-  d, L = cfg.hidden_size, cfg.num_layers
-  norm_init = "zeros" if cfg.norm_offset else "ones"
+    """The param tree as Specs. Layer leaves carry the leading (num_layers, "layers") dim."""
+    d, L = cfg.hidden_size, cfg.num_layers
+    norm_init = "zeros" if cfg.norm_offset else "ones"
 
-  def norm_spec(width, axis, stacked=True):
-    lead, lead_ax = ((L,), ("layers",)) if stacked else ((), ())
-    s = {"scale": Spec(lead + (width,), lead_ax + (axis,), norm_init)}
-    if cfg.norm_bias:
-      s["bias"] = Spec(lead + (width,), lead_ax + (axis,), "zeros")
-    return s
+    def norm_spec(width, axis, stacked=True):
+        lead, lead_ax = ((L,), ("layers",)) if stacked else ((), ())
+        s = {"scale": Spec(lead + (width,), lead_ax + (axis,), norm_init)}
+        if cfg.norm_bias:
+            s["bias"] = Spec(lead + (width,), lead_ax + (axis,), "zeros")
+        return s
 
-  def dense(n_in, n_out, ax_in, ax_out, bias):
-    s = {"kernel": Spec((L, n_in, n_out), ("layers", ax_in, ax_out), "normal")}
-    if bias:
-      s["bias"] = Spec((L, n_out), ("layers", ax_out), "zeros")
-    return s
+    def dense(n_in, n_out, ax_in, ax_out, bias):
+        s = {"kernel": Spec((L, n_in, n_out), ("layers", ax_in, ax_out), "normal")}
+        if bias:
+            s["bias"] = Spec((L, n_out), ("layers", ax_out), "zeros")
+        return s
 
-  attn = {
-      "q_proj": dense(d, cfg.q_size, "embed", "heads", cfg.qkv_bias),
-      "k_proj": dense(d, cfg.kv_size, "embed", "kv_heads", cfg.qkv_bias),
-      "v_proj": dense(d, cfg.kv_size, "embed", "kv_heads", cfg.qkv_bias),
-      "o_proj": dense(cfg.q_size, d, "heads", "embed", cfg.o_bias),
-  }
-  if cfg.qk_norm:
-    attn["q_norm"] = norm_spec(cfg.dim_per_head, None)
-    attn["k_norm"] = norm_spec(cfg.dim_per_head, None)
-  mlp = {
-      "up_proj": dense(d, cfg.intermediate_size, "embed", "mlp", cfg.mlp_bias),
-      "down_proj": dense(cfg.intermediate_size, d, "mlp", "embed", cfg.mlp_bias),
-  }
-  if cfg.mlp == "gated":
-    mlp["gate_proj"] = dense(d, cfg.intermediate_size, "embed", "mlp", cfg.mlp_bias)
+    attn = {
+        "q_proj": dense(d, cfg.q_size, "embed", "heads", cfg.qkv_bias),
+        "k_proj": dense(d, cfg.kv_size, "embed", "kv_heads", cfg.qkv_bias),
+        "v_proj": dense(d, cfg.kv_size, "embed", "kv_heads", cfg.qkv_bias),
+        "o_proj": dense(cfg.q_size, d, "heads", "embed", cfg.o_bias),
+    }
+    if cfg.qk_norm:
+        attn["q_norm"] = norm_spec(cfg.dim_per_head, None)
+        attn["k_norm"] = norm_spec(cfg.dim_per_head, None)
+    mlp = {
+        "up_proj": dense(d, cfg.intermediate_size, "embed", "mlp", cfg.mlp_bias),
+        "down_proj": dense(cfg.intermediate_size, d, "mlp", "embed", cfg.mlp_bias),
+    }
+    if cfg.mlp == "gated":
+        mlp["gate_proj"] = dense(d, cfg.intermediate_size, "embed", "mlp", cfg.mlp_bias)
 
-  specs = {
-      "embed": {"embedding": Spec((cfg.vocab_size, d), ("vocab", "embed"), "normal")},
-      "layers": {"attn_norm": norm_spec(d, "embed"), "attn": attn,
-                 "mlp_norm": norm_spec(d, "embed"), "mlp": mlp},
-      "final_norm": norm_spec(d, "embed", stacked=False),
-  }
-  if cfg.position == "learned":
-    specs["pos_embed"] = {"embedding": Spec((cfg.max_position_embeddings, d),
-                                            (None, "embed"), "normal")}
-  if not cfg.tie_embeddings:
-    specs["lm_head"] = {"kernel": Spec((d, cfg.vocab_size), ("embed", "vocab"), "normal")}
-  return specs
+    specs = {
+        "embed": {"embedding": Spec((cfg.vocab_size, d), ("vocab", "embed"), "normal")},
+        "layers": {"attn_norm": norm_spec(d, "embed"), "attn": attn,
+                   "mlp_norm": norm_spec(d, "embed"), "mlp": mlp},
+        "final_norm": norm_spec(d, "embed", stacked=False),
+    }
+    if cfg.position == "learned":
+        specs["pos_embed"] = {"embedding": Spec((cfg.max_position_embeddings, d),
+                                                (None, "embed"), "normal")}
+    if not cfg.tie_embeddings:
+        specs["lm_head"] = {"kernel": Spec((d, cfg.vocab_size), ("embed", "vocab"), "normal")}
+    return specs
 
 
 def _is_spec(x) -> bool:
-  return isinstance(x, Spec)
+    return isinstance(x, Spec)
 
 
 def param_axes(cfg: ModelConfig) -> dict:
-  """Logical axis names of every param leaf (same tree structure as `init`)."""
-  return jax.tree.map(lambda s: s.axes, param_specs(cfg), is_leaf=_is_spec)
+    """Logical axis names of every param leaf (same tree structure as `init`)."""
+    return jax.tree.map(lambda s: s.axes, param_specs(cfg), is_leaf=_is_spec)
 
 
 def param_shapes(cfg: ModelConfig) -> dict:
-  dtype = jnp.dtype(cfg.param_dtype)
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_specs(cfg),
-                      is_leaf=_is_spec)
+    dtype = jnp.dtype(cfg.param_dtype)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_specs(cfg),
+                        is_leaf=_is_spec)
 
 
 def init(cfg: ModelConfig, key: jax.Array) -> Params:
-  """Random initial params: N(0, init_std) matrices, zero biases, unit norm scales."""
-  specs = param_specs(cfg)
-  leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
-  keys = jax.random.split(key, len(leaves))
-  dtype = jnp.dtype(cfg.param_dtype)
+    """Random initial params: N(0, init_std) matrices, zero biases, unit norm scales."""
+    specs = param_specs(cfg)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+    keys = jax.random.split(key, len(leaves))
+    dtype = jnp.dtype(cfg.param_dtype)
 
-  def make(spec: Spec, k):
-    if spec.init == "normal":
-      return (cfg.init_std * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)
-    fill = jnp.zeros if spec.init == "zeros" else jnp.ones
-    return fill(spec.shape, dtype)
+    def make(spec: Spec, k):
+        if spec.init == "normal":
+            return (cfg.init_std * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)
+        fill = jnp.zeros if spec.init == "zeros" else jnp.ones
+        return fill(spec.shape, dtype)
 
-  return jax.tree.unflatten(treedef, [make(s, k) for s, k in zip(leaves, keys)])
+    return jax.tree.unflatten(treedef, [make(s, k) for s, k in zip(leaves, keys)])
 
 
 def count_params(params: Params) -> int:
-  from ftjax.peft.core import materialize, is_structured
-  leaves = jax.tree.leaves(params, is_leaf=is_structured)
-  return int(sum(materialize(x).size if is_structured(x) else x.size for x in leaves))
+    from ftjax.peft.core import materialize, is_structured
+    leaves = jax.tree.leaves(params, is_leaf=is_structured)
+    return int(sum(materialize(x).size if is_structured(x) else x.size for x in leaves))
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
-  """An empty KV cache for `max_len` slots: per-layer k/v, slot segment ids, fill index."""
-  dtype = jnp.dtype(dtype or cfg.dtype)
-  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.dim_per_head)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-          "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
-          "index": jnp.zeros((), jnp.int32)}
+    """An empty KV cache for `max_len` slots: per-layer k/v, slot segment ids, fill index."""
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.dim_per_head)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+            "index": jnp.zeros((), jnp.int32)}
 
 
 _REMAT = {
@@ -132,76 +132,76 @@ _REMAT = {
 
 
 def _block(lp: Params, h: jax.Array, positions, mask, cfg: ModelConfig, layer_cache, index):
-  """One pre-norm decoder block; returns (h, new layer cache)."""
-  a, new_cache = layers.attention(lp["attn"], layers.norm(lp["attn_norm"], h, cfg), positions,
-                                  mask, cfg, layer_cache, index)
-  a = checkpoint_name(a, "attn_out")
-  h = h + a
-  h = h + layers.mlp(lp["mlp"], layers.norm(lp["mlp_norm"], h, cfg), cfg)
-  return h, new_cache
+    """One pre-norm decoder block; returns (h, new layer cache)."""
+    a, new_cache = layers.attention(lp["attn"], layers.norm(lp["attn_norm"], h, cfg), positions,
+                                    mask, cfg, layer_cache, index)
+    a = checkpoint_name(a, "attn_out")
+    h = h + a
+    h = h + layers.mlp(lp["mlp"], layers.norm(lp["mlp_norm"], h, cfg), cfg)
+    return h, new_cache
 
 
 def apply(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
           positions: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None,
           cache: Optional[dict] = None, return_hidden: bool = False):
-  """Forward pass. tokens [B, T] int -> (logits [B, T, V] float32, aux).
+    """Forward pass. tokens [B, T] int -> (logits [B, T, V] float32, aux).
 
-  positions: [B, T] position of each token (defaults to 0..T-1, offset by the cache fill).
-  segment_ids: [B, T]; tokens attend only within their segment; 0 marks padding.
-  cache: from `init_cache`; the new tokens are written at `cache["index"]` and the updated
-    cache is returned in aux["cache"].
-  aux also carries "hidden" (final normed hidden states) when `return_hidden`.
-  """
-  b, t = tokens.shape
-  dt = jnp.dtype(cfg.dtype)
-  offset = cache["index"] if cache is not None else 0
-  if positions is None:
-    positions = jnp.broadcast_to(offset + jnp.arange(t, dtype=jnp.int32), (b, t))
-  if segment_ids is None:
-    segment_ids = jnp.ones((b, t), jnp.int32)
+    positions: [B, T] position of each token (defaults to 0..T-1, offset by the cache fill).
+    segment_ids: [B, T]; tokens attend only within their segment; 0 marks padding.
+    cache: from `init_cache`; the new tokens are written at `cache["index"]` and the updated
+      cache is returned in aux["cache"].
+    aux also carries "hidden" (final normed hidden states) when `return_hidden`.
+    """
+    b, t = tokens.shape
+    dt = jnp.dtype(cfg.dtype)
+    offset = cache["index"] if cache is not None else 0
+    if positions is None:
+        positions = jnp.broadcast_to(offset + jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segment_ids is None:
+        segment_ids = jnp.ones((b, t), jnp.int32)
 
-  q_slots = offset + jnp.arange(t, dtype=jnp.int32)
-  if cache is not None:
-    k_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32),
-                                         (0, offset))
-    k_slots = jnp.arange(k_seg.shape[1], dtype=jnp.int32)
-  else:
-    k_seg, k_slots = segment_ids, q_slots
-  mask = layers.attention_mask(q_slots, k_slots, segment_ids, k_seg, cfg)
+    q_slots = offset + jnp.arange(t, dtype=jnp.int32)
+    if cache is not None:
+        k_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32),
+                                             (0, offset))
+        k_slots = jnp.arange(k_seg.shape[1], dtype=jnp.int32)
+    else:
+        k_seg, k_slots = segment_ids, q_slots
+    mask = layers.attention_mask(q_slots, k_slots, segment_ids, k_seg, cfg)
 
-  h = embed(tokens, params["embed"]["embedding"], dt)
-  if cfg.embed_scale:
-    h = h * jnp.asarray(cfg.hidden_size ** 0.5, dt)
-  if cfg.position == "learned":
-    h = h + embed(positions, params["pos_embed"]["embedding"], dt)
+    h = embed(tokens, params["embed"]["embedding"], dt)
+    if cfg.embed_scale:
+        h = h * jnp.asarray(cfg.hidden_size ** 0.5, dt)
+    if cfg.position == "learned":
+        h = h + embed(positions, params["pos_embed"]["embedding"], dt)
 
-  def body(h, xs):
-    lp, layer_cache = xs
-    return _block(lp, h, positions, mask, cfg, layer_cache, offset)
+    def body(h, xs):
+        lp, layer_cache = xs
+        return _block(lp, h, positions, mask, cfg, layer_cache, offset)
 
-  if cfg.remat != "none":
-    body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.remat != "none":
+        body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
 
-  layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
-  if cfg.scan_layers:
-    h, new_kv = jax.lax.scan(body, h, (params["layers"], layer_caches))
-  else:
-    outs = []
-    for i in range(cfg.num_layers):
-      xs = jax.tree.map(lambda x: x[i], (params["layers"], layer_caches))
-      h, c = body(h, xs)
-      outs.append(c)
-    new_kv = None if cache is None else jax.tree.map(lambda *x: jnp.stack(x), *outs)
+    layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+    if cfg.scan_layers:
+        h, new_kv = jax.lax.scan(body, h, (params["layers"], layer_caches))
+    else:
+        outs = []
+        for i in range(cfg.num_layers):
+            xs = jax.tree.map(lambda x: x[i], (params["layers"], layer_caches))
+            h, c = body(h, xs)
+            outs.append(c)
+        new_kv = None if cache is None else jax.tree.map(lambda *x: jnp.stack(x), *outs)
 
-  h = layers.norm(params["final_norm"], h, cfg)
-  if cfg.tie_embeddings:
-    logits = attend(h, params["embed"]["embedding"], dt)
-  else:
-    logits = linear(h, params["lm_head"]["kernel"], dt)
-  aux: dict[str, Any] = {}
-  if cache is not None:
-    aux["cache"] = {"k": new_kv["k"], "v": new_kv["v"], "segment_ids": k_seg,
-                    "index": offset + t}
-  if return_hidden:
-    aux["hidden"] = h
-  return logits.astype(jnp.float32), aux
+    h = layers.norm(params["final_norm"], h, cfg)
+    if cfg.tie_embeddings:
+        logits = attend(h, params["embed"]["embedding"], dt)
+    else:
+        logits = linear(h, params["lm_head"]["kernel"], dt)
+    aux: dict[str, Any] = {}
+    if cache is not None:
+        aux["cache"] = {"k": new_kv["k"], "v": new_kv["v"], "segment_ids": k_seg,
+                        "index": offset + t}
+    if return_hidden:
+        aux["hidden"] = h
+    return logits.astype(jnp.float32), aux

@@ -1,0 +1,80 @@
+"""Pieces shared by config files: typed `get_config` arguments.
+
+Use in a config file:
+
+    from configs import common
+
+    def get_config(arg=None):
+        arg = common.parse_arg(arg, model="llama", rank=16, lora=True)
+        ...
+
+and launch with `--config configs/lora_sft.py:model=gemma,rank=8`.
+"""
+
+from ftjax.config_utils import pack_arg, parse_arg
+
+__all__ = ["parse_arg", "pack_arg"]
+
+
+# --------------------------------------------------------------------------------------------
+# Config sections shared by experiments. Every field exists up front, so any of them can be
+# overridden from the command line (`--config.optimizer.learning_rate=1e-4`), and typos fail.
+# --------------------------------------------------------------------------------------------
+
+import ml_collections
+
+from ftjax.models.config import preset as _model_preset
+
+
+def model(family: str = "llama", size: str | None = None, **fields) -> ml_collections.ConfigDict:
+    """All ModelConfig fields of a family preset, plus `init_from` (a checkpoint to start from)."""
+    cfg = _model_preset(family, size, **fields).to_dict()
+    cfg["init_from"] = ""
+    return ml_collections.ConfigDict(cfg)
+
+
+def optimizer(name: str = "adamw", learning_rate: float = 1e-3, **kw) -> ml_collections.ConfigDict:
+    """Optimizer + schedule. Names: adamw adam sgd adafactor lion rmsprop adagrad; schedules:
+    constant linear cosine (each with linear warmup); grad_clip_norm 0 disables clipping."""
+    cfg = dict(name=name, learning_rate=learning_rate, schedule="cosine", warmup_steps=0,
+               min_lr_ratio=0.1, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, momentum=0.9,
+               nesterov=False, decay=0.9, grad_clip_norm=1.0)
+    cfg.update(kw)
+    return ml_collections.ConfigDict(cfg)
+
+
+def train(steps: int = 100, batch_size: int = 32, seq_len: int = 64, **kw) -> ml_collections.ConfigDict:
+    """Loop settings: global batch (examples), accumulation, logging, eval, checkpoints."""
+    cfg = dict(steps=steps, batch_size=batch_size, seq_len=seq_len, accum_steps=1, z_loss=0.0,
+               log_every=10, eval_every=0, checkpoint_every=0, keep_checkpoints=3,
+               async_checkpoint=True, early_stopping_patience=0, early_stopping_min_delta=0.0,
+               progress=True, tensorboard=True)
+    cfg.update(kw)
+    return ml_collections.ConfigDict(cfg)
+
+
+def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, rules: str = "fsdp"):
+    """(mesh, sharding) sections: axis sizes (one may be -1: all remaining devices) and the
+    logical-axis rule preset (dp, fsdp, fsdp_tp, tp) or an explicit list of pairs."""
+    return (ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor)),
+            ml_collections.ConfigDict(dict(rules=rules)))
+
+
+def distributed() -> ml_collections.ConfigDict:
+    """Multi-host runtime. Leave empty on TPU pods and SLURM (auto-detected)."""
+    return ml_collections.ConfigDict(dict(coordinator_address=None, num_processes=None,
+                                          process_id=None, cpu_collectives="gloo"))
+
+
+def base(trainer: str = "sft", seed: int = 0) -> ml_collections.ConfigDict:
+    """A complete experiment skeleton; configs fill in model/data and adjust the rest."""
+    c = ml_collections.ConfigDict()
+    c.trainer = trainer
+    c.seed = seed
+    c.model = model()
+    c.optimizer = optimizer()
+    c.train = train()
+    c.mesh, c.sharding = mesh()
+    c.distributed = distributed()
+    c.monitor = ml_collections.ConfigDict(dict(peak_flops=0.0))
+    return c

@@ -1,0 +1,23 @@
+"""Supervised fine-tuning of a small Llama-style model on tasks of the built-in synthetic suite.
+
+    python -m ftjax.main --config configs/sft_synthetic.py --workdir /tmp/sft
+    python -m ftjax.main --config configs/sft_synthetic.py:tasks=reverse+sort,steps=500 ...
+"""
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None):
+    arg = common.parse_arg(arg, tasks="add+reverse", steps=300, family="llama")
+    c = common.base(trainer="sft")
+    c.model = common.model(arg.family, vocab_size=99, hidden_size=128, intermediate_size=352,
+                           num_layers=4, num_heads=4, num_kv_heads=2, max_position_embeddings=128)
+    c.optimizer = common.optimizer("adamw", learning_rate=1e-3, warmup_steps=20,
+                                   weight_decay=0.01)
+    c.train = common.train(steps=arg.steps, batch_size=32, seq_len=48, log_every=10,
+                           eval_every=100, checkpoint_every=100)
+    c.data = ml_collections.ConfigDict(dict(tasks=tuple(arg.tasks.split("+")), n_per_task=2000,
+                                            seed=0, test_frac=0.2, eval_examples=200,
+                                            max_new_tokens=16))
+    return c

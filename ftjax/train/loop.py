@@ -1,0 +1,198 @@
+"""The training loop: placement, checkpoint/resume, periodic evaluation, early stopping, logging.
+
+`train(...)` is generic over the loss: SFT, preference and reward trainers pass their own
+`loss_fn` and data iterator. The data iterator yields this process's rows of each global
+batch (numpy dicts) and exposes `get_state()` / `set_state()`, saved with every checkpoint, so
+a resumed run sees exactly the batches an uninterrupted one would have.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftjax import models, monitor, sharding
+from ftjax.io.checkpoint import Checkpointer, abstract_with_shardings
+from ftjax.models.config import ModelConfig
+from ftjax.train import optim
+from ftjax.train.state import TrainState, create_state, state_shardings
+from ftjax.train.step import LossFn, jit_train_step, make_eval_step, make_train_step
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    history: list[dict]          # one dict per logged step (step, loss, ...)
+    evals: list[dict]            # one dict per evaluation (step, eval_loss, ...)
+    stopped_early: bool
+    resumed_from: Optional[int]
+    wall_s: float
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
+    """Model FLOPs per token (PaLM appendix B convention; see monitor.transformer_flops_per_token)."""
+    specs = models.param_specs(cfg)
+    layer_matmul = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(
+        specs["layers"], is_leaf=lambda x: isinstance(x, models.transformer.Spec))
+        if len(s.shape) == 3)
+    return monitor.transformer_flops_per_token(
+        layer_matmul, cfg.num_layers, cfg.hidden_size, seq_len, n_heads=cfg.num_heads,
+        head_dim=cfg.dim_per_head, lm_head_params=cfg.hidden_size * cfg.vocab_size,
+        training=training)
+
+
+class Placement:
+    """Mesh, rules and the shardings of params, state and batches for one model config."""
+
+    def __init__(self, cfg: Any, model_cfg: ModelConfig):
+        self.mesh = sharding.make_mesh(cfg.mesh)
+        self.rules = sharding.get_rules(cfg.sharding.rules)
+        self.axes = models.param_axes(model_cfg)
+        sharding.check_divisible(models.param_shapes(model_cfg), self.axes, self.mesh, self.rules)
+        self.params = sharding.param_shardings(self.axes, self.mesh, self.rules)
+        self.batch = sharding.batch_sharding(self.mesh, self.rules)
+        self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+    def put_params(self, params: Any) -> Any:
+        return jax.device_put(params, self.params)
+
+    def put_batch(self, batch: dict) -> dict:
+        return sharding.shard_host_batch(batch, self.batch)
+
+
+def _mean_metrics(buf: Sequence[dict]) -> dict:
+    keys = buf[0].keys()
+    return {k: float(np.mean([b[k] for b in buf])) for k in keys}
+
+
+def evaluate(eval_fn, params, placement: Placement, batches: Sequence[dict]) -> dict:
+    """Token-weighted eval loss and accuracy over a fixed list of (process-local) batches."""
+    tot = {"nll": 0.0, "correct": 0.0, "tokens": 0.0}
+    for b in batches:
+        s = jax.device_get(eval_fn(params, placement.put_batch(b)))
+        for k in tot:
+            tot[k] += float(s[k])
+    n = max(tot["tokens"], 1.0)
+    return {"loss": tot["nll"] / n, "accuracy": tot["correct"] / n, "tokens": tot["tokens"]}
+
+
+def train(cfg: Any, workdir: str, *, model_cfg: ModelConfig, init_params: Callable[[], Any],
+          loss_fn: LossFn, train_iter: Iterator[dict], eval_batches: Sequence[dict] = (),
+          name: str = "train", placement: Optional[Placement] = None,
+          on_eval: Optional[Callable[[int, Any], dict]] = None,
+          checkpointer: Optional[Checkpointer] = None) -> TrainResult:
+    """Runs (or resumes) training as configured by `cfg.train` / `cfg.optimizer`.
+
+    init_params: returns the initial params (called only when there is no checkpoint); its
+      result is placed with the param shardings (under jit when it is a pure init function).
+    on_eval: optional extra evaluation `(step, params) -> metrics` run with each evaluation.
+    """
+    t_start = time.time()
+    tcfg = cfg.train
+    steps = int(tcfg.steps)
+    accum = int(tcfg.get("accum_steps", 1))
+    placement = placement or Placement(cfg, model_cfg)
+    sharding.check_batch_divisible(int(tcfg.batch_size), placement.mesh, placement.rules, accum)
+
+    tx, sched = optim.make_optimizer(cfg.optimizer, steps)
+    abstract_params = jax.eval_shape(init_params)
+    abstract_state = jax.eval_shape(lambda p: create_state(p, tx, int(cfg.seed)), abstract_params)
+    state_sh = state_shardings(abstract_state, placement.params, placement.mesh)
+
+    ckpt = checkpointer or Checkpointer(workdir, max_to_keep=tcfg.get("keep_checkpoints", 3),
+                                        async_save=bool(tcfg.get("async_checkpoint", True)))
+    resumed_from = ckpt.latest_step()
+    if resumed_from is not None:
+        state, data_state = ckpt.restore(resumed_from, abstract_with_shardings(abstract_state,
+                                                                               state_sh))
+        if hasattr(train_iter, "set_state") and data_state:
+            train_iter.set_state(data_state)
+        print(f"[{name}] resumed from checkpoint step {resumed_from} in {ckpt.directory}")
+    else:
+        params = jax.jit(init_params, out_shardings=placement.params)()
+        state = jax.jit(lambda p: create_state(p, tx, int(cfg.seed)),
+                        out_shardings=state_sh)(params)
+        del params
+
+    step_fn = jit_train_step(make_train_step(loss_fn, tx, accum_steps=accum, schedule=sched),
+                             state_sh, placement.batch)
+    eval_fn = jax.jit(make_eval_step(loss_fn))
+
+    writer = monitor.MetricWriter(workdir, tensorboard=bool(tcfg.get("tensorboard", True)))
+    seq_len = int(tcfg.seq_len)
+    tokens_per_step = int(tcfg.batch_size) * seq_len
+    peak = float(cfg.get("monitor", {}).get("peak_flops", 0.0) or 0.0)
+    thr = monitor.Throughput(tokens_per_step, flops_per_token(model_cfg, seq_len),
+                             peak_flops_per_device=peak or None)
+    start = int(jax.device_get(state.step))
+    progress = monitor.Progress(steps, start_step=start, desc=name,
+                                enabled=None if tcfg.get("progress", True) else False)
+    log_every = int(tcfg.get("log_every", 10))
+    eval_every = int(tcfg.get("eval_every", 0))
+    ckpt_every = int(tcfg.get("checkpoint_every", 0))
+    patience = int(tcfg.get("early_stopping_patience", 0))
+    min_delta = float(tcfg.get("early_stopping_min_delta", 0.0))
+
+    history, evals, pending = [], [], []
+    best, bad_evals, stopped_early = math.inf, 0, False
+    last_saved = resumed_from
+    thr.tick(start)
+    step = start
+    while step < steps:
+        batch = placement.put_batch(next(train_iter))
+        state, m = step_fn(state, batch)
+        step += 1
+        pending.append(m)
+        if step % log_every == 0 or step == steps:
+            fetched = jax.device_get(pending)
+            pending = []
+            row = _mean_metrics(fetched)
+            if not all(math.isfinite(row[k]) for k in ("loss", "grad_norm")):
+                ckpt.wait()
+                raise FloatingPointError(
+                    f"[{name}] non-finite loss or gradient at step {step} ({row}); the last good "
+                    f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower "
+                    f"optimizer.learning_rate, enable optimizer.grad_clip_norm, or use float32.")
+            t = thr.tick(step)
+            if t:
+                row.update(t)
+            row["step"] = step
+            history.append(row)
+            writer.write(step, {k: v for k, v in row.items() if k != "step"}, prefix=name)
+            progress.update(step, loss=row["loss"], tokens_per_s=row.get("tokens_per_s"))
+        if eval_every and (step % eval_every == 0 or step == steps) and (eval_batches or on_eval):
+            ev = {"step": step}
+            if eval_batches:
+                ev.update({f"eval_{k}": v for k, v in
+                           evaluate(eval_fn, state.params, placement, eval_batches).items()})
+            if on_eval is not None:
+                ev.update(on_eval(step, state.params))
+            evals.append(ev)
+            writer.write(step, {k: v for k, v in ev.items() if k != "step"}, prefix=f"{name}_eval")
+            thr.tick(step)  # do not count evaluation time as training throughput
+            if patience and "eval_loss" in ev:
+                if ev["eval_loss"] < best - min_delta:
+                    best, bad_evals = ev["eval_loss"], 0
+                else:
+                    bad_evals += 1
+                    if bad_evals >= patience:
+                        stopped_early = True
+        due = (ckpt_every and step % ckpt_every == 0) or step == steps or stopped_early
+        if due and step != last_saved:
+            last_saved = step
+            data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else {}
+            ckpt.save(step, state, data_state, force=True)
+        if stopped_early:
+            print(f"[{name}] early stopping at step {step}: eval loss has not improved by "
+                  f"{min_delta} for {patience} evaluations (best {best:.4f})")
+            break
+    progress.close()
+    ckpt.wait()
+    writer.close()
+    return TrainResult(state=state, history=history, evals=evals, stopped_early=stopped_early,
+                       resumed_from=resumed_from, wall_s=time.time() - t_start)

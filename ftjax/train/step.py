@@ -1,0 +1,113 @@
+"""The pure training step: `(state, batch) -> (state, metrics)`, jitted once with shardings.
+
+Trainers (SFT, DPO, reward modelling, ...) differ only in their `loss_fn`:
+
+    loss_fn(params, batch, rng) -> (objective_sum, stats)
+
+`objective_sum` is summed (not averaged) over the micro-batch, and `stats["tokens"]` counts what
+it was summed over. The step adds both up over the accumulation window and divides by the total
+count once, so accumulation over k micro-batches equals one large batch exactly.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ftjax import models
+from ftjax.models.config import ModelConfig
+from ftjax.train.losses import token_cross_entropy
+from ftjax.train.state import TrainState
+
+LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+def sft_loss(model_cfg: ModelConfig, z_loss: float = 0.0) -> LossFn:
+    """Next-token cross-entropy on the masked (completion) tokens, plus optional z-loss."""
+
+    def loss_fn(params, batch, rng):
+        del rng
+        logits, _ = models.apply(params, model_cfg, batch["inputs"],
+                                 positions=batch.get("positions"),
+                                 segment_ids=batch.get("segment_ids"))
+        s = token_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+        return s["nll"] + z_loss * s["z"], s
+
+    return loss_fn
+
+
+def split_microbatches(batch: dict, accum_steps: int) -> dict:
+    """[B, ...] -> [accum_steps, B / accum_steps, ...], micro-batch a taking rows a, a+k, ...
+
+    Interleaving (rather than contiguous blocks) keeps every micro-batch spread evenly over the
+    devices that hold the batch dimension, so no data moves between devices.
+    """
+    def split(x):
+        b = x.shape[0]
+        if b % accum_steps:
+            raise ValueError(f"batch size {b} is not divisible by accum_steps={accum_steps}")
+        x = x.reshape((b // accum_steps, accum_steps) + x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def _accumulate(loss_fn: LossFn, params, batch: dict, rng, accum_steps: int):
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    if accum_steps == 1:
+        return grad_fn(params, batch, rng)
+    micro = split_microbatches(batch, accum_steps)
+    first = jax.tree.map(lambda x: x[0], micro)
+    g_shape, s_shape = jax.eval_shape(grad_fn, params, first, rng)
+    zeros = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), t)
+
+    def body(carry, xs):
+        mb, i = xs
+        g, s = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        add = lambda a, b: jax.tree.map(lambda u, v: u + v.astype(jnp.float32), a, b)
+        return (add(carry[0], g), add(carry[1], s)), None
+
+    (grads, stats), _ = jax.lax.scan(body, (zeros(g_shape), zeros(s_shape)),
+                                     (micro, jnp.arange(accum_steps)))
+    return grads, stats
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
+                    accum_steps: int = 1, schedule: Optional[Callable] = None):
+    """Builds the pure step. Metrics are per-token means over the whole accumulation window."""
+
+    def train_step(state: TrainState, batch: dict):
+        rng, step_rng = jax.random.split(state.rng)
+        grads, stats = _accumulate(loss_fn, state.params, batch, step_rng, accum_steps)
+        denom = jnp.maximum(stats["tokens"], 1.0)
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {k: v / denom for k, v in stats.items() if k != "tokens"}
+        metrics["loss"] = metrics.pop("nll")
+        metrics["tokens"] = stats["tokens"]
+        metrics["grad_norm"] = optax.global_norm(grads)
+        if schedule is not None:
+            metrics["learning_rate"] = schedule(state.step)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(loss_fn: LossFn):
+    """(params, batch) -> summed stats (normalise after summing over the eval set)."""
+
+    def eval_step(params, batch):
+        _, stats = loss_fn(params, batch, jax.random.PRNGKey(0))
+        return stats
+
+    return eval_step
+
+
+def jit_train_step(train_step, state_sharding, batch_sharding):
+    """Jits the step once with explicit in/out shardings; the old state's buffers are donated."""
+    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, replicated), donate_argnums=(0,))
