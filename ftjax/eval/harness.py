@@ -28,54 +28,54 @@ LOGLIK_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 def exact_match_eval(params: Params, cfg: ModelConfig, tokenizer,
                      examples: Sequence[Mapping[str, str]], *, max_new_tokens: int,
                      batch_size: int = 64, **sampling) -> dict:
-  """Fraction of examples whose generated text equals the answer (both `.strip()`-ed).
+    """Fraction of examples whose generated text equals the answer (both `.strip()`-ed).
 
-  Returns {"exact_match": float, "n": int, "samples": [(prompt, prediction, answer)] * <=5}.
-  `sampling` (temperature, top_k, top_p, rng) is passed to `generate_text`; default greedy.
-  """
-  for i, ex in enumerate(examples):
-    missing = [k for k in ("prompt", "answer") if k not in ex]
-    if missing:
-      raise ValueError(f"exact_match_eval: example {i} lacks keys {missing} "
-                       f"(has {sorted(ex)}); each example needs 'prompt' and 'answer'")
-  prompts = [ex["prompt"] for ex in examples]
-  answers = [ex["answer"] for ex in examples]
-  predictions = generate_text(params, cfg, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                              batch_size=batch_size, **sampling)
-  hits = sum(p.strip() == a.strip() for p, a in zip(predictions, answers))
-  n = len(examples)
-  return {"exact_match": hits / n if n else 0.0, "n": n,
-          "samples": list(zip(prompts, predictions, answers))[:NUM_SAMPLES]}
+    Returns {"exact_match": float, "n": int, "samples": [(prompt, prediction, answer)] * <=5}.
+    `sampling` (temperature, top_k, top_p, rng) is passed to `generate_text`; default greedy.
+    """
+    for i, ex in enumerate(examples):
+        missing = [k for k in ("prompt", "answer") if k not in ex]
+        if missing:
+            raise ValueError(f"exact_match_eval: example {i} lacks keys {missing} "
+                             f"(has {sorted(ex)}); each example needs 'prompt' and 'answer'")
+    prompts = [ex["prompt"] for ex in examples]
+    answers = [ex["answer"] for ex in examples]
+    predictions = generate_text(params, cfg, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size, **sampling)
+    hits = sum(p.strip() == a.strip() for p, a in zip(predictions, answers))
+    n = len(examples)
+    return {"exact_match": hits / n if n else 0.0, "n": n,
+            "samples": list(zip(prompts, predictions, answers))[:NUM_SAMPLES]}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _nll_sums(params: Params, batch: dict, *, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
-  """Sum of masked target NLL and the number of masked tokens in one batch."""
-  logits, _ = models.apply(params, cfg, batch["inputs"], positions=batch["positions"],
-                           segment_ids=batch["segment_ids"])
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  target_logp = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
-  mask = batch["loss_mask"].astype(jnp.float32)
-  return -jnp.sum(target_logp * mask), jnp.sum(mask)
+    """Sum of masked target NLL and the number of masked tokens in one batch."""
+    logits, _ = models.apply(params, cfg, batch["inputs"], positions=batch["positions"],
+                             segment_ids=batch["segment_ids"])
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    target_logp = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return -jnp.sum(target_logp * mask), jnp.sum(mask)
 
 
 def loglik_eval(params: Params, cfg: ModelConfig,
                 batches: Iterable[Mapping[str, Any]]) -> dict:
-  """Token-level mean NLL over `batches`: {"loss": float, "tokens": int}.
+    """Token-level mean NLL over `batches`: {"loss": float, "tokens": int}.
 
-  Each batch holds [B, T] arrays `inputs`, `targets`, `loss_mask`, `segment_ids`, `positions`;
-  the loss is the mask-weighted mean over all batches together (not a mean of batch means).
-  """
-  sums = []  # device scalars, summed on the host at the end so batches dispatch back to back
-  for i, batch in enumerate(batches):
-    missing = [k for k in LOGLIK_KEYS if k not in batch]
-    if missing:
-      raise ValueError(f"loglik_eval: batch {i} lacks keys {missing} (has {sorted(batch)})")
-    arrays = {k: jnp.asarray(batch[k], jnp.int32) if k != "loss_mask"
-              else jnp.asarray(batch[k]) for k in LOGLIK_KEYS}
-    sums.append(_nll_sums(params, arrays, cfg=cfg))
-  total_nll = float(sum(np.float64(nll) for nll, _ in sums))
-  total_tokens = float(sum(np.float64(count) for _, count in sums))
-  if total_tokens <= 0:
-    raise ValueError("loglik_eval: no tokens to score (every loss_mask is zero, or no batches)")
-  return {"loss": total_nll / total_tokens, "tokens": int(round(total_tokens))}
+    Each batch holds [B, T] arrays `inputs`, `targets`, `loss_mask`, `segment_ids`, `positions`;
+    the loss is the mask-weighted mean over all batches together (not a mean of batch means).
+    """
+    sums = []  # device scalars, summed on the host at the end so batches dispatch back to back
+    for i, batch in enumerate(batches):
+        missing = [k for k in LOGLIK_KEYS if k not in batch]
+        if missing:
+            raise ValueError(f"loglik_eval: batch {i} lacks keys {missing} (has {sorted(batch)})")
+        arrays = {k: jnp.asarray(batch[k], jnp.int32) if k != "loss_mask"
+                  else jnp.asarray(batch[k]) for k in LOGLIK_KEYS}
+        sums.append(_nll_sums(params, arrays, cfg=cfg))
+    total_nll = float(sum(np.float64(nll) for nll, _ in sums))
+    total_tokens = float(sum(np.float64(count) for _, count in sums))
+    if total_tokens <= 0:
+        raise ValueError("loglik_eval: no tokens to score (every loss_mask is zero, or no batches)")
+    return {"loss": total_nll / total_tokens, "tokens": int(round(total_tokens))}

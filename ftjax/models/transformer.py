@@ -8,6 +8,7 @@ drift apart.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import jax
@@ -94,6 +95,11 @@ def param_shapes(cfg: ModelConfig) -> dict:
 
 def init(cfg: ModelConfig, key: jax.Array) -> Params:
     """Random initial params: N(0, init_std) matrices, zero biases, unit norm scales."""
+    return _init_jit(cfg, key)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_jit(cfg: ModelConfig, key: jax.Array) -> Params:
     specs = param_specs(cfg)
     leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
     keys = jax.random.split(key, len(leaves))

@@ -20,7 +20,7 @@ from ftjax import models, monitor, sharding
 from ftjax.io.checkpoint import Checkpointer, abstract_with_shardings
 from ftjax.models.config import ModelConfig
 from ftjax.train import optim
-from ftjax.train.state import TrainState, create_state, state_shardings
+from ftjax.train.state import TrainState, create_state
 from ftjax.train.step import LossFn, jit_train_step, make_eval_step, make_train_step
 
 
@@ -49,8 +49,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
 class Placement:
     """Mesh, rules and the shardings of params, state and batches for one model config."""
 
-    def __init__(self, cfg: Any, model_cfg: ModelConfig):
-        self.mesh = sharding.make_mesh(cfg.mesh)
+    def __init__(self, cfg: Any, model_cfg: ModelConfig, devices=None):
+        self.mesh = sharding.make_mesh(cfg.mesh, devices)
         self.rules = sharding.get_rules(cfg.sharding.rules)
         self.axes = models.param_axes(model_cfg)
         sharding.check_divisible(models.param_shapes(model_cfg), self.axes, self.mesh, self.rules)
@@ -102,7 +102,8 @@ def train(cfg: Any, workdir: str, *, model_cfg: ModelConfig, init_params: Callab
     tx, sched = optim.make_optimizer(cfg.optimizer, steps)
     abstract_params = jax.eval_shape(init_params)
     abstract_state = jax.eval_shape(lambda p: create_state(p, tx, int(cfg.seed)), abstract_params)
-    state_sh = state_shardings(abstract_state, placement.params, placement.mesh)
+    state_sh = sharding.state_shardings(abstract_state, abstract_params, placement.params,
+                                      placement.mesh)
 
     ckpt = checkpointer or Checkpointer(workdir, max_to_keep=tcfg.get("keep_checkpoints", 3),
                                         async_save=bool(tcfg.get("async_checkpoint", True)))

@@ -87,7 +87,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
         metrics = {k: v / denom for k, v in stats.items() if k != "tokens"}
         metrics["loss"] = metrics.pop("nll")
         metrics["tokens"] = stats["tokens"]
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         if schedule is not None:
             metrics["learning_rate"] = schedule(state.step)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)

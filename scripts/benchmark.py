@@ -1,0 +1,276 @@
+"""Training-step throughput of ftjax on a random-init Llama preset; prints one JSON line.
+
+    python scripts/benchmark.py --preset tiny --mode full --batch 4 --seq 512 --steps 10
+
+Modes:
+  full     the real training step: `make_train_step` + `jit_train_step` (explicit shardings,
+           donated state), AdamW in float32 params, random tokens, masked next-token loss.
+  forward  `apply` + the same loss, jitted, no gradient (what evaluation costs).
+
+Timing: the step is compiled ahead of time (`compile_s` = lower + compile), run `--warmup`
+times untimed, then `--steps` times with `block_until_ready` after each; the median is the
+figure. MFU uses the model FLOPs of `loop.flops_per_token` (PaLM convention) over the peak of
+`monitor.peak_flops_per_device` (on CPU a measured f32 matmul, so a sanity figure only).
+Only the JSON line goes to stdout; logs go to stderr. See docs/performance.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PRESETS = ("tiny", "small")
+MODES = ("full", "forward")  # "lora" joins later
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=PRESETS, default="tiny")
+    p.add_argument("--mode", choices=MODES, default="full")
+    p.add_argument("--batch", type=int, default=4, help="global batch (sequences)")
+    p.add_argument("--seq", type=int, default=512, help="sequence length (tokens)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument("--remat", default="none",
+                   help="remat policy: none | full | dots | dots_no_batch | save_attn_out")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype (params and optimizer state stay float32)")
+    p.add_argument("--scan-layers", type=int, default=1, choices=(0, 1),
+                   help="1: lax.scan over stacked layers (default); 0: unrolled layers")
+    p.add_argument("--devices", type=int, default=0,
+                   help="CPU only: fake host devices (sets --xla_force_host_platform_device_count;"
+                        " 0 keeps the environment's setting)")
+    p.add_argument("--mesh", default="data=-1",
+                   help="mesh axis sizes, e.g. 'data=-1' or 'fsdp=4,tensor=2'")
+    p.add_argument("--rules", default="fsdp", help="sharding rule preset (dp fsdp fsdp_tp tp)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="0 disables clipping")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peak-flops", type=float, default=0.0,
+                   help="peak FLOP/s per device for MFU (0: table or measured matmul)")
+    p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS, appended to the environment's")
+    p.add_argument("--profile", default="",
+                   help="write a jax.profiler trace of the timed steps to this directory")
+    p.add_argument("--dump-hlo", default="",
+                   help="write the optimized HLO of the step and its cost analysis here")
+    args = p.parse_args(argv)
+    for name in ("batch", "seq", "steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
+    return args
+
+
+def set_xla_env(args: argparse.Namespace) -> None:
+    """XLA_FLAGS must be final before jax is imported."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    if args.devices:
+        flags = [f for f in flags if "xla_force_host_platform_device_count" not in f]
+        flags.append(f"--xla_force_host_platform_device_count={args.devices}")
+    flags += args.xla_flags.split()
+    if flags:
+        os.environ["XLA_FLAGS"] = " ".join(flags)
+
+
+def log(msg: str) -> None:
+    print(f"[benchmark] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_mesh(text: str) -> dict:
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        if "=" not in item:
+            raise SystemExit(f"--mesh item {item!r} is not axis=size (e.g. 'data=-1,fsdp=2')")
+        k, v = (s.strip() for s in item.split("=", 1))
+        sizes[k] = int(v)
+    return sizes
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    set_xla_env(args)
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    import numpy as np
+
+    from ftjax import models, monitor, sharding
+    from ftjax.train import loop, optim
+    from ftjax.train.state import create_state
+    from ftjax.train.step import jit_train_step, make_train_step, sft_loss
+
+    model_cfg = models.preset("llama", size=args.preset, dtype=args.dtype, param_dtype="float32",
+                              remat=args.remat, scan_layers=bool(args.scan_layers),
+                              rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False,
+                              max_position_embeddings=max(4096, args.seq))
+    cfg = ml_collections.ConfigDict()
+    cfg.mesh = ml_collections.ConfigDict(parse_mesh(args.mesh))
+    cfg.sharding = ml_collections.ConfigDict(dict(rules=args.rules))
+    opt_cfg = ml_collections.ConfigDict(dict(
+        name="adamw", learning_rate=args.lr, schedule="constant", warmup_steps=0,
+        weight_decay=args.weight_decay, b1=0.9, b2=0.999, eps=1e-8,
+        grad_clip_norm=args.grad_clip))
+    placement = loop.Placement(cfg, model_cfg)
+    n_dev = placement.mesh.size
+    dev = jax.devices()[0]
+    log(f"{args.preset}/{args.mode} batch {args.batch} seq {args.seq} dtype {args.dtype} "
+        f"remat {args.remat} on {n_dev}x {dev.platform}:{dev.device_kind} "
+        f"mesh {dict(placement.mesh.shape)} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+
+    # Random tokens: `targets` are `inputs` shifted by one, every position counts in the loss.
+    rng = np.random.default_rng(args.seed)
+    n_batches = 2
+
+    def host_batch():
+        toks = rng.integers(0, model_cfg.vocab_size, (args.batch, args.seq + 1), dtype=np.int32)
+        return {"inputs": toks[:, :-1], "targets": toks[:, 1:],
+                "loss_mask": np.ones((args.batch, args.seq), np.float32)}
+
+    batches = [placement.put_batch(host_batch()) for _ in range(n_batches)]
+
+    loss_fn = sft_loss(model_cfg)
+    total_steps = 1 + args.warmup + args.steps
+    init_fn = lambda: models.init(model_cfg, jax.random.PRNGKey(args.seed))
+    params = jax.jit(init_fn, out_shardings=placement.params)()
+    n_params = models.count_params(params)
+
+    if args.mode == "full":
+        tx, sched = optim.make_optimizer(opt_cfg, total_steps)
+        abstract_state = jax.eval_shape(lambda p: create_state(p, tx, args.seed), params)
+        state_sh = sharding.state_shardings(abstract_state, jax.eval_shape(lambda: params),
+                                            placement.params, placement.mesh)
+        state = jax.jit(lambda p: create_state(p, tx, args.seed), out_shardings=state_sh)(params)
+        del params
+        fn = jit_train_step(make_train_step(loss_fn, tx, schedule=sched), state_sh,
+                            placement.batch)
+        carry = state
+    else:
+        def forward(params, batch):
+            obj, stats = loss_fn(params, batch, jax.random.PRNGKey(0))
+            return obj / jnp.maximum(stats["tokens"], 1.0)
+        fn = jax.jit(forward, in_shardings=(placement.params, placement.batch),
+                     out_shardings=placement.replicated)
+        carry = params
+
+    t0 = time.perf_counter()
+    lowered = fn.lower(carry, batches[0])
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    log(f"compiled in {compile_s:.2f}s")
+
+    xla = {}
+    try:
+        ca = compiled.cost_analysis()
+        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+        xla["xla_flops_per_step"] = float(ca.get("flops", float("nan")))
+        xla["xla_bytes_accessed_per_step"] = float(ca.get("bytes accessed", float("nan")))
+    except Exception as e:  # cost analysis is best effort (backend dependent)
+        log(f"cost analysis unavailable: {e}")
+    try:
+        ma = compiled.memory_analysis()
+        xla["xla_temp_mb"] = ma.temp_size_in_bytes / 2**20
+        xla["xla_argument_mb"] = ma.argument_size_in_bytes / 2**20
+        xla["xla_alias_mb"] = ma.alias_size_in_bytes / 2**20
+    except Exception as e:
+        log(f"memory analysis unavailable: {e}")
+    if args.dump_hlo:
+        os.makedirs(args.dump_hlo, exist_ok=True)
+        name = f"{args.preset}_{args.mode}_b{args.batch}_t{args.seq}"
+        with open(os.path.join(args.dump_hlo, f"{name}.hlo.txt"), "w") as f:
+            f.write(compiled.as_text())
+        with open(os.path.join(args.dump_hlo, f"{name}.cost.json"), "w") as f:
+            json.dump(xla, f, indent=1)
+
+    def run_one(i):
+        nonlocal carry
+        b = batches[i % n_batches]
+        if args.mode == "full":
+            old = carry
+            carry, metrics = compiled(carry, b)
+            jax.block_until_ready((carry, metrics))
+            return float(metrics["loss"]), old
+        loss = compiled(carry, b)
+        jax.block_until_ready(loss)
+        return float(loss), None
+
+    t0 = time.perf_counter()
+    loss_first, old_state = run_one(0)
+    first_step_s = time.perf_counter() - t0
+    donated = None
+    if old_state is not None:  # donation worked iff the old state's buffers were consumed
+        donated = all(x.is_deleted() for x in jax.tree.leaves(old_state.params))
+        del old_state
+    for i in range(args.warmup):
+        run_one(1 + i)
+
+    times, loss_last = [], loss_first
+    if args.profile:
+        jax.profiler.start_trace(args.profile)
+    for i in range(args.steps):
+        t0 = time.perf_counter()
+        loss_last, _ = run_one(1 + args.warmup + i)
+        times.append(time.perf_counter() - t0)
+    if args.profile:
+        jax.profiler.stop_trace()
+    rss = monitor.peak_rss_mb()
+
+    median = statistics.median(times)
+    tokens = args.batch * args.seq
+    fpt = loop.flops_per_token(model_cfg, args.seq, training=args.mode == "full")
+    peak, peak_src = monitor.peak_flops_per_device(dev, override=args.peak_flops or None)
+    thr = monitor.Throughput(tokens, fpt, n_devices=n_dev, peak_flops_per_device=peak)
+    m = thr.measure(1, median)
+
+    row = {
+        "framework": "jax",
+        "preset": args.preset,
+        "mode": args.mode,
+        "batch": args.batch,
+        "seq": args.seq,
+        "params": n_params,
+        "step_time_median_s": median,
+        "tokens_per_s": m["tokens_per_s"],
+        "compile_s": compile_s,
+        "mfu": m["mfu"],
+        "peak_rss_mb": rss,
+        "step_time_min_s": min(times),
+        "step_time_max_s": max(times),
+        "first_step_s": first_step_s,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "dtype": args.dtype,
+        "remat": args.remat,
+        "scan_layers": bool(args.scan_layers),
+        "flops_per_token": fpt,
+        "loss_first": loss_first,
+        "loss_last": loss_last,
+        "donated": donated,
+        **xla,
+        "backend": jax.default_backend(),
+        "device_kind": dev.device_kind,
+        "n_devices": n_dev,
+        "mesh": {k: int(v) for k, v in placement.mesh.shape.items() if v > 1},
+        "jax_version": jax.__version__,
+        "peak_flops": peak,
+        "peak_flops_source": peak_src,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "cpu_count": os.cpu_count(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""The reference for scripts/benchmark.py: Hugging Face `LlamaForCausalLM` on CPU PyTorch.
+
+    python scripts/benchmark_torch.py --preset tiny --mode full --batch 4 --seq 512 --steps 10
+
+Same shapes, same random-token batches (inputs / targets shifted by one, every token counted),
+same loss (mean next-token cross-entropy in float32), AdamW (lr 1e-3, weight decay 0.01,
+gradient clipping at global norm 1.0, like the Hugging Face Trainer's default) on float32
+params. Prints one JSON line with the fields of scripts/benchmark.py plus "framework": "torch".
+`compile_s` is the first step (eager PyTorch has nothing to compile unless `--compile`).
+MFU uses ftjax's FLOPs-per-token formula and peak (imported after the timed steps, so jax is
+not in the process while torch runs). See docs/performance.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Mirrors ftjax.models.config.SIZES (checked against it in tests/test_benchmark.py).
+PRESETS = {
+    "tiny": dict(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2),
+    "small": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=4),
+}
+MODES = ("full", "forward")  # "lora" (PEFT) joins later
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--mode", choices=MODES, default="full")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"),
+                   help="transformers attn_implementation")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="autocast dtype for the forward (params stay float32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="0 disables clipping")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peak-flops", type=float, default=0.0,
+                   help="peak FLOP/s per device for MFU (0: ftjax's measured matmul)")
+    args = p.parse_args(argv)
+    for name in ("batch", "seq", "steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    return args
+
+
+def log(msg: str) -> None:
+    print(f"[benchmark_torch] {msg}", file=sys.stderr, flush=True)
+
+
+def peak_rss_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    threads = args.threads or os.cpu_count()
+    torch.set_num_threads(threads)
+    torch.manual_seed(args.seed)
+    hf_cfg = LlamaConfig(**PRESETS[args.preset], rope_theta=10000.0, rms_norm_eps=1e-5,
+                         tie_word_embeddings=False, max_position_embeddings=max(4096, args.seq),
+                         hidden_act="silu", attention_bias=False, mlp_bias=False,
+                         initializer_range=0.02, use_cache=False,
+                         attn_implementation=args.attn)
+    model = LlamaForCausalLM(hf_cfg).to(torch.float32)
+    n_params = sum(p.numel() for p in model.parameters())
+    vocab = hf_cfg.vocab_size
+    log(f"{args.preset}/{args.mode} batch {args.batch} seq {args.seq} threads {threads} "
+        f"attn {args.attn} params {n_params} torch {torch.__version__}")
+
+    rng = np.random.default_rng(args.seed)
+
+    def host_batch():
+        toks = rng.integers(0, vocab, (args.batch, args.seq + 1), dtype=np.int64)
+        return torch.from_numpy(toks[:, :-1].copy()), torch.from_numpy(toks[:, 1:].copy())
+
+    batches = [host_batch() for _ in range(2)]
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if args.dtype == "bfloat16"
+                else torch.autocast("cpu", enabled=False))
+    fwd_model = torch.compile(model) if args.compile else model
+
+    def loss_of(inputs, targets):
+        with autocast:
+            logits = fwd_model(input_ids=inputs, use_cache=False).logits
+        return F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1))
+
+    if args.mode == "full":
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                                weight_decay=args.weight_decay)
+
+        def step(inputs, targets):
+            loss = loss_of(inputs, targets)
+            loss.backward()
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(loss.detach())
+    else:
+        model.eval()
+
+        def step(inputs, targets):
+            with torch.no_grad():
+                return float(loss_of(inputs, targets))
+
+    t0 = time.perf_counter()
+    loss_first = step(*batches[0])
+    compile_s = time.perf_counter() - t0
+    for i in range(args.warmup):
+        step(*batches[(1 + i) % 2])
+    times, loss_last = [], loss_first
+    for i in range(args.steps):
+        t0 = time.perf_counter()
+        loss_last = step(*batches[(1 + args.warmup + i) % 2])
+        times.append(time.perf_counter() - t0)
+    rss = peak_rss_mb()
+
+    # Same FLOPs convention and peak as ftjax (imported only now, after the timed steps).
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from ftjax import models, monitor
+    from ftjax.train import loop
+    ft_cfg = models.preset("llama", size=args.preset, max_position_embeddings=max(4096, args.seq))
+    fpt = loop.flops_per_token(ft_cfg, args.seq, training=args.mode == "full")
+    peak, peak_src = monitor.peak_flops_per_device(override=args.peak_flops or None)
+
+    median = statistics.median(times)
+    tokens_per_s = args.batch * args.seq / median
+    row = {
+        "framework": "torch",
+        "preset": args.preset,
+        "mode": args.mode,
+        "batch": args.batch,
+        "seq": args.seq,
+        "params": n_params,
+        "step_time_median_s": median,
+        "tokens_per_s": tokens_per_s,
+        "compile_s": compile_s,
+        "mfu": tokens_per_s * fpt / peak,
+        "peak_rss_mb": rss,
+        "step_time_min_s": min(times),
+        "step_time_max_s": max(times),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "dtype": args.dtype,
+        "attn_implementation": args.attn,
+        "torch_compile": bool(args.compile),
+        "flops_per_token": fpt,
+        "loss_first": loss_first,
+        "loss_last": loss_last,
+        "backend": "cpu",
+        "device_kind": "cpu",
+        "n_devices": 1,
+        "threads": threads,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "peak_flops": peak,
+        "peak_flops_source": peak_src,
+        "cpu_count": os.cpu_count(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""scripts/benchmark.py runs end to end and prints one sane JSON line (never a timing assertion)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from ftjax.models.config import SIZES
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+
+FIELDS = ("preset", "mode", "batch", "seq", "params", "step_time_median_s", "tokens_per_s",
+          "compile_s", "mfu", "peak_rss_mb", "backend", "device_kind", "n_devices",
+          "jax_version", "peak_flops", "peak_flops_source")
+
+
+def analytical_params(size: str) -> int:
+    """Llama with untied embeddings: embed + lm_head + L * (attention + SwiGLU + 2 norms) + norm."""
+    s = SIZES[size]
+    v, d, f, n_layers = s["vocab_size"], s["hidden_size"], s["intermediate_size"], s["num_layers"]
+    hd = d // s["num_heads"]
+    q, kv = s["num_heads"] * hd, s["num_kv_heads"] * hd
+    layer = d * q + 2 * d * kv + q * d + 3 * d * f + 2 * d
+    return 2 * v * d + n_layers * layer + d
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    # One CPU device (conftest asks for 8 fake ones, which a batch of 1 cannot be split over).
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if "xla_force_host_platform_device_count" not in f)
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_analytical_param_counts():
+    assert analytical_params("tiny") == 7_096_576
+    assert analytical_params("small") == 56_369_664
+
+
+def test_benchmark_full_tiny_prints_one_sane_json_line():
+    cmd = [sys.executable, str(SCRIPTS / "benchmark.py"), "--preset", "tiny", "--mode", "full",
+           "--batch", "1", "--seq", "64", "--steps", "2", "--warmup", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"stdout must be exactly one JSON line, got:\n{proc.stdout}"
+    row = json.loads(lines[0])
+
+    missing = [k for k in FIELDS if k not in row]
+    assert not missing, f"missing fields {missing} in {row}"
+    assert (row["preset"], row["mode"], row["batch"], row["seq"]) == ("tiny", "full", 1, 64)
+    assert row["params"] == analytical_params("tiny")
+    assert row["backend"] == "cpu" and row["n_devices"] == 1
+    for k in ("step_time_median_s", "tokens_per_s", "compile_s", "mfu", "peak_rss_mb",
+              "peak_flops"):
+        assert isinstance(row[k], (int, float)) and math.isfinite(row[k]) and row[k] > 0, (k, row)
+    assert row["tokens_per_s"] == pytest.approx(64 / row["step_time_median_s"])
+    assert row["mfu"] < 1.5  # a sanity bound on the formula, not a performance claim
+    assert row["peak_rss_mb"] > 50
+    # The real step: random tokens start near log(V), AdamW steps lower the loss, and the old
+    # state's buffers were donated.
+    assert abs(row["loss_first"] - math.log(SIZES["tiny"]["vocab_size"])) < 0.5
+    assert row["loss_last"] < row["loss_first"]
+    assert row["donated"] is True
+
+
+def test_torch_reference_presets_mirror_ftjax_sizes():
+    mod = _load_script("benchmark_torch")
+    hf_names = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                "num_kv_heads": "num_key_value_heads"}
+    for size, fields in SIZES.items():
+        assert mod.PRESETS[size] == {hf_names.get(k, k): v for k, v in fields.items()}
