@@ -48,11 +48,12 @@ def read_curves(path: str, wanted: Mapping[str, tuple[str, str]]) -> dict[str, C
 
 
 def plot_loss_curves(path: str, panels: Mapping[str, Mapping[str, Curve | Sequence]],
-                     title: str | None = None, log_y: bool = True) -> str:
+                     title: str | None = None, log_y: bool | None = None) -> str:
     """Writes one panel per entry of `panels` (`{panel title: {label: (steps, values)}}`).
 
-    Empty panels are skipped; a curve with a single point is drawn as a marker. Non-finite
-    values are dropped. Returns `path`.
+    Empty panels are skipped; short curves are drawn with markers; non-finite values are
+    dropped. `log_y=None` uses a log scale in panels whose positive values span over 20x.
+    Returns `path`.
     """
     import matplotlib  # pylint: disable=import-outside-toplevel
     matplotlib.use("Agg")
@@ -63,16 +64,21 @@ def plot_loss_curves(path: str, panels: Mapping[str, Mapping[str, Curve | Sequen
         raise ValueError(f"plot_loss_curves({path!r}): no curves to plot")
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, (name, curves) in zip(axes[0], panels.items()):
+        drawn = []
         for label, (steps, values) in curves.items():
             pts = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
             if not pts:
                 continue
             xs, ys = zip(*pts)
+            drawn += ys
             ax.plot(xs, ys, label=label, marker="o" if len(pts) < 30 else None, markersize=3)
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats / answer token)")
-        if log_y:
+        positive = [v for v in drawn if v > 0]
+        use_log = log_y if log_y is not None else (
+            len(positive) == len(drawn) and bool(positive) and max(positive) > 20 * min(positive))
+        if use_log:
             ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
         ax.legend()

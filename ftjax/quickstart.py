@@ -28,7 +28,7 @@ import numpy as np
 from ftjax import config_utils
 from ftjax import data as ftdata
 from ftjax import plots
-from ftjax.eval.harness import exact_match_eval
+from ftjax.eval.harness import exact_match_eval, loglik_eval
 from ftjax.io.params_file import save_params
 from ftjax.models.config import ModelConfig
 from ftjax.train import loop
@@ -267,9 +267,13 @@ def run(cfg: Any, workdir: str) -> dict:
     # 3. Exact match before, fine-tuning, exact match after.
     t0 = time.time()
     before = {t: _score(base_params, model_cfg, tok, ex, d) for t, ex in sets.items()}
+    ft_eval_batches = eval_batches(eval_ex, tok, int(cfg.train.batch_size),
+                                   int(cfg.train.seq_len))
+    eval_loss_before = loglik_eval(base_params, model_cfg, ft_eval_batches)["loss"]
     eval_before_s = time.time() - t0
     print(f"[quickstart] before fine-tuning: " + ", ".join(
-        f"{t} {r['exact_match']:.1%}" for t, r in before.items()) + f" ({eval_before_s:.0f}s)")
+        f"{t} {r['exact_match']:.1%}" for t, r in before.items())
+          + f"; held-out eval loss {eval_loss_before:.3f} ({eval_before_s:.0f}s)")
     del base_params
 
     t = cfg.train
@@ -280,7 +284,7 @@ def run(cfg: Any, workdir: str) -> dict:
     ft_dir = os.path.join(workdir, "finetune")
     result = loop.train(ft_cfg, ft_dir, model_cfg=model_cfg, init_params=init,
                         loss_fn=sft_loss(model_cfg, float(t.z_loss)), train_iter=it,
-                        eval_batches=eval_batches(eval_ex, tok, bs, seq_len), name="finetune")
+                        eval_batches=ft_eval_batches, name="finetune")
     t0 = time.time()
     after = {t_: _score(result.state.params, model_cfg, tok, ex, d) for t_, ex in sets.items()}
     eval_after_s = time.time() - t0
@@ -300,11 +304,15 @@ def run(cfg: Any, workdir: str) -> dict:
     curves = plots.read_curves(os.path.join(ft_dir, "metrics.jsonl"),
                                {"train loss": ("finetune", "loss"),
                                 "held-out eval loss": ("finetune_eval", "eval_loss")})
+    if "held-out eval loss" in curves and 0 not in curves["held-out eval loss"][0]:
+        steps_, values_ = curves["held-out eval loss"]
+        curves["held-out eval loss"] = ([0] + steps_, [eval_loss_before] + values_)
     panels = {f"fine-tuning on {task!r}": curves}
     pre = {label: tuple(zip(*meta[key])) for label, key in
            (("train loss", "loss_curve"), ("eval loss", "eval_curve")) if meta.get(key)}
     if pre:
-        panels[f"pretraining the base ({'+'.join(meta.get('pretrain', {}).get('tasks', []))})"] = pre
+        n_tasks = len(meta.get("pretrain", {}).get("tasks", []))
+        panels[f"pretraining the base ({n_tasks} tasks)"] = pre
     png = os.path.join(workdir, "loss_curves.png")
     em_b, em_a = results[task]["before"], results[task]["after"]
     if _is_primary():
@@ -321,6 +329,7 @@ def run(cfg: Any, workdir: str) -> dict:
         "samples": samples,
         "steps": int(jax.device_get(result.state.step)),
         "final_train_loss": curves["train loss"][1][-1] if "train loss" in curves else None,
+        "eval_loss_before": round(eval_loss_before, 5),
         "final_eval_loss": result.evals[-1]["eval_loss"] if result.evals else None,
         "evals": result.evals,
         "resumed_from": result.resumed_from,

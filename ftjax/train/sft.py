@@ -67,9 +67,16 @@ def run(cfg: Any, workdir: str) -> dict:
                         init_params=initial_params(cfg, model_cfg),
                         loss_fn=sft_loss(model_cfg, float(t.z_loss)), train_iter=it,
                         eval_batches=eval_batches(test_ex, tok, int(t.batch_size), int(t.seq_len)))
-    from ftjax.eval.harness import exact_match_eval
-    em = exact_match_eval(result.state.params, model_cfg, tok, test_ex[:int(d.eval_examples)],
-                          max_new_tokens=int(d.max_new_tokens))
+    em = {"exact_match": None, "n": 0}
+    if int(d.eval_examples) > 0:
+        from ftjax.eval.harness import exact_match_eval
+        params = result.state.params
+        if jax.process_count() > 1:  # generation runs per process on a gathered copy
+            from jax.experimental import multihost_utils
+            params = multihost_utils.process_allgather(params, tiled=True)
+        em = exact_match_eval(params, model_cfg, tok, test_ex[:int(d.eval_examples)],
+                              max_new_tokens=int(d.max_new_tokens))
+        print(f"held-out exact match: {em['exact_match']:.3f} over {em['n']} examples")
     summary = {"final_loss": result.history[-1]["loss"] if result.history else None,
                "evals": result.evals, "exact_match": em["exact_match"], "n_test": em["n"],
                "wall_s": result.wall_s, "stopped_early": result.stopped_early,
@@ -77,5 +84,4 @@ def run(cfg: Any, workdir: str) -> dict:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-    print(f"held-out exact match: {em['exact_match']:.3f} over {em['n']} examples")
     return summary
