@@ -8,6 +8,8 @@ import pytest
 from ftjax import models
 
 FAMILIES = sorted(models.FAMILIES)
+# Jitted once per (config, shapes): much faster than op-by-op execution.
+apply = jax.jit(models.apply, static_argnums=1)
 
 
 def tiny(family, **kw):
@@ -28,10 +30,10 @@ def test_causality(family):
     cfg = tiny(family)
     params = models.init(cfg, jax.random.PRNGKey(0))
     toks = rand_tokens(1, (2, 9))
-    base, _ = models.apply(params, cfg, toks)
+    base, _ = apply(params, cfg, toks)
     for t in (0, 4, 7):
         changed = toks.at[:, t + 1].set((toks[:, t + 1] + 1) % cfg.vocab_size)
-        out, _ = models.apply(params, cfg, changed)
+        out, _ = apply(params, cfg, changed)
         np.testing.assert_allclose(out[:, :t + 1], base[:, :t + 1], atol=1e-6)
         assert np.abs(np.asarray(out[:, t + 1:] - base[:, t + 1:])).max() > 1e-4
 
@@ -44,9 +46,9 @@ def test_segments_isolate_packed_documents(family):
     packed = jnp.concatenate([a, b, jnp.zeros((1, 2), jnp.int32)], axis=1)
     seg = jnp.array([[1] * 5 + [2] * 4 + [0] * 2])
     pos = jnp.array([list(range(5)) + list(range(4)) + [0, 0]])
-    out, _ = models.apply(params, cfg, packed, positions=pos, segment_ids=seg)
-    ref_a, _ = models.apply(params, cfg, a)
-    ref_b, _ = models.apply(params, cfg, b)
+    out, _ = apply(params, cfg, packed, positions=pos, segment_ids=seg)
+    ref_a, _ = apply(params, cfg, a)
+    ref_b, _ = apply(params, cfg, b)
     np.testing.assert_allclose(out[:, :5], ref_a, atol=2e-5)
     np.testing.assert_allclose(out[:, 5:9], ref_b, atol=2e-5)
 
@@ -56,13 +58,13 @@ def test_kv_cache_decoding_equals_full_forward(family):
     cfg = tiny(family)
     params = models.init(cfg, jax.random.PRNGKey(0))
     toks = rand_tokens(4, (2, 10))
-    full, _ = models.apply(params, cfg, toks)
+    full, _ = apply(params, cfg, toks)
     cache = models.init_cache(cfg, 2, 12)
     outs = []
-    out, aux = models.apply(params, cfg, toks[:, :4], cache=cache)  # prefill
+    out, aux = apply(params, cfg, toks[:, :4], cache=cache)  # prefill
     outs.append(out)
     for t in range(4, 10):  # one token at a time
-        out, aux = models.apply(params, cfg, toks[:, t:t + 1], cache=aux["cache"])
+        out, aux = apply(params, cfg, toks[:, t:t + 1], cache=aux["cache"])
         outs.append(out)
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=2e-5)
     assert int(aux["cache"]["index"]) == 10
@@ -73,13 +75,13 @@ def test_scan_equals_unrolled(family):
     cfg = tiny(family)
     params = models.init(cfg, jax.random.PRNGKey(0))
     toks = rand_tokens(5, (2, 8))
-    a, _ = models.apply(params, cfg, toks)
-    b, _ = models.apply(params, cfg.replace(scan_layers=False), toks)
+    a, _ = apply(params, cfg, toks)
+    b, _ = apply(params, cfg.replace(scan_layers=False), toks)
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch", "save_attn_out"])
-@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("remat,scan", [("full", True), ("dots", True), ("dots_no_batch", True),
+                                        ("save_attn_out", True), ("full", False)])
 def test_remat_leaves_gradients_unchanged(remat, scan):
     cfg = tiny("llama", scan_layers=scan)
     params = models.init(cfg, jax.random.PRNGKey(0))
@@ -89,7 +91,7 @@ def test_remat_leaves_gradients_unchanged(remat, scan):
         logits, _ = models.apply(p, c, toks)
         return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
 
-    g0 = jax.grad(loss)(params, cfg)
+    g0 = jax.jit(jax.grad(loss), static_argnums=1)(params, cfg)
     g1 = jax.jit(jax.grad(loss), static_argnums=1)(params, cfg.replace(remat=remat))
     for x, y in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-5)
@@ -99,10 +101,10 @@ def test_sliding_window_limits_attention():
     cfg = tiny("mistral", sliding_window=2)
     params = models.init(cfg, jax.random.PRNGKey(0))
     toks = rand_tokens(7, (1, 8))
-    base, _ = models.apply(params, cfg, toks)
+    base, _ = apply(params, cfg, toks)
     # With 2 layers and window 2 the receptive field of position 7 is positions 5..7.
     changed = toks.at[:, 4].set((toks[:, 4] + 1) % cfg.vocab_size)
-    out, _ = models.apply(params, cfg, changed)
+    out, _ = apply(params, cfg, changed)
     np.testing.assert_allclose(out[:, 7], base[:, 7], atol=1e-6)
     assert np.abs(np.asarray(out[:, 5] - base[:, 5])).max() > 1e-4
 
@@ -112,10 +114,10 @@ def test_bf16_compute_close_to_fp32(dtype, param_dtype):
     cfg = tiny("llama")
     params = models.init(cfg, jax.random.PRNGKey(0))
     toks = rand_tokens(8, (2, 8))
-    ref, _ = models.apply(params, cfg, toks)
+    ref, _ = apply(params, cfg, toks)
     low_cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype)
     low_params = jax.tree.map(lambda x: x.astype(param_dtype), params)
-    out, _ = models.apply(low_params, low_cfg, toks)
+    out, _ = apply(low_params, low_cfg, toks)
     assert out.dtype == jnp.float32
     assert jax.tree.leaves(models.init(low_cfg, jax.random.PRNGKey(0)))[0].dtype == jnp.dtype(param_dtype)
     np.testing.assert_allclose(out, ref, atol=0.05 * float(jnp.abs(ref).max()) + 1e-3)

@@ -73,6 +73,7 @@ TINY = ("--config.model.hidden_size=32", "--config.model.intermediate_size=64",
         "--config.data.other_eval_examples=4", "--config.data.other_tasks=add")
 
 
+@pytest.mark.slow  # two end-to-end runs (~2 x 30 s of compilation on 2 loaded cores)
 def test_in_run_pretraining_writes_and_reuses_the_cached_base(tmp_path):
     summary = _run(tmp_path, "pretrain,steps=2,eval_examples=8", *TINY)
     assert summary["base_model"]["source"] == "pretrained"

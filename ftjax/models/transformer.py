@@ -166,6 +166,10 @@ def apply(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
     if segment_ids is None:
         segment_ids = jnp.ones((b, t), jnp.int32)
 
+    if cache is not None and not isinstance(offset, jax.core.Tracer):
+        if int(offset) + t > cache["k"].shape[2]:
+            raise ValueError(f"KV cache overflow: {int(offset)} filled + {t} new tokens > "
+                             f"{cache['k'].shape[2]} slots; make the cache larger (init_cache)")
     q_slots = offset + jnp.arange(t, dtype=jnp.int32)
     if cache is not None:
         k_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32),
