@@ -61,6 +61,7 @@ def get_config(arg=None):
         eval_examples=arg.eval_examples,  # held-out exact match before/after (and eval loss)
         other_tasks=("format", "reverse"),  # pretraining tasks re-scored to check forgetting
         other_eval_examples=100,
+        replay_frac=0.0,            # share of pretraining-mixture examples mixed in (rehearsal)
         max_new_tokens=16,
         eval_batch_size=64,
         num_samples=5,              # sample generations printed and kept in summary.json

@@ -113,6 +113,25 @@ def eval_examples_for(task: str, n: int, seed: int, test_frac: float) -> list[di
     return ftdata.make_splits(task, math.ceil(n / test_frac), seed, test_frac)[1][:n]
 
 
+def replay_examples(cfg: Any, n_task: int) -> list[dict]:
+    """Pretraining-mixture examples mixed into fine-tuning (rehearsal against forgetting).
+
+    `data.replay_frac` of the fine-tuning data, drawn from `base.tasks` with another seed than
+    the base's pretraining (test prompts excluded, as in pretraining).
+    """
+    frac = float(cfg.data.get("replay_frac", 0.0))
+    if not 0.0 <= frac < 1.0:
+        raise ValueError(f"data.replay_frac={frac} must be in [0, 1)")
+    tasks = tuple(cfg.base.tasks)
+    n = round(frac * n_task / (1.0 - frac))
+    if n == 0 or not tasks:
+        return []
+    per_task = -(-n // len(tasks))
+    mix = ftdata.mixture(tasks, per_task, int(cfg.base.seed) + 1, exclude_test=True,
+                         test_frac=float(cfg.base.test_frac))
+    return mix[:n]
+
+
 def _score(params, model_cfg: ModelConfig, tok, examples: Sequence[dict], data_cfg: Any) -> dict:
     return exact_match_eval(params, model_cfg, tok, examples,
                             max_new_tokens=int(data_cfg.max_new_tokens),
@@ -257,12 +276,14 @@ def run(cfg: Any, workdir: str) -> dict:
     train_ex, test_ex = ftdata.make_splits(task, int(d.n_examples), int(d.seed),
                                            float(d.test_frac))
     eval_ex = test_ex[:int(d.eval_examples)]
+    replay = replay_examples(cfg, len(train_ex))
     others = {t: eval_examples_for(t, int(d.other_eval_examples), int(d.seed),
                                    float(cfg.base.test_frac))
               for t in d.other_tasks if t != task}
     sets = {task: eval_ex, **others}
-    print(f"[quickstart] task {task!r}: {len(train_ex)} train / {len(test_ex)} test prompts; "
-          f"scoring {len(eval_ex)} held-out prompts; forgetting check on {sorted(others)}")
+    print(f"[quickstart] task {task!r}: {len(train_ex)} train / {len(test_ex)} test prompts"
+          + (f" (+{len(replay)} replayed pretraining examples)" if replay else "")
+          + f"; scoring {len(eval_ex)} held-out prompts; forgetting check on {sorted(others)}")
 
     # 3. Exact match before, fine-tuning, exact match after.
     t0 = time.time()
@@ -278,7 +299,7 @@ def run(cfg: Any, workdir: str) -> dict:
 
     t = cfg.train
     bs, seq_len = int(t.batch_size), int(t.seq_len)
-    it = ftdata.SyntheticLoader(train_ex, tok, bs, seq_len, int(cfg.seed),
+    it = ftdata.SyntheticLoader(train_ex + replay, tok, bs, seq_len, int(cfg.seed),
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count())
     ft_dir = os.path.join(workdir, "finetune")
@@ -325,6 +346,8 @@ def run(cfg: Any, workdir: str) -> dict:
         "exact_match_before": em_b,
         "exact_match_after": em_a,
         "n_eval": results[task]["n"],
+        "n_train": len(train_ex),
+        "n_replay": len(replay),
         "other_tasks": {t_: r for t_, r in results.items() if t_ != task},
         "samples": samples,
         "steps": int(jax.device_get(result.state.step)),
