@@ -44,7 +44,7 @@ def base_section(steps: int = 4000, path: str = SHIPPED_BASE) -> ml_collections.
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, task="dmy2iso", steps=200, eval_examples=200, pretrain=False,
+    arg = common.parse_arg(arg, task="dmy2iso", steps=150, eval_examples=200, pretrain=False,
                            base_steps=4000)
     c = common.base(trainer="quickstart")
     c.model = base_model()
@@ -61,7 +61,7 @@ def get_config(arg=None):
         eval_examples=arg.eval_examples,  # held-out exact match before/after (and eval loss)
         other_tasks=("format", "reverse"),  # pretraining tasks re-scored to check forgetting
         other_eval_examples=100,
-        replay_frac=0.0,            # share of pretraining-mixture examples mixed in (rehearsal)
+        replay_frac=0.2,            # share of pretraining-mixture examples mixed in (rehearsal)
         max_new_tokens=16,
         eval_batch_size=64,
         num_samples=5,              # sample generations printed and kept in summary.json

@@ -175,10 +175,10 @@ def pretrain_base(cfg: Any, workdir: str) -> dict:
                         init_params=initial_params(pcfg, model_cfg),
                         loss_fn=sft_loss(model_cfg, float(t.z_loss)), train_iter=it,
                         eval_batches=eval_batches(loss_ex, tok, bs, seq_len), name="pretrain")
-    em = {}
+    em, n_scored = {}, {}
     for task in tasks:
         r = _score(result.state.params, model_cfg, tok, evals[task], cfg.data)
-        em[task] = round(r["exact_match"], 4)
+        em[task], n_scored[task] = round(r["exact_match"], 4), r["n"]
         print(f"[pretrain] {task:>8s}: exact match {r['exact_match']:6.1%} over {r['n']} "
               f"{'training facts (recall)' if task == 'lookup' else 'held-out prompts'}")
     metrics = os.path.join(workdir, "metrics.jsonl")
@@ -190,7 +190,7 @@ def pretrain_base(cfg: Any, workdir: str) -> dict:
                      "test_frac": test_frac, "steps": int(t.steps), "batch_size": bs,
                      "seq_len": seq_len, "learning_rate": float(b.optimizer.learning_rate)},
         "exact_match": em,
-        "eval_examples": int(b.eval_examples),
+        "n_scored": n_scored,
         "loss_curve": _curve_pairs(curves.get("train", ([], []))),
         "eval_curve": _curve_pairs(curves.get("eval", ([], []))),
         "wall_s": round(result.wall_s, 1),

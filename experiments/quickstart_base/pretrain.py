@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("|---|---|---|")
     for task, em in info["exact_match"].items():
         on = "training facts (recall)" if task == "lookup" else "held-out test prompts"
-        print(f"| {task} | {em:.1%} | {info['eval_examples']} {on} |")
+        print(f"| {task} | {em:.1%} | {info['n_scored'][task]} {on} |")
     return results
 
 

@@ -20,8 +20,17 @@ from ftjax.train.step import sft_loss
 
 
 def model_config(model_section: Any) -> ModelConfig:
-    """ModelConfig from a config's `model` section (every field but `init_from`)."""
+    """ModelConfig from a config's `model` section (every field but `init_from`).
+
+    With `init_from="hf:DIR"` the architecture comes from DIR/config.json and only the
+    run-time fields (dtype, param_dtype, scan_layers, remat) from the section; overridden
+    section fields are printed (see docs/checkpoints.md).
+    """
     fields = {k: v for k, v in model_section.to_dict().items() if k != "init_from"}
+    src = model_section.get("init_from", "") or ""
+    if src.startswith("hf:"):
+        from ftjax.io.hf import model_config_from_section
+        return model_config_from_section(fields, src[len("hf:"):])
     return ModelConfig.from_dict(fields)
 
 
@@ -31,8 +40,16 @@ def initial_params(cfg: Any, model_cfg: ModelConfig):
     if not src:
         return lambda: models.init(model_cfg, jax.random.PRNGKey(int(cfg.seed)))
     if src.startswith("hf:"):
-        raise NotImplementedError("model.init_from='hf:...' (Hugging Face directories) needs "
-                                  "ftjax.io.hf, which is not part of this build yet")
+        from ftjax.io.hf import load_pretrained
+        hf_cfg, params = load_pretrained(src[len("hf:"):], dtype=model_cfg.param_dtype)
+        runtime = ("dtype", "param_dtype", "scan_layers", "remat", "init_std")
+        diff = {k: (v, getattr(model_cfg, k)) for k, v in hf_cfg.to_dict().items()
+                if k not in runtime and getattr(model_cfg, k) != v}
+        if diff:  # model_config derives the architecture from the same config.json
+            raise ValueError(f"model.init_from={src!r} holds a different architecture than the "
+                             "model config: " + ", ".join(f"{k}: checkpoint {a!r}, configured "
+                                                          f"{b!r}" for k, (a, b) in diff.items()))
+        return lambda: params  # host arrays already in param_dtype; the loop places them
     _, params = load_params(src, expected_cfg=model_cfg)
     dtype = jax.numpy.dtype(model_cfg.param_dtype)
     return lambda: jax.tree.map(lambda x: jax.numpy.asarray(x, dtype), params)

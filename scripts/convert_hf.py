@@ -1,0 +1,126 @@
+"""Converts between Hugging Face directories and ftjax checkpoints.
+
+    # Hugging Face directory -> one ftjax params file (ftjax.io.params_file)
+    python scripts/convert_hf.py --to ftjax --hf HF_DIR --out model.safetensors [--dtype bfloat16]
+
+    # ftjax params file -> Hugging Face directory (AutoModelForCausalLM.from_pretrained loads it)
+    python scripts/convert_hf.py --to hf --ckpt model.safetensors --out HF_DIR
+
+    # latest (or --step N) orbax checkpoint of a training workdir -> Hugging Face directory
+    python scripts/convert_hf.py --to hf --ckpt WORKDIR --out HF_DIR [--step N]
+
+Options for --to hf: --dtype (storage: float32, bfloat16, float16; default the params' dtype),
+--shard-size-mb (default 5000), --tokenizer DIR (copy tokenizer files, e.g. from the HF
+directory the run started from; for a workdir started with model.init_from=hf:DIR that
+directory is the default). See docs/checkpoints.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n", 1)[1])
+    p.add_argument("--to", choices=("ftjax", "hf"), required=True)
+    p.add_argument("--hf", help="Hugging Face directory to read (--to ftjax)")
+    p.add_argument("--ckpt", help="ftjax params file or training workdir (--to hf)")
+    p.add_argument("--out", required=True, help="output file (--to ftjax) or directory (--to hf)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (| float16 for --to hf)")
+    p.add_argument("--shard-size-mb", type=float, default=5000.0)
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--tokenizer", default=None, help="directory to copy tokenizer files from")
+    args = p.parse_args(argv)
+    if args.to == "ftjax" and not args.hf:
+        p.error("--to ftjax needs --hf DIR")
+    if args.to == "hf" and not args.ckpt:
+        p.error("--to hf needs --ckpt FILE_OR_WORKDIR")
+    return args
+
+
+def restore_workdir(workdir: str, step: Optional[int] = None) -> tuple[Any, dict, Any, int]:
+    """(ModelConfig, host params, run config, step) from an orbax checkpoint of a training run.
+
+    The model config is rebuilt from the workdir's resolved config.json exactly as the run
+    built it (`ftjax.train.sft.model_config`); only the params are read from the checkpoint.
+    """
+    import jax
+    import ml_collections
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    from ftjax import models
+    from ftjax.io.checkpoint import Checkpointer
+    from ftjax.train.sft import model_config
+
+    cfg_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{workdir!r} has no config.json; is it an ftjax workdir?")
+    with open(cfg_path) as f:
+        run_cfg = ml_collections.ConfigDict(json.load(f))
+    model_cfg = model_config(run_cfg.model)
+    ckpt = Checkpointer(workdir, async_save=False)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoints under {ckpt.directory}")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise ValueError(f"no checkpoint for step {step} in {ckpt.directory}; have {steps}")
+        device = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                                models.param_shapes(model_cfg))
+        # Only the params subtree of the saved TrainState is read (partial restore).
+        args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item={"params": abstract}, partial_restore=True,
+            restore_args=jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=device),
+                                      {"params": abstract})))
+        state = ckpt.manager.restore(step, args=args)["state"]
+    finally:
+        ckpt.close()
+    params = jax.tree.map(np.asarray, state["params"])
+    return model_cfg, params, run_cfg, step
+
+
+def main(argv=None) -> str:
+    args = parse_args(argv)
+    from ftjax.io import hf
+    from ftjax.io.params_file import load_params, save_params
+
+    if args.to == "ftjax":
+        cfg, params = hf.load_pretrained(args.hf, dtype=args.dtype)
+        save_params(args.out, cfg, params, source=os.path.abspath(args.hf))
+        print(f"wrote {args.out} ({cfg.family}, {cfg.num_layers} layers) from {args.hf}")
+        return args.out
+
+    tokenizer = args.tokenizer
+    if os.path.isdir(args.ckpt):
+        cfg, params, run_cfg, step = restore_workdir(args.ckpt, args.step)
+        src = run_cfg.model.get("init_from", "") or ""
+        if tokenizer is None and src.startswith("hf:"):
+            tokenizer = src[len("hf:"):]
+        what = f"{args.ckpt} step {step}"
+    else:
+        cfg, params = load_params(args.ckpt)
+        what = args.ckpt
+    files = hf.save_pretrained(args.out, cfg, params, shard_size_mb=args.shard_size_mb,
+                               dtype=args.dtype, tokenizer_dir=tokenizer)
+    print(f"wrote {args.out} ({cfg.family}: {', '.join(files)}) from {what}")
+    return args.out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,167 @@
+"""Generate text from an HF checkpoint directory or an ftjax params file; prints completions.
+
+    python scripts/generate.py --model path/to/hf_dir --chat "What is 2 + 3?"
+    python scripts/generate.py --model tiny.safetensors --prompt "2+3=" --prompt "7*6="
+    python scripts/generate.py --model tiny.safetensors --tokenizer path/to/hf_dir \\
+        --prompt "Once upon a time" --temperature 0.8 --top-p 0.95 --seed 1
+
+--model is either a Hugging Face directory (config.json + *.safetensors + tokenizer files,
+loaded with `ftjax.io.hf.load_pretrained`) or an ftjax `.safetensors` params file (written by
+`ftjax.io.params_file.save_params`), which uses the built-in CharTokenizer unless --tokenizer
+names an HF tokenizer directory.
+
+Prompt formats:
+  --chat TEXT    a user message (after --system, if given) rendered by the tokenizer's chat
+                 template with the generation prompt (CharTokenizer: the built-in alpaca one).
+  --prompt TEXT  raw text. HF tokenizers encode it with their special tokens (bos, as
+                 `tokenizer(text)` does); CharTokenizer uses the synthetic-suite format
+                 `[bos] prompt "\\n"` (`generate_text`).
+Generation stops at any of the tokenizer's eos ids (e.g. Llama 3's <|eot_id|> and
+<|end_of_text|>). Greedy when --temperature is 0. One completion per line; --json prints
+`{"prompt", "completion"}` objects instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+PROMPT_BUCKET = 16  # prompt lengths are padded to a multiple of this (fewer recompilations)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True,
+                   help="HF checkpoint directory, or an ftjax params .safetensors file")
+    p.add_argument("--tokenizer", default=None,
+                   help="HF tokenizer directory (default: the --model directory; CharTokenizer "
+                        "for a params file)")
+    p.add_argument("--prompt", action="append", default=[], help="raw prompt (repeatable)")
+    p.add_argument("--chat", action="append", default=[],
+                   help="user message rendered through the chat template (repeatable)")
+    p.add_argument("--system", default=None, help="system message for --chat prompts")
+    p.add_argument("--template", default=None,
+                   help="chat template: a name of the tokenizer's templates, a built-in "
+                        "(chatml, llama3, alpaca) or Jinja source (default: the tokenizer's)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="HF directories: parameter dtype to load (default float32)")
+    p.add_argument("--json", action="store_true", help="print JSON lines")
+    args = p.parse_args(argv)
+    if not args.prompt and not args.chat:
+        p.error("give at least one --prompt or --chat")
+    if args.prompt and args.chat:
+        p.error("use either --prompt or --chat, not both")
+    if args.max_new_tokens < 1:
+        p.error("--max-new-tokens must be >= 1")
+    return args
+
+
+def load_model_and_tokenizer(model: str, tokenizer: Optional[str] = None,
+                             dtype: Optional[str] = None):
+    """(cfg, params, tokenizer) for an HF directory or an ftjax params file."""
+    from ftjax.data.hf_tokenizer import HFTokenizer
+    from ftjax.data.tokenizer import CharTokenizer
+
+    if os.path.isdir(model):
+        from ftjax.io.hf import load_pretrained
+        cfg, params = load_pretrained(model, dtype=dtype)
+        tok = HFTokenizer.from_dir(tokenizer or model)
+    elif os.path.isfile(model):
+        from ftjax.io.params_file import load_params
+        cfg, params = load_params(model)
+        tok = HFTokenizer.from_dir(tokenizer) if tokenizer else CharTokenizer()
+    else:
+        raise FileNotFoundError(f"--model {model!r} is neither a directory nor a file")
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model only "
+                         f"{cfg.vocab_size} embeddings; use the tokenizer the model was "
+                         "trained with (--tokenizer)")
+    return cfg, params, tok
+
+
+def _eos_ids(tok) -> list[int]:
+    ids = list(getattr(tok, "eos_ids", ()) or ())
+    return ids or [int(tok.eos_id)]
+
+
+def generate_ids(params, cfg, tok, prompts: list[list[int]], *, max_new_tokens: int,
+                 temperature: float, top_k: int, top_p: float, seed: int) -> list[list[int]]:
+    """Left-pads the prompts into one batch and continues them; returns ids up to eos."""
+    import jax
+    import numpy as np
+    from ftjax.infer.generate import generate
+
+    eos = _eos_ids(tok)
+    pad_id = int(tok.pad_id)
+    width = -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET
+    tokens = np.full((len(prompts), width), pad_id, np.int32)
+    for i, ids in enumerate(prompts):
+        if not ids:
+            raise ValueError(f"prompt {i} encodes to no tokens")
+        tokens[i, width - len(ids):] = ids
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    rng = jax.random.PRNGKey(seed) if temperature > 0 else None
+    # `generate` stops rows at one eos id; any other eos id ends the text below.
+    out = generate(params, cfg, tokens, lengths, max_new_tokens=max_new_tokens, eos_id=eos[0],
+                   pad_id=pad_id, temperature=temperature, top_k=top_k, top_p=top_p, rng=rng)
+    results = []
+    for row in out.tolist():
+        cut = next((n for n, t in enumerate(row) if t in eos), len(row))
+        results.append(row[:cut])
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[str]:
+    args = parse_args(argv)
+    from ftjax.data.chat import apply_chat_template
+    from ftjax.data.hf_tokenizer import HFTokenizer
+
+    cfg, params, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+    if args.chat:
+        shown = args.chat
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompts = [apply_chat_template(tok, system + [{"role": "user", "content": c}],
+                                       add_generation_prompt=True, template=args.template)
+                   for c in args.chat]
+    elif isinstance(tok, HFTokenizer):
+        shown = args.prompt
+        prompts = [tok.encode(p, add_special_tokens=True) for p in args.prompt]
+    else:  # CharTokenizer: the synthetic-suite prompt format
+        import jax
+        from ftjax.infer.generate import generate_text
+        shown = args.prompt
+        rng = jax.random.PRNGKey(args.seed) if args.temperature > 0 else None
+        completions = generate_text(params, cfg, tok, args.prompt,
+                                    max_new_tokens=args.max_new_tokens, rng=rng, **sampling)
+        prompts = None
+    if prompts is not None:
+        ids = generate_ids(params, cfg, tok, prompts, max_new_tokens=args.max_new_tokens,
+                           seed=args.seed, **sampling)
+        completions = [tok.decode(i) for i in ids]
+
+    for prompt, completion in zip(shown, completions):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False))
+        else:
+            print(completion)
+    return completions
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError, KeyError) as e:  # bad paths, files or templates
+        sys.exit(f"generate.py: error: {e}")
