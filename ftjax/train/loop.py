@@ -65,6 +65,18 @@ class Placement:
         return sharding.shard_host_batch(batch, self.batch)
 
 
+def host_params(load_fn: Callable[[], Any]) -> Callable[[], Any]:
+    """Marks an init function that returns host arrays (a loaded checkpoint).
+
+    The loop then places its result with `device_put` onto the param shardings (each device
+    receives only its shard) instead of running it under jit, where loaded weights would
+    become compile-time constants. Its shapes come from the model config, so nothing is
+    loaded when the run resumes from a checkpoint.
+    """
+    load_fn.on_host = True
+    return load_fn
+
+
 def _mean_metrics(buf: Sequence[dict]) -> dict:
     keys = buf[0].keys()
     return {k: float(np.mean([b[k] for b in buf])) for k in keys}
@@ -100,7 +112,9 @@ def train(cfg: Any, workdir: str, *, model_cfg: ModelConfig, init_params: Callab
     sharding.check_batch_divisible(int(tcfg.batch_size), placement.mesh, placement.rules, accum)
 
     tx, sched = optim.make_optimizer(cfg.optimizer, steps)
-    abstract_params = jax.eval_shape(init_params)
+    on_host = getattr(init_params, "on_host", False)
+    abstract_params = (models.param_shapes(model_cfg) if on_host
+                       else jax.eval_shape(init_params))
     abstract_state = jax.eval_shape(lambda p: create_state(p, tx, int(cfg.seed)), abstract_params)
     state_sh = sharding.state_shardings(abstract_state, abstract_params, placement.params,
                                       placement.mesh)
@@ -115,7 +129,12 @@ def train(cfg: Any, workdir: str, *, model_cfg: ModelConfig, init_params: Callab
             train_iter.set_state(data_state)
         print(f"[{name}] resumed from checkpoint step {resumed_from} in {ckpt.directory}")
     else:
-        params = jax.jit(init_params, out_shardings=placement.params)()
+        if on_host:
+            dtype = jnp.dtype(model_cfg.param_dtype)
+            params = placement.put_params(
+                jax.tree.map(lambda x: np.asarray(x, dtype), init_params()))
+        else:
+            params = jax.jit(init_params, out_shardings=placement.params)()
         state = jax.jit(lambda p: create_state(p, tx, int(cfg.seed)),
                         out_shardings=state_sh)(params)
         del params

@@ -35,24 +35,33 @@ def model_config(model_section: Any) -> ModelConfig:
 
 
 def initial_params(cfg: Any, model_cfg: ModelConfig):
-    """A zero-argument function returning the starting params (random init or `init_from`)."""
+    """A zero-argument function returning the starting params (random init or `init_from`).
+
+    Checkpoints are read lazily (only when the run does not resume) and marked with
+    `loop.host_params`, so the loop places the host arrays shard by shard.
+    """
     src = cfg.model.get("init_from", "")
     if not src:
         return lambda: models.init(model_cfg, jax.random.PRNGKey(int(cfg.seed)))
     if src.startswith("hf:"):
-        from ftjax.io.hf import load_pretrained
-        hf_cfg, params = load_pretrained(src[len("hf:"):], dtype=model_cfg.param_dtype)
-        runtime = ("dtype", "param_dtype", "scan_layers", "remat", "init_std")
-        diff = {k: (v, getattr(model_cfg, k)) for k, v in hf_cfg.to_dict().items()
-                if k not in runtime and getattr(model_cfg, k) != v}
-        if diff:  # model_config derives the architecture from the same config.json
-            raise ValueError(f"model.init_from={src!r} holds a different architecture than the "
-                             "model config: " + ", ".join(f"{k}: checkpoint {a!r}, configured "
-                                                          f"{b!r}" for k, (a, b) in diff.items()))
-        return lambda: params  # host arrays already in param_dtype; the loop places them
-    _, params = load_params(src, expected_cfg=model_cfg)
-    dtype = jax.numpy.dtype(model_cfg.param_dtype)
-    return lambda: jax.tree.map(lambda x: jax.numpy.asarray(x, dtype), params)
+        def load_hf():
+            from ftjax.io.hf import load_pretrained
+            hf_cfg, params = load_pretrained(src[len("hf:"):], dtype=model_cfg.param_dtype)
+            runtime = ("dtype", "param_dtype", "scan_layers", "remat", "init_std")
+            diff = {k: (v, getattr(model_cfg, k)) for k, v in hf_cfg.to_dict().items()
+                    if k not in runtime and getattr(model_cfg, k) != v}
+            if diff:  # model_config derives the architecture from the same config.json
+                raise ValueError(f"model.init_from={src!r} holds a different architecture than "
+                                 "the model config: " + ", ".join(
+                                     f"{k}: checkpoint {a!r}, configured {b!r}"
+                                     for k, (a, b) in diff.items()))
+            return params
+        return loop.host_params(load_hf)
+
+    def load_file():
+        _, params = load_params(src, expected_cfg=model_cfg)
+        return params
+    return loop.host_params(load_file)
 
 
 def eval_batches(examples, tok, batch_size: int, seq_len: int) -> list[dict]:
