@@ -77,4 +77,6 @@ def base(trainer: str = "sft", seed: int = 0) -> ml_collections.ConfigDict:
     c.mesh, c.sharding = mesh()
     c.distributed = distributed()
     c.monitor = ml_collections.ConfigDict(dict(peak_flops=0.0))
+    # Deployment: write the trained model as a Hugging Face directory ("" = no export).
+    c.export = ml_collections.ConfigDict(dict(hf_dir=""))
     return c

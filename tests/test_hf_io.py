@@ -402,7 +402,8 @@ def test_train_from_hf_then_export_workdir(tmp_path):
                  str(wd), f"--config.model.init_from=hf:{src}", "--config.data.n_per_task=40",
                  "--config.data.eval_examples=0", "--config.train.batch_size=8",
                  "--config.train.progress=False", "--config.train.tensorboard=False",
-                 "--config.optimizer.warmup_steps=1", "--config.optimizer.learning_rate=0.01"])
+                 "--config.optimizer.warmup_steps=1", "--config.optimizer.learning_rate=0.01",
+                 f"--config.export.hf_dir={tmp_path / 'direct'}"])
     out = tmp_path / "exported"
     _convert("--to", "hf", "--ckpt", str(wd), "--out", str(out))
     assert (out / "tokenizer_config.json").exists()  # copied from the init_from directory
@@ -416,6 +417,10 @@ def test_train_from_hf_then_export_workdir(tmp_path):
     ids, mask, pos = _batch()
     _check_close(_ftjax_logits(params, cfg, ids, mask, pos), _hf_logits(exported, ids, mask, pos),
                  mask, "trained llama ftjax->HF")
+    # The run's own export (export.hf_dir) holds the same trained weights.
+    _, direct = hf.load_pretrained(tmp_path / "direct")
+    for a, b in zip(jax.tree.leaves(direct), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,6 +26,11 @@ BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 SEPARATOR = "\n"  # between prompt and answer; generation starts after it
 
 
+def bos_prefix(tok: Tokenizer) -> list[int]:
+    """[bos] for tokenizers that have one; [] for those without (e.g. Qwen's)."""
+    return [] if tok.bos_id is None else [tok.bos_id]
+
+
 def _describe(ex: Mapping) -> str:
     return f"(task={ex.get('task', '?')!r}, prompt={str(ex.get('prompt'))[:60]!r})"
 
@@ -37,7 +42,7 @@ def encode_example(tok: Tokenizer, ex: Mapping, seq_len: int) -> dict[str, np.nd
     the other keys are `[seq_len]` rows as in `BATCH_KEYS`. Raises ValueError if it does not fit.
     """
     try:
-        prompt_ids = [tok.bos_id] + tok.encode(ex["prompt"] + SEPARATOR)
+        prompt_ids = bos_prefix(tok) + tok.encode(ex["prompt"] + SEPARATOR)
         answer_ids = tok.encode(ex["answer"]) + [tok.eos_id]
     except KeyError as e:
         raise ValueError(f"example {_describe(ex)} has no field {e}; need 'prompt' and 'answer'") from None
@@ -203,7 +208,7 @@ def prompt_batch(tok: Tokenizer, prompts: Sequence[str], seq_len: int) -> Prompt
     lengths = np.zeros((b,), np.int32)
     for i, prompt in enumerate(prompts):
         try:
-            ids = [tok.bos_id] + tok.encode(prompt + SEPARATOR)
+            ids = bos_prefix(tok) + tok.encode(prompt + SEPARATOR)
         except ValueError as e:
             raise ValueError(f"prompt {i} ({prompt[:60]!r}): {e}") from None
         n = len(ids)

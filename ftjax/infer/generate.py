@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax import models
+from ftjax.data.batching import bos_prefix
 from ftjax.models.config import ModelConfig
 
 __all__ = ["generate", "generate_text", "sample_logits", "prompt_layout"]
@@ -184,7 +185,7 @@ def generate_text(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence
                          "allowed: temperature, top_k, top_p, rng")
     if not prompts:
         return []
-    encoded = [[tokenizer.bos_id] + list(tokenizer.encode(p + "\n")) for p in prompts]
+    encoded = [bos_prefix(tokenizer) + list(tokenizer.encode(p + "\n")) for p in prompts]
     longest = max(len(e) for e in encoded)
     prompt_len = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
     rows = _rows_for(len(encoded), batch_size)
@@ -196,7 +197,8 @@ def generate_text(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence
         chunk = encoded[start:start + rows]
         tokens = np.full((rows, prompt_len), pad_id, np.int32)
         lengths = np.ones((rows,), np.int32)
-        tokens[:, -1] = tokenizer.bos_id  # filler rows: a lone bos
+        tokens[:, -1] = (tokenizer.bos_id if tokenizer.bos_id is not None
+                         else tokenizer.eos_id)  # filler rows: one token
         for i, ids in enumerate(chunk):
             tokens[i, :] = pad_id
             tokens[i, prompt_len - len(ids):] = ids

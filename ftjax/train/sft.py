@@ -73,8 +73,36 @@ def eval_batches(examples, tok, batch_size: int, seq_len: int) -> list[dict]:
     return list(it)
 
 
+def tokenizer_for(cfg: Any):
+    """The checkpoint's own tokenizer when starting from a Hugging Face directory that has
+    one (`tokenizer.json`); the built-in character tokenizer otherwise."""
+    src = cfg.model.get("init_from", "")
+    if src.startswith("hf:") and os.path.exists(os.path.join(src[3:], "tokenizer.json")):
+        return ftdata.HFTokenizer.from_dir(src[3:])
+    return ftdata.CharTokenizer()
+
+
+def export_hf(cfg: Any, model_cfg: ModelConfig, params: Any) -> str | None:
+    """Writes the trained model as a Hugging Face directory when `export.hf_dir` is set."""
+    out = cfg.get("export", {}).get("hf_dir", "")
+    if not out:
+        return None
+    from ftjax.io.hf import save_pretrained
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        params = multihost_utils.process_allgather(params, tiled=True)
+    if jax.process_index() == 0:
+        src = cfg.model.get("init_from", "")
+        tok_dir = src[3:] if src.startswith("hf:") else None
+        if tok_dir and not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+            tok_dir = None
+        save_pretrained(out, model_cfg, jax.device_get(params), tokenizer_dir=tok_dir)
+        print(f"exported Hugging Face model to {out}")
+    return out
+
+
 def run(cfg: Any, workdir: str) -> dict:
-    tok = ftdata.CharTokenizer()
+    tok = tokenizer_for(cfg)
     model_cfg = model_config(cfg.model)
     if model_cfg.vocab_size < tok.vocab_size:
         raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
@@ -103,7 +131,8 @@ def run(cfg: Any, workdir: str) -> dict:
         em = exact_match_eval(params, model_cfg, tok, test_ex[:int(d.eval_examples)],
                               max_new_tokens=int(d.max_new_tokens))
         print(f"held-out exact match: {em['exact_match']:.3f} over {em['n']} examples")
-    summary = {"final_loss": result.history[-1]["loss"] if result.history else None,
+    exported = export_hf(cfg, model_cfg, result.state.params)
+    summary = {"exported_hf_dir": exported, "final_loss": result.history[-1]["loss"] if result.history else None,
                "evals": result.evals, "exact_match": em["exact_match"], "n_test": em["n"],
                "wall_s": result.wall_s, "stopped_early": result.stopped_early,
                "resumed_from": result.resumed_from}
