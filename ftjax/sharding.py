@@ -75,6 +75,7 @@ MESH_AXES: tuple[str, ...] = ("data", "fsdp", "expert", "sequence", "tensor")
 #: Logical axis names every preset has a rule for.
 LOGICAL_AXES: tuple[str, ...] = (
     "batch", "seq", "layers", "vocab", "embed", "heads", "kv_heads", "mlp", "expert",
+    "lora_rank",  # adapter rank dims (replicated by every preset)
 )
 
 MeshAxes = str | tuple[str, ...] | None

@@ -7,7 +7,9 @@ The model calls only `linear(x, w)` and `embed(ids, w)`; adding a transform neve
 from __future__ import annotations
 
 import abc
-from typing import Any
+import dataclasses
+import re
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +38,19 @@ class StructuredWeight(abc.ABC):
         """Names of the fields that receive gradients."""
         return ()
 
-    def field_axes(self, base_axes: tuple) -> dict[str, tuple]:
-        """Logical axes of every array field, derived from the base weight's axes."""
-        return {}
+    def field_axes(self, base_axes: tuple) -> dict[str, Any]:
+        """Logical axes of every array field, derived from the base weight's axes.
+
+        `base_axes` are the axes of the dense weight this leaf stands for, e.g.
+        ("layers", "embed", "heads"); fields that hold structured weights return their own
+        axes tree (see `axes_like`).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not define field_axes")
+
+    def array_fields(self) -> tuple[str, ...]:
+        """Names of the pytree (array or nested structured) fields."""
+        return tuple(f.name for f in dataclasses.fields(self)
+                     if f.metadata.get("pytree_node", True))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -78,3 +90,107 @@ def attend(x: jax.Array, w: Any, dtype=None) -> jax.Array:
 
 def materialize(w: Any) -> jax.Array:
     return w.materialize() if isinstance(w, StructuredWeight) else w
+
+
+# ------------------------------------------------------------------------------------------
+# Trees of (possibly structured) params: paths, axes, trainable masks, partition/combine.
+# ------------------------------------------------------------------------------------------
+
+def _key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def path_str(path) -> str:
+    """'layers/attn/q_proj/kernel' for a jax key path."""
+    return "/".join(_key_name(k) for k in path)
+
+
+def map_weights(fn: Callable[[str, Any], Any], params: Any) -> Any:
+    """Applies fn(path, leaf) to every weight leaf: plain arrays and whole structured weights."""
+    return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_str(p), x), params,
+                                            is_leaf=is_structured)
+
+
+def axes_like(params: Any, base_axes: Any) -> Any:
+    """Logical axes for a transformed params tree, from the untransformed model's axes.
+
+    Structured leaves get a copy of themselves whose fields hold axes tuples, so the result
+    has exactly the pytree structure of `params` (with tuples as leaves).
+    """
+    def one(ax, p):
+        if not is_structured(p):
+            return ax
+        fields = p.field_axes(ax)
+        missing = set(p.array_fields()) - set(fields)
+        if missing:
+            raise ValueError(f"{type(p).__name__}.field_axes misses fields {sorted(missing)}")
+        return dataclasses.replace(p, **fields)
+    return jax.tree.map(one, base_axes, params, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def compile_patterns(patterns: Iterable[str]) -> list[re.Pattern]:
+    out = []
+    for pat in patterns:
+        try:
+            out.append(re.compile(pat))
+        except re.error as e:
+            raise ValueError(f"invalid param-path regex {pat!r}: {e}") from None
+    return out
+
+
+def matches(path: str, patterns: Sequence[re.Pattern]) -> bool:
+    """True when a regex matches the whole path (`re.fullmatch`)."""
+    return any(p.fullmatch(path) for p in patterns)
+
+
+def trainable_mask(params: Any, train_patterns: Optional[Sequence[str]] = (".*",)) -> Any:
+    """Bool tree with the structure of `params`: which leaves receive gradients.
+
+    Plain arrays are trainable when their path fully matches one of `train_patterns` (full or
+    partial fine-tuning); fields of structured weights follow their `trainable_fields()`
+    (adapters train, bases stay frozen), whatever the patterns say.
+    """
+    pats = compile_patterns(train_patterns or ())
+
+    def one(path, p):
+        if is_structured(p):
+            return _structured_mask(p)
+        return matches(path, pats)
+    return map_weights(one, params)
+
+
+def _structured_mask(w: StructuredWeight) -> StructuredWeight:
+    trainable = set(w.trainable_fields())
+    fields = {}
+    for name in w.array_fields():
+        value = getattr(w, name)
+        if is_structured(value):
+            fields[name] = jax.tree.map(lambda _: False, value)  # nested bases are frozen
+        else:
+            fields[name] = jax.tree.map(lambda _: name in trainable, value)
+    return dataclasses.replace(w, **fields)
+
+
+def partition(tree: Any, mask: Any) -> tuple[Any, Any]:
+    """(trainable, frozen): two trees of the same structure, None where the other has a leaf."""
+    trainable = jax.tree.map(lambda x, m: x if m else None, tree, mask)
+    frozen = jax.tree.map(lambda x, m: None if m else x, tree, mask)
+    return trainable, frozen
+
+
+def combine(trainable: Any, frozen: Any) -> Any:
+    """Inverse of `partition`."""
+    return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen,
+                        is_leaf=lambda x: x is None)
+
+
+def merge(params: Any) -> Any:
+    """Every structured weight replaced by its dense weight (for export and fast inference)."""
+    return map_weights(lambda _, w: materialize(w) if is_structured(w) else w, params)
+
+
+def count(tree: Any) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(tree) if hasattr(x, "size")))

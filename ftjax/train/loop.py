@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax import models, monitor, sharding
+from ftjax.peft import core as peft_core
 from ftjax.io.checkpoint import Checkpointer, abstract_with_shardings
 from ftjax.models.config import ModelConfig
 from ftjax.train import optim
@@ -32,6 +33,11 @@ class TrainResult:
     stopped_early: bool
     resumed_from: Optional[int]
     wall_s: float
+
+    @property
+    def params(self) -> Any:
+        """The full trained params (trainable and frozen leaves together)."""
+        return self.state.full_params()
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
@@ -49,11 +55,17 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
 class Placement:
     """Mesh, rules and the shardings of params, state and batches for one model config."""
 
-    def __init__(self, cfg: Any, model_cfg: ModelConfig, devices=None):
+    def __init__(self, cfg: Any, model_cfg: ModelConfig, devices=None, abstract_params=None):
+        """abstract_params: the (possibly transformed, e.g. LoRA-wrapped) params tree as
+        ShapeDtypeStructs; defaults to the model's own params."""
         self.mesh = sharding.make_mesh(cfg.mesh, devices)
         self.rules = sharding.get_rules(cfg.sharding.rules)
-        self.axes = models.param_axes(model_cfg)
-        sharding.check_divisible(models.param_shapes(model_cfg), self.axes, self.mesh, self.rules)
+        base_axes = models.param_axes(model_cfg)
+        self.base_params = sharding.param_shardings(base_axes, self.mesh, self.rules)
+        if abstract_params is None:
+            abstract_params = models.param_shapes(model_cfg)
+        self.axes = peft_core.axes_like(abstract_params, base_axes)
+        sharding.check_divisible(abstract_params, self.axes, self.mesh, self.rules)
         self.params = sharding.param_shardings(self.axes, self.mesh, self.rules)
         self.batch = sharding.batch_sharding(self.mesh, self.rules)
         self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
@@ -97,47 +109,79 @@ def train(cfg: Any, workdir: str, *, model_cfg: ModelConfig, init_params: Callab
           loss_fn: LossFn, train_iter: Iterator[dict], eval_batches: Sequence[dict] = (),
           name: str = "train", placement: Optional[Placement] = None,
           on_eval: Optional[Callable[[int, Any], dict]] = None,
-          checkpointer: Optional[Checkpointer] = None) -> TrainResult:
+          checkpointer: Optional[Checkpointer] = None,
+          transform: Optional[Callable[[Any, jax.Array], Any]] = None,
+          train_patterns: Sequence[str] = (".*",), devices=None) -> TrainResult:
     """Runs (or resumes) training as configured by `cfg.train` / `cfg.optimizer`.
 
-    init_params: returns the initial params (called only when there is no checkpoint); its
-      result is placed with the param shardings (under jit when it is a pure init function).
-    on_eval: optional extra evaluation `(step, params) -> metrics` run with each evaluation.
+    init_params: returns the initial params (called only when there is no checkpoint, or to
+      rebuild frozen weights on resume); placed with the param shardings (under jit when it is
+      a pure init function, by `device_put` when marked with `host_params`).
+    transform: `(params, key) -> params'`, e.g. a PEFT method wrapping weights in structured
+      weights; applied under jit to the placed initial params.
+    train_patterns: regexes over param paths of the plain (untransformed) leaves that train;
+      fields of structured weights train as their method says (adapters yes, bases no).
+      Everything else is frozen: no gradients, no optimizer state, not checkpointed.
+    on_eval: optional extra evaluation `(step, full_params) -> metrics` run with each
+      evaluation.
+    devices: the devices of the mesh (default: all).
     """
     t_start = time.time()
     tcfg = cfg.train
     steps = int(tcfg.steps)
     accum = int(tcfg.get("accum_steps", 1))
-    placement = placement or Placement(cfg, model_cfg)
+    seed = int(cfg.seed)
+    tx, sched = optim.make_optimizer(cfg.optimizer, steps)
+
+    on_host = getattr(init_params, "on_host", False)
+    base_abstract = (models.param_shapes(model_cfg) if on_host
+                     else jax.eval_shape(init_params))
+    tkey = jax.random.PRNGKey(seed + 1)
+    full_abstract = (jax.eval_shape(transform, base_abstract, tkey) if transform
+                     else base_abstract)
+    placement = placement or Placement(cfg, model_cfg, devices, abstract_params=full_abstract)
     sharding.check_batch_divisible(int(tcfg.batch_size), placement.mesh, placement.rules, accum)
 
-    tx, sched = optim.make_optimizer(cfg.optimizer, steps)
-    on_host = getattr(init_params, "on_host", False)
-    abstract_params = (models.param_shapes(model_cfg) if on_host
-                       else jax.eval_shape(init_params))
-    abstract_state = jax.eval_shape(lambda p: create_state(p, tx, int(cfg.seed)), abstract_params)
-    state_sh = sharding.state_shardings(abstract_state, abstract_params, placement.params,
-                                      placement.mesh)
+    mask = peft_core.trainable_mask(full_abstract, train_patterns)
+    train_abs, frozen_abs = peft_core.partition(full_abstract, mask)
+    if not jax.tree.leaves(train_abs):
+        raise ValueError(f"[{name}] nothing to train: no param matches train_patterns "
+                         f"{list(train_patterns)} and no adapter was added")
+    has_frozen = bool(jax.tree.leaves(frozen_abs))
+    train_sh, frozen_sh = peft_core.partition(placement.params, mask)
+    abstract_state = jax.eval_shape(
+        lambda t, f: create_state(t, tx, seed, f if has_frozen else None), train_abs, frozen_abs)
+    state_sh = sharding.state_shardings(abstract_state, full_abstract, placement.params,
+                                        placement.mesh)
+
+    def initial_full_params():
+        if on_host:
+            dtype = jnp.dtype(model_cfg.param_dtype)
+            base = jax.device_put(jax.tree.map(lambda x: np.asarray(x, dtype), init_params()),
+                                  placement.base_params)
+            if transform is None:
+                return base
+            return jax.jit(transform, out_shardings=placement.params)(base, tkey)
+        fn = (lambda: transform(init_params(), tkey)) if transform else init_params
+        return jax.jit(fn, out_shardings=placement.params)()
 
     ckpt = checkpointer or Checkpointer(workdir, max_to_keep=tcfg.get("keep_checkpoints", 3),
                                         async_save=bool(tcfg.get("async_checkpoint", True)))
     resumed_from = ckpt.latest_step()
     if resumed_from is not None:
-        state, data_state = ckpt.restore(resumed_from, abstract_with_shardings(abstract_state,
-                                                                               state_sh))
+        saved = abstract_with_shardings(abstract_state.replace(frozen=None),
+                                        state_sh.replace(frozen=None))
+        state, data_state = ckpt.restore(resumed_from, saved)
+        if has_frozen:  # frozen weights are not checkpointed: rebuild them from the base
+            state = state.replace(frozen=peft_core.partition(initial_full_params(), mask)[1])
         if hasattr(train_iter, "set_state") and data_state:
             train_iter.set_state(data_state)
         print(f"[{name}] resumed from checkpoint step {resumed_from} in {ckpt.directory}")
     else:
-        if on_host:
-            dtype = jnp.dtype(model_cfg.param_dtype)
-            params = placement.put_params(
-                jax.tree.map(lambda x: np.asarray(x, dtype), init_params()))
-        else:
-            params = jax.jit(init_params, out_shardings=placement.params)()
-        state = jax.jit(lambda p: create_state(p, tx, int(cfg.seed)),
-                        out_shardings=state_sh)(params)
-        del params
+        trainable, frozen = peft_core.partition(initial_full_params(), mask)
+        state = jax.jit(lambda t, f: create_state(t, tx, seed, f if has_frozen else None),
+                        out_shardings=state_sh)(trainable, frozen)
+        del trainable, frozen
 
     step_fn = jit_train_step(make_train_step(loss_fn, tx, accum_steps=accum, schedule=sched),
                              state_sh, placement.batch)
@@ -189,9 +233,9 @@ def train(cfg: Any, workdir: str, *, model_cfg: ModelConfig, init_params: Callab
             ev = {"step": step}
             if eval_batches:
                 ev.update({f"eval_{k}": v for k, v in
-                           evaluate(eval_fn, state.params, placement, eval_batches).items()})
+                           evaluate(eval_fn, state.full_params(), placement, eval_batches).items()})
             if on_eval is not None:
-                ev.update(on_eval(step, state.params))
+                ev.update(on_eval(step, state.full_params()))
             evals.append(ev)
             writer.write(step, {k: v for k, v in ev.items() if k != "step"}, prefix=f"{name}_eval")
             thr.tick(step)  # do not count evaluation time as training throughput
@@ -206,7 +250,7 @@ def train(cfg: Any, workdir: str, *, model_cfg: ModelConfig, init_params: Callab
         if due and step != last_saved:
             last_saved = step
             data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else {}
-            ckpt.save(step, state, data_state, force=True)
+            ckpt.save(step, state.replace(frozen=None), data_state, force=True)
         if stopped_early:
             print(f"[{name}] early stopping at step {step}: eval loss has not improved by "
                   f"{min_delta} for {patience} evaluations (best {best:.4f})")

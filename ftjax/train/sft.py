@@ -96,7 +96,8 @@ def export_hf(cfg: Any, model_cfg: ModelConfig, params: Any) -> str | None:
         tok_dir = src[3:] if src.startswith("hf:") else None
         if tok_dir and not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
             tok_dir = None
-        save_pretrained(out, model_cfg, jax.device_get(params), tokenizer_dir=tok_dir)
+        from ftjax.peft.core import merge
+        save_pretrained(out, model_cfg, jax.device_get(merge(params)), tokenizer_dir=tok_dir)
         print(f"exported Hugging Face model to {out}")
     return out
 
@@ -124,14 +125,14 @@ def run(cfg: Any, workdir: str) -> dict:
     em = {"exact_match": None, "n": 0}
     if int(d.eval_examples) > 0:
         from ftjax.eval.harness import exact_match_eval
-        params = result.state.params
+        params = result.params
         if jax.process_count() > 1:  # generation runs per process on a gathered copy
             from jax.experimental import multihost_utils
             params = multihost_utils.process_allgather(params, tiled=True)
         em = exact_match_eval(params, model_cfg, tok, test_ex[:int(d.eval_examples)],
                               max_new_tokens=int(d.max_new_tokens))
         print(f"held-out exact match: {em['exact_match']:.3f} over {em['n']} examples")
-    exported = export_hf(cfg, model_cfg, result.state.params)
+    exported = export_hf(cfg, model_cfg, result.params)
     summary = {"exported_hf_dir": exported, "final_loss": result.history[-1]["loss"] if result.history else None,
                "evals": result.evals, "exact_match": em["exact_match"], "n_test": em["n"],
                "wall_s": result.wall_s, "stopped_early": result.stopped_early,

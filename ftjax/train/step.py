@@ -53,7 +53,11 @@ def split_microbatches(batch: dict, accum_steps: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def _accumulate(loss_fn: LossFn, params, batch: dict, rng, accum_steps: int):
+def _accumulate(loss_fn: LossFn, params, batch: dict, rng, accum_steps: int, frozen=None):
+    if frozen is not None:  # differentiate w.r.t. the trainable leaves only
+        from ftjax.peft.core import combine
+        full_loss = loss_fn
+        loss_fn = lambda p, b, r: full_loss(combine(p, frozen), b, r)
     grad_fn = jax.grad(loss_fn, has_aux=True)
     if accum_steps == 1:
         return grad_fn(params, batch, rng)
@@ -79,7 +83,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
 
     def train_step(state: TrainState, batch: dict):
         rng, step_rng = jax.random.split(state.rng)
-        grads, stats = _accumulate(loss_fn, state.params, batch, step_rng, accum_steps)
+        grads, stats = _accumulate(loss_fn, state.params, batch, step_rng, accum_steps,
+                                   state.frozen)
         denom = jnp.maximum(stats["tokens"], 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -99,7 +104,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
 def make_eval_step(loss_fn: LossFn):
     """(params, batch) -> summed stats (normalise after summing over the eval set)."""
 
-    def eval_step(params, batch):
+    def eval_step(params, batch):  # params: the full tree (TrainState.full_params())
         _, stats = loss_fn(params, batch, jax.random.PRNGKey(0))
         return stats
 

@@ -1,0 +1,147 @@
+"""LoRA (Hu et al. 2021): W x + s * B A x, with the dense W frozen and A, B trained.
+
+Kernels in ftjax are [in, out] (possibly with leading stacked dims such as [layers, in, out]),
+so the update is `x @ a @ b` with a [.., in, r] and b [.., r, out]; the merged weight is
+W + s * a @ b. The scale s is alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievic 2023).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Optional, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftjax.peft.core import (StructuredWeight, compile_patterns, embed, linear, map_weights,
+                             materialize)
+
+RANK_AXIS = "lora_rank"
+
+
+@flax.struct.dataclass
+class LoRAWeight(StructuredWeight):
+    """A frozen base weight plus a trainable low-rank update (works for kernels and embeddings).
+
+    For a kernel [.., in, out]: a [.., in, r], b [.., r, out]. For an embedding table
+    [vocab, embed] (looked up, not multiplied): a [vocab, r], b [r, embed].
+    """
+    base: Any
+    a: jax.Array
+    b: jax.Array
+    scale: float = flax.struct.field(pytree_node=False, default=1.0)
+
+    def matmul(self, x):
+        dt = x.dtype
+        return (linear(x, self.base, dt)
+                + self.scale * jnp.einsum("...r,ro->...o",
+                                          jnp.einsum("...i,ir->...r", x, self.a.astype(dt)),
+                                          self.b.astype(dt)))
+
+    def lookup(self, ids):
+        base = embed(ids, self.base)
+        delta = jnp.take(self.a, ids, axis=0) @ self.b
+        return base + (self.scale * delta).astype(base.dtype)
+
+    def materialize(self):
+        w = materialize(self.base)
+        return w + (self.scale * jnp.matmul(self.a, self.b)).astype(w.dtype)
+
+    def trainable_fields(self):
+        return ("a", "b")
+
+    def field_axes(self, base_axes):
+        lead, ax_in, ax_out = base_axes[:-2], base_axes[-2], base_axes[-1]
+        base = base_axes
+        if isinstance(self.base, StructuredWeight):
+            base = dataclasses.replace(self.base, **self.base.field_axes(base_axes))
+        return {"base": base, "a": lead + (ax_in, RANK_AXIS), "b": lead + (RANK_AXIS, ax_out)}
+
+
+def lora_scale(rank: int, alpha: float, rslora: bool = False) -> float:
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+# The attention and MLP projections; "lm_head" and "embed" can be added explicitly.
+DEFAULT_TARGETS = (r"layers/attn/(q|k|v|o)_proj/kernel", r"layers/mlp/(gate|up|down)_proj/kernel")
+
+
+def _rank_for(path: str, rank: int, pattern_values: Sequence[tuple[re.Pattern, Any]]):
+    for pat, value in pattern_values:
+        if pat.search(path):
+            return value
+    return rank
+
+
+def init_factors(key, w: jax.Array, rank: int, scale: float, init: str, is_embedding: bool):
+    """(a, b, new base) for one weight [.., in, out] (or an embedding [vocab, embed]).
+
+    default: a ~ Kaiming-uniform over `in` (as torch's nn.Linear, PEFT's default), b = 0, so
+      the adapted model starts equal to the base. Embeddings: a = 0, b ~ N(0, 1) (PEFT).
+    gaussian: a ~ N(0, 1/r), b = 0.
+    pissa: a, b from the top-r SVD of W (Meng et al. 2024), base replaced by W - s*a@b, so the
+      model is unchanged at initialisation but the adapter holds W's principal directions.
+    """
+    *lead, n_in, n_out = w.shape
+    ka, kb = jax.random.split(key)
+    dtype = jnp.float32
+    if init == "pissa":
+        u, s, vt = jnp.linalg.svd(w.astype(jnp.float32), full_matrices=False)
+        s_r = s[..., :rank] / scale
+        a = u[..., :, :rank] * jnp.sqrt(s_r)[..., None, :]
+        b = jnp.sqrt(s_r)[..., :, None] * vt[..., :rank, :]
+        base = (w.astype(jnp.float32) - scale * a @ b).astype(w.dtype)
+        return a, b, base
+    if is_embedding:
+        a = jnp.zeros((*lead, n_in, rank), dtype)
+        b = jax.random.normal(kb, (*lead, rank, n_out), dtype)
+        return a, b, w
+    if init == "gaussian":
+        a = jax.random.normal(ka, (*lead, n_in, rank), dtype) / rank
+    elif init == "default":
+        bound = 1.0 / math.sqrt(n_in)  # kaiming_uniform(a=sqrt(5)) on [r, in] == U(-1/sqrt(in), ..)
+        a = jax.random.uniform(ka, (*lead, n_in, rank), dtype, -bound, bound)
+    else:
+        raise ValueError(f"unknown LoRA init {init!r}; choose default, gaussian or pissa")
+    return a, jnp.zeros((*lead, rank, n_out), dtype), w
+
+
+def apply_lora(params: Any, key: jax.Array, *, rank: int = 8, alpha: float = 16.0,
+               targets: Sequence[str] = DEFAULT_TARGETS, rslora: bool = False,
+               init: str = "default", rank_pattern: Optional[dict] = None,
+               alpha_pattern: Optional[dict] = None, dtype=None) -> Any:
+    """Wraps every weight whose path fully matches a `targets` regex in a LoRAWeight.
+
+    rank_pattern / alpha_pattern: {regex: value} overrides per path (first `re.search` hit
+    wins, as PEFT's patterns). Raises if no weight matches, listing the weight paths.
+    """
+    pats = compile_patterns(targets)
+    ranks = [(re.compile(k), v) for k, v in (rank_pattern or {}).items()]
+    alphas = [(re.compile(k), v) for k, v in (alpha_pattern or {}).items()]
+    hits: list[str] = []
+    paths: list[str] = []
+
+    def one(path, w):
+        paths.append(path)
+        if not any(p.fullmatch(path) for p in pats):
+            return w
+        if isinstance(w, StructuredWeight) or w.ndim < 2:
+            raise ValueError(f"LoRA target {path!r} is not a dense matrix (shape "
+                             f"{getattr(w, 'shape', None)}); narrow the target patterns")
+        hits.append(path)
+        r = int(_rank_for(path, rank, ranks))
+        a_ = float(_rank_for(path, alpha, alphas))
+        s = lora_scale(r, a_, rslora)
+        k = jax.random.fold_in(key, len(hits))
+        a, b, base = init_factors(k, w, r, s, init, is_embedding=path.endswith("embedding"))
+        adt = dtype or jnp.float32
+        return LoRAWeight(base=base, a=a.astype(adt), b=b.astype(adt), scale=s)
+
+    out = map_weights(one, params)
+    if not hits:
+        raise ValueError(f"LoRA targets {list(targets)} match no weight; weight paths are: "
+                         f"{paths}")
+    return out
