@@ -1,0 +1,43 @@
+"""Parameter-efficient fine-tuning as transforms on the param tree.
+
+Every method is one file exposing `method(pcfg) -> Method`, registered in `METHODS`. A Method
+bundles what the trainer needs:
+
+  transform(params, key) -> params'   wraps weights in structured weights (core.py) or adds
+                                      new plain leaves (e.g. prompt embeddings)
+  train_patterns                      regexes of *plain* leaves that train (e.g. new leaves);
+                                      fields of structured weights train as their class says
+  apply_fn                            optional replacement of `models.apply` with the same
+                                      signature, for methods that change what the model sees
+                                      (virtual tokens, prefix key/values)
+
+The model code never changes when a method is added.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable, Optional, Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    transform: Optional[Callable[[Any, Any], Any]]
+    train_patterns: Sequence[str] = ()
+    apply_fn: Optional[Callable[..., Any]] = None
+
+
+# name -> module path; each module defines `method(pcfg) -> Method`.
+METHODS = {
+    "full": "ftjax.peft.full",
+    "lora": "ftjax.peft.lora",
+}
+
+
+def get_method(pcfg: Any) -> Method:
+    """The Method for a config's `peft` section (`pcfg.method` names it)."""
+    name = pcfg.get("method", "full") if pcfg is not None else "full"
+    if name not in METHODS:
+        raise ValueError(f"peft.method={name!r} is not known; choose one of {sorted(METHODS)}")
+    return importlib.import_module(METHODS[name]).method(pcfg)

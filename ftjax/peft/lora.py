@@ -145,3 +145,17 @@ def apply_lora(params: Any, key: jax.Array, *, rank: int = 8, alpha: float = 16.
         raise ValueError(f"LoRA targets {list(targets)} match no weight; weight paths are: "
                          f"{paths}")
     return out
+
+
+def method(pcfg):
+    """LoRA from a config's `peft` section: rank, alpha, rslora, init, targets, patterns."""
+    import functools
+    from ftjax.peft import Method
+    transform = functools.partial(
+        apply_lora, rank=int(pcfg.get("rank", 8)), alpha=float(pcfg.get("alpha", 16.0)),
+        targets=tuple(pcfg.get("targets", DEFAULT_TARGETS)),
+        rslora=bool(pcfg.get("rslora", False)), init=pcfg.get("init", "default"),
+        rank_pattern=dict(pcfg.get("rank_pattern", {}) or {}),
+        alpha_pattern=dict(pcfg.get("alpha_pattern", {}) or {}))
+    return Method(name="lora", transform=transform,
+                  train_patterns=tuple(pcfg.get("train_patterns", ())))

@@ -15,6 +15,7 @@ from ftjax import data as ftdata
 from ftjax import models
 from ftjax.io.params_file import load_params
 from ftjax.models.config import ModelConfig
+from ftjax.peft import get_method
 from ftjax.train import loop
 from ftjax.train.step import sft_loss
 
@@ -118,9 +119,12 @@ def run(cfg: Any, workdir: str) -> dict:
     it = ftdata.SyntheticLoader(train_ex, tok, int(t.batch_size), int(t.seq_len), int(cfg.seed),
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count())
+    method = get_method(cfg.get("peft"))
     result = loop.train(cfg, workdir, model_cfg=model_cfg,
                         init_params=initial_params(cfg, model_cfg),
-                        loss_fn=sft_loss(model_cfg, float(t.z_loss)), train_iter=it,
+                        loss_fn=sft_loss(model_cfg, float(t.z_loss), method.apply_fn),
+                        transform=method.transform, train_patterns=method.train_patterns,
+                        train_iter=it,
                         eval_batches=eval_batches(test_ex, tok, int(t.batch_size), int(t.seq_len)))
     em = {"exact_match": None, "n": 0}
     if int(d.eval_examples) > 0:

@@ -24,12 +24,17 @@ from ftjax.train.state import TrainState
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 
 
-def sft_loss(model_cfg: ModelConfig, z_loss: float = 0.0) -> LossFn:
-    """Next-token cross-entropy on the masked (completion) tokens, plus optional z-loss."""
+def sft_loss(model_cfg: ModelConfig, z_loss: float = 0.0, apply_fn=None) -> LossFn:
+    """Next-token cross-entropy on the masked (completion) tokens, plus optional z-loss.
+
+    apply_fn: replaces `models.apply` (same signature), for PEFT methods that change what the
+    model sees (see `ftjax.peft.Method`).
+    """
+    apply_fn = apply_fn or models.apply
 
     def loss_fn(params, batch, rng):
         del rng
-        logits, _ = models.apply(params, model_cfg, batch["inputs"],
+        logits, _ = apply_fn(params, model_cfg, batch["inputs"],
                                  positions=batch.get("positions"),
                                  segment_ids=batch.get("segment_ids"))
         s = token_cross_entropy(logits, batch["targets"], batch["loss_mask"])
