@@ -26,13 +26,13 @@ def base_model():
                         num_layers=4, num_heads=4, num_kv_heads=2, max_position_embeddings=64)
 
 
-def base_section(steps: int = 4000, path: str = SHIPPED_BASE) -> ml_collections.ConfigDict:
+def base_section(steps: int = 8000, path: str = SHIPPED_BASE) -> ml_collections.ConfigDict:
     """Where the base comes from, and how it is pretrained when it has to be."""
     return ml_collections.ConfigDict(dict(
         path=path,                  # safetensors file of the base; "" = pretrain in the run
         force_pretrain=False,       # pretrain (or reuse the workdir cache) even if path is set
         tasks=tuple(PRETRAIN_TASKS),
-        n_per_task=10000,           # training examples per task (test prompts excluded)
+        n_per_task=25000,           # training examples per task (test prompts excluded)
         test_frac=0.2,              # split_of bucket excluded from pretraining
         seed=0,
         eval_examples=200,          # per-task exact match of the base after pretraining
@@ -45,7 +45,7 @@ def base_section(steps: int = 4000, path: str = SHIPPED_BASE) -> ml_collections.
 
 def get_config(arg=None):
     arg = common.parse_arg(arg, task="dmy2iso", steps=150, eval_examples=200, pretrain=False,
-                           base_steps=4000)
+                           base_steps=8000)
     c = common.base(trainer="quickstart")
     c.model = base_model()
     # Full fine-tuning of the base on `data.task`.

@@ -83,7 +83,7 @@ def plot_loss_curves(path: str, panels: Mapping[str, Mapping[str, Curve | Sequen
         ax.grid(True, alpha=0.3)
         ax.legend()
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, wrap=True, fontsize=11)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"

@@ -23,7 +23,6 @@ import time
 from typing import Any, Sequence
 
 import jax
-import numpy as np
 
 from ftjax import config_utils
 from ftjax import data as ftdata
@@ -227,8 +226,9 @@ def obtain_base(cfg: Any, workdir: str) -> tuple[str, dict, str]:
 # The quickstart
 # --------------------------------------------------------------------------------------------
 
-def _print_report(task: str, results: dict, n: dict, samples: list[dict], base_desc: str) -> None:
-    rows = [(f"{t} ({'fine-tuned' if t == task else 'pretraining, forgetting check'})", n[t],
+def _print_report(task: str, results: dict, samples: list[dict], base_desc: str) -> None:
+    """The final table (task, n, exact match before/after) and the sample generations."""
+    rows = [(f"{t} ({'fine-tuned' if t == task else 'pretraining, forgetting check'})", r["n"],
              r["before"], r["after"]) for t, r in results.items()]
     w = max(len(r[0]) for r in rows) + 2
     line = "-" * (w + 28)
@@ -245,9 +245,10 @@ def _print_report(task: str, results: dict, n: dict, samples: list[dict], base_d
     aw = max(max(len(s["before"]), len(s["after"]), len(s["answer"])) for s in samples) + 2
     aw = min(aw, 24)
     print(f"  {'prompt':<{pw}}{'before':<{aw}}{'after':<{aw}}{'answer':<{aw}}ok")
+    show = lambda text: (text if text.strip() else '""')[:aw - 2]  # noqa: E731
     for s in samples:
         ok = "yes" if s["after"].strip() == s["answer"].strip() else "no"
-        print(f"  {s['prompt']:<{pw}}{s['before'][:aw - 2]:<{aw}}{s['after'][:aw - 2]:<{aw}}"
+        print(f"  {s['prompt']:<{pw}}{show(s['before']):<{aw}}{show(s['after']):<{aw}}"
               f"{s['answer']:<{aw}}{ok}")
     print()
 
@@ -269,8 +270,13 @@ def run(cfg: Any, workdir: str) -> dict:
     # 1. Base model.
     base_path, meta, source = obtain_base(cfg, workdir)
     ft_cfg = _phase_config(cfg, train=cfg.train, optimizer=cfg.optimizer, init_from=base_path)
-    init = initial_params(ft_cfg, model_cfg)  # checks the file against cfg.model
-    base_params = init()
+    init = initial_params(ft_cfg, model_cfg)
+    try:
+        base_params = init()  # checks the file against cfg.model
+    except ValueError as e:
+        raise ValueError(f"{e}. The base file fixes the architecture: drop the model "
+                         "overrides, or set --config.base.path= (empty) to pretrain a base of "
+                         "this architecture in the run") from None
 
     # 2. Data: train/test split of the fine-tuning task; held-out prompts of other tasks.
     train_ex, test_ex = ftdata.make_splits(task, int(d.n_examples), int(d.seed),
@@ -320,10 +326,11 @@ def run(cfg: Any, workdir: str) -> dict:
                  else base_path,
                  "cached": f"pretrained earlier in this workdir ({base_path})",
                  "pretrained": f"pretrained in this run ({base_path})"}[source]
-    _print_report(task, results, {t_: r["n"] for t_, r in results.items()}, samples, base_desc)
+    _print_report(task, results, samples, base_desc)
 
+    train_label = "train loss" + (f" ({float(d.get('replay_frac', 0.0)):.0%} replay)" if replay else "")
     curves = plots.read_curves(os.path.join(ft_dir, "metrics.jsonl"),
-                               {"train loss": ("finetune", "loss"),
+                               {train_label: ("finetune", "loss"),
                                 "held-out eval loss": ("finetune_eval", "eval_loss")})
     if "held-out eval loss" in curves and 0 not in curves["held-out eval loss"][0]:
         steps_, values_ = curves["held-out eval loss"]
@@ -351,7 +358,7 @@ def run(cfg: Any, workdir: str) -> dict:
         "other_tasks": {t_: r for t_, r in results.items() if t_ != task},
         "samples": samples,
         "steps": int(jax.device_get(result.state.step)),
-        "final_train_loss": curves["train loss"][1][-1] if "train loss" in curves else None,
+        "final_train_loss": curves[train_label][1][-1] if train_label in curves else None,
         "eval_loss_before": round(eval_loss_before, 5),
         "final_eval_loss": result.evals[-1]["eval_loss"] if result.evals else None,
         "evals": result.evals,

@@ -32,15 +32,22 @@ def test_shipped_base_is_small_and_matches_the_config():
     meta = quickstart.read_metadata(SHIPPED)
     assert set(meta["exact_match"]) == set(meta["pretrain"]["tasks"])
     assert "dmy2iso" not in meta["pretrain"]["tasks"]  # the quickstart's task is unseen
+    # configs/quickstart.py describes how the shipped base was made (so `:pretrain` remakes it).
+    b = qs_config.get_config().base
+    assert meta["pretrain"] == {
+        "tasks": list(b.tasks), "n_per_task": b.n_per_task, "seed": b.seed,
+        "test_frac": b.test_frac, "steps": b.train.steps, "batch_size": b.train.batch_size,
+        "seq_len": b.train.seq_len, "learning_rate": b.optimizer.learning_rate}
+    assert min(meta["exact_match"].values()) >= 0.5  # the base does every pretraining task
 
 
 def test_quickstart_reduced_size_learns(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the shipped base must be found from any cwd
-    summary = _run(tmp_path / "qs", "steps=80,eval_examples=64",
-                   "--config.train.eval_every=40", "--config.data.other_tasks=format",
+    summary = _run(tmp_path / "qs", "steps=60,eval_examples=64",
+                   "--config.train.eval_every=30", "--config.data.other_tasks=format",
                    "--config.data.other_eval_examples=16")
     assert summary["base_model"]["source"] == "file"
-    assert summary["steps"] == 80
+    assert summary["steps"] == 60
     before, after = summary["exact_match_before"], summary["exact_match_after"]
     assert after >= before + 0.5, (before, after)
     assert summary["final_eval_loss"] < 0.5 * summary["eval_loss_before"]
@@ -59,7 +66,7 @@ def test_missing_base_file_fails_with_a_hint(tmp_path):
 
 
 def test_base_of_another_architecture_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="hidden_size"):
+    with pytest.raises(ValueError, match="hidden_size.*base.path= "):
         _run(tmp_path, "", "--config.model.hidden_size=64")
 
 

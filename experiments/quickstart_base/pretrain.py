@@ -25,6 +25,18 @@ if REPO_ROOT not in sys.path:
 from ftjax import config_utils  # noqa: E402  (after the sys.path set-up)
 
 
+def write_plot(info: dict, out_dir: str) -> str:
+    """`pretrain_loss.png` beside the model: train and eval loss of the pretraining run."""
+    from ftjax import plots  # pylint: disable=import-outside-toplevel
+    curves = {label: tuple(zip(*info[key])) for label, key in
+              (("train loss", "loss_curve"), ("eval loss (held-out prompts)", "eval_curve"))
+              if info.get(key)}
+    em = ", ".join(f"{t} {v:.0%}" for t, v in info["exact_match"].items())
+    return plots.plot_loss_curves(os.path.join(out_dir, "pretrain_loss.png"),
+                                  {"quickstart base: pretraining": curves},
+                                  title=f"exact match: {em}", log_y=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     spec, workdir, overrides, extra = config_utils.parse_cli(argv, extra_flags=("out",),
@@ -48,7 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
                    final_eval_loss=info["eval_curve"][-1][1] if info["eval_curve"] else None)
     with open(os.path.join(os.path.dirname(os.path.abspath(out)), "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    print(f"\nwrote {out} ({results['file_bytes'] / 2**20:.2f} MiB)\n")
+    png = write_plot(info, os.path.dirname(os.path.abspath(out)))
+    print(f"\nwrote {out} ({results['file_bytes'] / 2**20:.2f} MiB) and {png}\n")
     print("| task | exact match | scored on |")
     print("|---|---|---|")
     for task, em in info["exact_match"].items():
