@@ -20,11 +20,11 @@ import json
 import math
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 
-from ftjax import config_utils
+from ftjax import config_utils, monitor
 from ftjax import data as ftdata
 from ftjax import plots
 from ftjax.eval.harness import exact_match_eval, loglik_eval
@@ -32,6 +32,8 @@ from ftjax.io.params_file import save_params
 from ftjax.models.config import ModelConfig
 from ftjax.train import loop
 from ftjax.train.sft import eval_batches, initial_params, model_config
+from ftjax.peft import core as peft_core
+from ftjax.peft import get_method
 from ftjax.train.step import sft_loss
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,6 +131,12 @@ def replay_examples(cfg: Any, n_task: int) -> list[dict]:
     mix = ftdata.mixture(tasks, per_task, int(cfg.base.seed) + 1, exclude_test=True,
                          test_frac=float(cfg.base.test_frac))
     return mix[:n]
+
+
+def _median_step_time(history: Sequence[dict], tokens_per_step: int) -> Optional[float]:
+    """Median seconds per step over the logged intervals (from their tokens/s)."""
+    rates = sorted(h["tokens_per_s"] for h in history if h.get("tokens_per_s"))
+    return round(tokens_per_step / rates[len(rates) // 2], 5) if rates else None
 
 
 def _score(params, model_cfg: ModelConfig, tok, examples: Sequence[dict], data_cfg: Any) -> dict:
@@ -309,11 +317,13 @@ def run(cfg: Any, workdir: str) -> dict:
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count())
     ft_dir = os.path.join(workdir, "finetune")
+    method = get_method(cfg.get("peft"))
     result = loop.train(ft_cfg, ft_dir, model_cfg=model_cfg, init_params=init,
-                        loss_fn=sft_loss(model_cfg, float(t.z_loss)), train_iter=it,
-                        eval_batches=ft_eval_batches, name="finetune")
+                        loss_fn=sft_loss(model_cfg, float(t.z_loss), method.apply_fn),
+                        transform=method.transform, train_patterns=method.train_patterns,
+                        train_iter=it, eval_batches=ft_eval_batches, name="finetune")
     t0 = time.time()
-    after = {t_: _score(result.state.params, model_cfg, tok, ex, d) for t_, ex in sets.items()}
+    after = {t_: _score(result.params, model_cfg, tok, ex, d) for t_, ex in sets.items()}
     eval_after_s = time.time() - t0
 
     # 4. Report.
@@ -358,6 +368,11 @@ def run(cfg: Any, workdir: str) -> dict:
         "other_tasks": {t_: r for t_, r in results.items() if t_ != task},
         "samples": samples,
         "steps": int(jax.device_get(result.state.step)),
+        "method": method.name,
+        "trainable_params": peft_core.count(result.state.params),
+        "total_params": peft_core.count(result.params),
+        "step_time_median_s": _median_step_time(result.history, int(t.batch_size) * seq_len),
+        "peak_rss_mb": round(monitor.peak_rss_mb(), 1),
         "final_train_loss": curves[train_label][1][-1] if train_label in curves else None,
         "eval_loss_before": round(eval_loss_before, 5),
         "final_eval_loss": result.evals[-1]["eval_loss"] if result.evals else None,
