@@ -94,8 +94,76 @@ def parse_mesh(text: str) -> dict:
     return sizes
 
 
+def xla_analysis(compiled) -> dict:
+    """XLA's own cost and memory figures for a compiled step (best effort, backend dependent).
+
+    Note: XLA's cost analysis counts a while loop's body once, so with scanned layers its FLOPs
+    cover one layer, not all of them; the MFU figure uses `loop.flops_per_token` instead.
+    """
+    out = {}
+    try:
+        ca = compiled.cost_analysis()
+        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+        out["flops_one_loop_iteration"] = float(ca.get("flops", float("nan")))
+        out["bytes_accessed"] = float(ca.get("bytes accessed", float("nan")))
+    except Exception as e:  # pylint: disable=broad-except
+        log(f"cost analysis unavailable: {e}")
+    try:
+        ma = compiled.memory_analysis()
+        out["temp_mb"] = ma.temp_size_in_bytes / 2**20
+        out["argument_mb"] = ma.argument_size_in_bytes / 2**20
+        out["output_mb"] = ma.output_size_in_bytes / 2**20
+        out["alias_mb"] = ma.alias_size_in_bytes / 2**20  # donated state aliased to the output
+    except Exception as e:  # pylint: disable=broad-except
+        log(f"memory analysis unavailable: {e}")
+    return out
+
+
+def summarize_profile(trace_dir: str, hlo_text: str, steps: int, top: int = 30) -> None:
+    """Logs the XLA ops that took the most time per step in a jax.profiler trace (to stderr).
+
+    Each op is shown with its shape and the jax op it came from (the HLO `op_name` metadata).
+    Times are summed over threads, so concurrent ops can add up to more than the wall time.
+    """
+    import collections
+    import glob
+    import re
+    from jax.profiler import ProfileData
+
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
+    if not files:
+        log(f"no .xplane.pb trace under {trace_dir}")
+        return
+    meta = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = (\S+) ", line)
+        if m:
+            op = re.search(r'op_name="([^"]*)"', line)
+            meta.setdefault(m.group(1), (m.group(2)[:40], op.group(1) if op else ""))
+    total, count = collections.Counter(), collections.Counter()
+    for plane in ProfileData.from_file(files[-1]).planes:
+        for line in plane.lines:
+            if line.name == "python":
+                continue
+            for ev in line.events:
+                if ev.name.startswith(("ThunkExecutor", "SlinkyThreadPool")):
+                    continue  # containers and waits, not ops
+                total[ev.name] += ev.duration_ns
+                count[ev.name] += 1
+    if not total:
+        log("the trace holds no XLA op events")
+        return
+    all_ms = sum(total.values()) / 1e6 / steps
+    log(f"profile: {all_ms:.1f} ms of XLA ops per step (summed over threads); top {top}:")
+    for name, ns in total.most_common(top):
+        shape, op = meta.get(name, ("?", ""))
+        log(f"  {ns / 1e6 / steps:8.2f} ms x{count[name] // steps:<3d} {name[:32]:32s} "
+            f"{shape:40s} {op[-80:]}")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    load_start = os.getloadavg()[0]
     set_xla_env(args)
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
@@ -169,21 +237,7 @@ def main(argv=None) -> dict:
     compile_s = time.perf_counter() - t0
     log(f"compiled in {compile_s:.2f}s")
 
-    xla = {}
-    try:
-        ca = compiled.cost_analysis()
-        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-        xla["xla_flops_per_step"] = float(ca.get("flops", float("nan")))
-        xla["xla_bytes_accessed_per_step"] = float(ca.get("bytes accessed", float("nan")))
-    except Exception as e:  # cost analysis is best effort (backend dependent)
-        log(f"cost analysis unavailable: {e}")
-    try:
-        ma = compiled.memory_analysis()
-        xla["xla_temp_mb"] = ma.temp_size_in_bytes / 2**20
-        xla["xla_argument_mb"] = ma.argument_size_in_bytes / 2**20
-        xla["xla_alias_mb"] = ma.alias_size_in_bytes / 2**20
-    except Exception as e:
-        log(f"memory analysis unavailable: {e}")
+    xla = xla_analysis(compiled)
     if args.dump_hlo:
         os.makedirs(args.dump_hlo, exist_ok=True)
         name = f"{args.preset}_{args.mode}_b{args.batch}_t{args.seq}"
@@ -214,15 +268,17 @@ def main(argv=None) -> dict:
     for i in range(args.warmup):
         run_one(1 + i)
 
-    times, loss_last = [], loss_first
+    times, cpu_times, loss_last = [], [], loss_first
     if args.profile:
         jax.profiler.start_trace(args.profile)
     for i in range(args.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss_last, _ = run_one(1 + args.warmup + i)
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     if args.profile:
         jax.profiler.stop_trace()
+        summarize_profile(args.profile, compiled.as_text(), args.steps)
     rss = monitor.peak_rss_mb()
 
     median = statistics.median(times)
@@ -246,6 +302,8 @@ def main(argv=None) -> dict:
         "peak_rss_mb": rss,
         "step_time_min_s": min(times),
         "step_time_max_s": max(times),
+        "cpu_time_median_s": statistics.median(cpu_times),
+        "load_avg_1m": [load_start, os.getloadavg()[0]],  # at start and end (shared hosts)
         "first_step_s": first_step_s,
         "steps": args.steps,
         "warmup": args.warmup,
@@ -256,7 +314,7 @@ def main(argv=None) -> dict:
         "loss_first": loss_first,
         "loss_last": loss_last,
         "donated": donated,
-        **xla,
+        "xla_temp_mb": xla.get("temp_mb"),
         "backend": jax.default_backend(),
         "device_kind": dev.device_kind,
         "n_devices": n_dev,

@@ -71,6 +71,7 @@ def peak_rss_mb() -> float:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    load_start = os.getloadavg()[0]
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -132,11 +133,12 @@ def main(argv=None) -> dict:
     compile_s = time.perf_counter() - t0
     for i in range(args.warmup):
         step(*batches[(1 + i) % 2])
-    times, loss_last = [], loss_first
+    times, cpu_times, loss_last = [], [], loss_first
     for i in range(args.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss_last = step(*batches[(1 + args.warmup + i) % 2])
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     rss = peak_rss_mb()
 
     # Same FLOPs convention and peak as ftjax (imported only now, after the timed steps).
@@ -165,6 +167,8 @@ def main(argv=None) -> dict:
         "peak_rss_mb": rss,
         "step_time_min_s": min(times),
         "step_time_max_s": max(times),
+        "cpu_time_median_s": statistics.median(cpu_times),
+        "load_avg_1m": [load_start, os.getloadavg()[0]],  # at start and end (shared hosts)
         "steps": args.steps,
         "warmup": args.warmup,
         "dtype": args.dtype,

@@ -10,6 +10,8 @@ bundles what the trainer needs:
   apply_fn                            optional replacement of `models.apply` with the same
                                       signature, for methods that change what the model sees
                                       (virtual tokens, prefix key/values)
+  wrap_optimizer                      optional `tx -> tx'` around the run's optax optimizer, for
+                                      methods that act on updates (HFT's per-round masks)
 
 The model code never changes when a method is added.
 """
@@ -26,12 +28,21 @@ class Method:
     transform: Optional[Callable[[Any, Any], Any]]
     train_patterns: Sequence[str] = ()
     apply_fn: Optional[Callable[..., Any]] = None
+    wrap_optimizer: Optional[Callable[[Any], Any]] = None
 
 
 # name -> module path; each module defines `method(pcfg) -> Method`.
 METHODS = {
     "full": "ftjax.peft.full",
     "lora": "ftjax.peft.lora",
+    "dora": "ftjax.peft.dora",
+    "qlora": "ftjax.peft.qlora",
+    "ia3": "ftjax.peft.ia3",
+    "adapter": "ftjax.peft.adapters",
+    "prompt_tuning": "ftjax.peft.prompt",
+    "prefix_tuning": "ftjax.peft.prompt",
+    "hft": "ftjax.peft.hft",
+    "vera": "ftjax.peft.vera",
 }
 
 

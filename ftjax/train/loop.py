@@ -20,7 +20,7 @@ from ftjax import models, monitor, sharding
 from ftjax.peft import core as peft_core
 from ftjax.io.checkpoint import Checkpointer, abstract_with_shardings
 from ftjax.models.config import ModelConfig
-from ftjax.train import optim
+from ftjax.train import optim, param_groups
 from ftjax.train.state import TrainState, create_state
 from ftjax.train.step import LossFn, jit_train_step, make_eval_step, make_train_step
 
@@ -111,7 +111,8 @@ def train(cfg: Any, workdir: str, *, model_cfg: ModelConfig, init_params: Callab
           on_eval: Optional[Callable[[int, Any], dict]] = None,
           checkpointer: Optional[Checkpointer] = None,
           transform: Optional[Callable[[Any, jax.Array], Any]] = None,
-          train_patterns: Sequence[str] = (".*",), devices=None) -> TrainResult:
+          train_patterns: Sequence[str] = (".*",), devices=None,
+          wrap_optimizer: Optional[Callable[[Any], Any]] = None) -> TrainResult:
     """Runs (or resumes) training as configured by `cfg.train` / `cfg.optimizer`.
 
     init_params: returns the initial params (called only when there is no checkpoint, or to
@@ -125,6 +126,10 @@ def train(cfg: Any, workdir: str, *, model_cfg: ModelConfig, init_params: Callab
     on_eval: optional extra evaluation `(step, full_params) -> metrics` run with each
       evaluation.
     devices: the devices of the mesh (default: all).
+    wrap_optimizer: optional `tx -> tx'` applied to the configured optimizer (a PEFT method's
+      `Method.wrap_optimizer`, e.g. HFT's per-round update masks).
+    Leaves of frozen `optimizer.param_groups` (spec None) are frozen like unmatched
+    `train_patterns`; see `ftjax.train.param_groups`.
     """
     t_start = time.time()
     tcfg = cfg.train
@@ -132,6 +137,13 @@ def train(cfg: Any, workdir: str, *, model_cfg: ModelConfig, init_params: Callab
     accum = int(tcfg.get("accum_steps", 1))
     seed = int(cfg.seed)
     tx, sched = optim.make_optimizer(cfg.optimizer, steps)
+    if wrap_optimizer is None and cfg.get("peft") is not None:
+        from ftjax.peft import get_method  # never fall back silently to plain fine-tuning
+        if get_method(cfg.peft).wrap_optimizer is not None:
+            raise ValueError(f"[{name}] peft.method={cfg.peft.method!r} acts on the optimizer; "
+                             "the trainer must pass wrap_optimizer=method.wrap_optimizer")
+    if wrap_optimizer is not None:
+        tx = wrap_optimizer(tx)
 
     on_host = getattr(init_params, "on_host", False)
     base_abstract = (models.param_shapes(model_cfg) if on_host
@@ -143,6 +155,7 @@ def train(cfg: Any, workdir: str, *, model_cfg: ModelConfig, init_params: Callab
     sharding.check_batch_divisible(int(tcfg.batch_size), placement.mesh, placement.rules, accum)
 
     mask = peft_core.trainable_mask(full_abstract, train_patterns)
+    mask = param_groups.freeze(mask, cfg.optimizer.get("param_groups", ()))
     train_abs, frozen_abs = peft_core.partition(full_abstract, mask)
     if not jax.tree.leaves(train_abs):
         raise ValueError(f"[{name}] nothing to train: no param matches train_patterns "

@@ -5,6 +5,8 @@ from typing import Any, Callable
 
 import optax
 
+from ftjax.train import param_groups
+
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "lion", "rmsprop", "adagrad")
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -36,7 +38,11 @@ def make_schedule(opt_cfg: Any, total_steps: int) -> Callable[[Any], Any]:
 
 
 def make_optimizer(opt_cfg: Any, total_steps: int):
-    """Returns (optax transformation, schedule). Clipping by global norm comes first."""
+    """Returns (optax transformation, schedule). Clipping by global norm comes first.
+
+    `opt_cfg.param_groups` (optional): per-path freezing, learning-rate multipliers and layer
+    ranges wrapped around the whole optimizer (see `ftjax.train.param_groups`).
+    """
     name = opt_cfg.get("name", "adamw")
     sched = make_schedule(opt_cfg, total_steps)
     wd = float(opt_cfg.get("weight_decay", 0.0))
@@ -63,4 +69,7 @@ def make_optimizer(opt_cfg: Any, total_steps: int):
     clip = float(opt_cfg.get("grad_clip_norm", 0.0))
     if clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+    groups = opt_cfg.get("param_groups", ())
+    if groups:
+        tx = param_groups.with_groups(tx, groups)
     return tx, sched

@@ -1,0 +1,34 @@
+"""Half Fine-Tuning (HFT, Hui et al. 2024) on the built-in synthetic suite: full fine-tuning in
+which half of every block's matrices is frozen in each round, re-drawn every round.
+
+    python -m ftjax.main --config configs/hft_sft.py:rounds=3 --workdir workdirs/hft
+    python -m ftjax.main --config configs/hft_sft.py:granularity=layer --workdir ...
+
+`rounds` sets peft.steps_per_round = ceil(steps / rounds) (rounds=1: one draw for the run, as
+for one stage of the paper's multi-stage use; change peft.seed for the next stage). If you
+override --config.train.steps, override --config.peft.steps_per_round with it.
+"""
+import math
+
+import ml_collections
+
+from configs import common
+from configs.sft_synthetic import get_config as sft_config
+from ftjax.peft.hft import DEFAULT_CATEGORIES
+
+
+def get_config(arg=None):
+    arg = common.parse_arg(arg, rounds=3, granularity="category", seed=0, tasks="add+reverse",
+                           steps=300)
+    c = sft_config(common.pack_arg(tasks=arg.tasks, steps=arg.steps))
+    c.peft = ml_collections.ConfigDict(dict(
+        method="hft",
+        seed=arg.seed,                              # the draw of each round is f(round, seed)
+        steps_per_round=math.ceil(arg.steps / max(arg.rounds, 1)),  # 0 = one draw for the run
+        ratio=0.5,                                  # trained fraction of every category
+        granularity=arg.granularity,                # category | layer | model
+        categories=tuple(DEFAULT_CATEGORIES),       # regexes; group 1 names the unit
+        train_patterns=(".*",),                     # outside the categories everything trains
+    ))
+    c.optimizer.param_groups = ()                   # e.g. ((r"embed/.*", None),) to also freeze
+    return c

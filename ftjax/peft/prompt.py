@@ -1,0 +1,569 @@
+"""Prompt tuning (Lester et al. 2021) and prefix tuning (Li & Liang 2021), without model changes.
+
+Prompt tuning trains n virtual-token embeddings prepended to every sequence. `models.apply`
+takes token ids, so the vocabulary is extended instead: `embed/embedding` becomes a
+`PromptTable(base [V, D], prompt [n, D])` whose `lookup` returns prompt rows for ids >= V, and
+whose `materialize()` is the base (a tied LM head keeps V outputs). `prompt_apply` prepends ids
+V..V+n-1, runs `models.apply` and drops the first n logits.
+  Positions: the virtual tokens take positions 0..n-1 and real tokens continue after them
+  (given positions + n), as in PEFT, where the prompt is concatenated to the input embeddings.
+  Segments: the prompt gets the segment id of each row's first real (non-zero) token. A
+  packed row with several documents needs `segments=K`: the prompt is then repeated K times
+  with segment ids first, first+1, .., first+K-1 (packed documents numbered consecutively), at
+  a cost of K*n extra tokens; with segments=1 only the first document of a row sees it.
+
+Prefix tuning trains per-layer key/value prefixes of n slots. `prefix_apply` builds a KV cache
+whose first n slots hold the prefix k/v (segment ids as above, index = n) and calls
+`models.apply` with it, so every token attends to the prefix; real tokens keep positions 0...
+RoPE is not applied to the prefix keys: they are used as given, as PEFT passes them as
+`past_key_values`, which the model treats as already rotated. Optionally the prefix is
+re-parameterised through an MLP (PEFT's `prefix_projection`): emb [n, d] -> Linear(d, h) ->
+tanh -> Linear(h, 2*L*kv_dim).
+
+Where the prefix lives: a `PrefixKV` structured weight on `layers/attn/k_proj/kernel` (the
+projection whose keys it extends) holds the base kernel plus the prefix fields. A new
+top-level `prefix/` subtree would be simpler, but the trainer derives sharding axes from the
+model's own param tree (`core.axes_like`), which has no place for extra keys. `prefix_apply`
+strips the prefix off before calling `models.apply`; calling `models.apply` directly on
+prefix-tuned params raises.
+
+Trainable counts: prompt tuning n*D; prefix tuning n*L*2*kv_dim (kv_dim = kv_heads*head_dim),
+or with the projection n*d + d*h + h + h*2*L*kv_dim + 2*L*kv_dim (d = token_dim, default
+kv_dim as PEFT does for GQA models).
+
+Generation: both apply functions understand a KV cache. Given a fresh cache (from
+`init_cache`) they grow it by the n (or K*n) prefix slots, write the prompt/prefix, and mark the
+returned cache (key `peft_prefix_slots`), so later decode calls only shift positions.
+`prompt_generate` is `ftjax.infer.generate.generate` with the apply function as a parameter.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Optional, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftjax import models
+from ftjax.models.config import ModelConfig
+from ftjax.peft.core import StructuredWeight, embed, linear, materialize
+
+CACHE_MARK = "peft_prefix_slots"  # cache key: number of prefix slots already written
+PROMPT_INITS = ("random", "text", "vocab")
+
+
+# ------------------------------------------------------------------------------------------
+# Shared: the segment ids and cache layout of a prefix
+# ------------------------------------------------------------------------------------------
+
+def prefix_segment_ids(segment_ids: jax.Array, n: int, segments: int = 1) -> jax.Array:
+    """[B, segments*n] segment ids of the prefix slots of each row.
+
+    Copy j of the prefix gets (the row's first non-zero segment id) + j; rows of padding only
+    get 0 (they attend to nothing real either way).
+    """
+    seg = segment_ids.astype(jnp.int32)
+    first = jnp.take_along_axis(seg, jnp.argmax(seg != 0, axis=1)[:, None], axis=1)  # [B, 1]
+    copies = jnp.where(first > 0, first + jnp.arange(segments, dtype=jnp.int32)[None], 0)
+    return jnp.repeat(copies, n, axis=1)
+
+
+def _check_fresh(cache: dict) -> None:
+    idx = cache["index"]
+    if not isinstance(idx, jax.core.Tracer) and int(idx) != 0:
+        raise ValueError(f"prompt/prefix tuning got a cache filled to {int(idx)} slots without "
+                         f"its prefix (no {CACHE_MARK!r} key); start from an empty init_cache")
+
+
+def _grow(cache: dict, slots: int) -> dict:
+    """The cache with `slots` empty slots appended."""
+    pad = lambda x, axis: jnp.concatenate(
+        [x, jnp.zeros(x.shape[:axis] + (slots,) + x.shape[axis + 1:], x.dtype)], axis=axis)
+    return {"k": pad(cache["k"], 2), "v": pad(cache["v"], 2),
+            "segment_ids": pad(cache["segment_ids"], 1), "index": cache["index"]}
+
+
+def _strip_mark(cache: dict) -> dict:
+    return {k: v for k, v in cache.items() if k != CACHE_MARK}
+
+
+# ------------------------------------------------------------------------------------------
+# Prompt tuning
+# ------------------------------------------------------------------------------------------
+
+@flax.struct.dataclass
+class PromptTable(StructuredWeight):
+    """The embedding table extended by n trainable virtual-token rows (ids V..V+n-1).
+
+    base: [V, D] (plain or structured, e.g. LoRA on the embedding); prompt: [n, D].
+    """
+    base: Any
+    prompt: jax.Array
+
+    @property
+    def vocab(self) -> int:
+        return int(self.base.shape[0])
+
+    @property
+    def shape(self):
+        return tuple(self.base.shape)
+
+    def lookup(self, ids):
+        v, n = self.vocab, self.prompt.shape[0]
+        virtual = ids >= v
+        rows = embed(jnp.where(virtual, 0, ids), self.base)
+        prompt = jnp.take(self.prompt, jnp.clip(ids - v, 0, n - 1), axis=0).astype(rows.dtype)
+        return jnp.where(virtual[..., None], prompt, rows)
+
+    def matmul(self, x):
+        return linear(x, self.base, x.dtype)
+
+    def materialize(self):
+        return materialize(self.base)
+
+    def trainable_fields(self):
+        return ("prompt",)
+
+    def field_axes(self, base_axes):
+        base = base_axes
+        if isinstance(self.base, StructuredWeight):
+            base = dataclasses.replace(self.base, **self.base.field_axes(base_axes))
+        return {"base": base, "prompt": (None, base_axes[-1])}
+
+
+def _prompt_table(params: Any) -> PromptTable:
+    table = params["embed"]["embedding"]
+    if not isinstance(table, PromptTable):
+        raise ValueError("prompt_apply needs params from apply_prompt_tuning (embed/embedding "
+                         f"is a {type(table).__name__}, not a PromptTable)")
+    return table
+
+
+def apply_prompt_tuning(params: Any, key: jax.Array, *, num_virtual_tokens: int = 20,
+                        init: str = "random", init_token_ids: Optional[Sequence[int]] = None,
+                        init_std: Optional[float] = None, dtype=None) -> Any:
+    """Replaces `embed/embedding` by a PromptTable with n trainable virtual-token rows.
+
+    init: "random": N(0, init_std), init_std defaulting to the std of the base embedding table
+      (PEFT's RANDOM uses torch's N(0, 1), far off the scale of trained embeddings);
+      "text": the embeddings of `init_token_ids`, repeated or cut to n (PEFT's TEXT);
+      "vocab": embeddings of n ids drawn uniformly from the vocabulary (PEFT's SAMPLE_VOCAB;
+      Lester et al. sample from the 5,000 most frequent tokens).
+    """
+    n = int(num_virtual_tokens)
+    if n < 1:
+        raise ValueError(f"num_virtual_tokens must be >= 1, got {num_virtual_tokens}")
+    if init not in PROMPT_INITS:
+        raise ValueError(f"unknown prompt init {init!r}; choose one of {PROMPT_INITS}")
+    base = params["embed"]["embedding"]
+    if isinstance(base, PromptTable):
+        raise ValueError("embed/embedding already holds a prompt; apply prompt tuning once")
+    dense = materialize(base)
+    vocab, width = dense.shape
+    dt = dtype or jnp.float32
+    if init == "random":
+        std = jnp.std(dense.astype(jnp.float32)) if init_std is None else init_std
+        prompt = std * jax.random.normal(key, (n, width), jnp.float32)
+    else:
+        if init == "text":
+            if not init_token_ids:
+                raise ValueError("prompt init='text' needs init_token_ids (or peft.init_text)")
+            ids = list(init_token_ids) * math.ceil(n / len(init_token_ids))
+            ids = np.asarray(ids[:n], np.int32)
+            if ids.min() < 0 or ids.max() >= vocab:
+                raise ValueError(f"init_token_ids must lie in [0, {vocab}), got {ids.min()}.."
+                                 f"{ids.max()}")
+        else:
+            ids = jax.random.randint(key, (n,), 0, vocab)
+        prompt = embed(jnp.asarray(ids), base).astype(jnp.float32)
+    out = dict(params)
+    out["embed"] = dict(params["embed"])
+    out["embed"]["embedding"] = PromptTable(base=base, prompt=prompt.astype(dt))
+    return out
+
+
+def prompt_apply(params: Any, cfg: ModelConfig, tokens: jax.Array, *,
+                 positions: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None,
+                 cache: Optional[dict] = None, segments: int = 1, **kw):
+    """`models.apply` with the trained prompt prepended to every row (see module doc).
+
+    Returns logits [B, T, V] for the real tokens only, and aux (with the cache, marked with
+    the prompt's slots, when a cache was given).
+    """
+    table = _prompt_table(params)
+    n, v, k = table.prompt.shape[0], table.vocab, int(segments)
+    b, t = tokens.shape
+    seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+
+    if cache is not None and CACHE_MARK in cache:  # decoding after the prompt was written
+        slots = cache[CACHE_MARK]
+        if positions is None:
+            positions = jnp.broadcast_to(cache["index"] - slots + jnp.arange(t), (b, t))
+        logits, aux = models.apply(params, cfg, tokens, positions=positions + n,
+                                   segment_ids=seg, cache=_strip_mark(cache), **kw)
+        aux["cache"][CACHE_MARK] = slots
+        return logits, aux
+
+    start = 0
+    if cache is not None:
+        _check_fresh(cache)
+        start = cache["index"]
+    if positions is None:
+        positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+    virt_ids = v + jnp.tile(jnp.arange(n, dtype=jnp.int32), k)
+    virt_pos = jnp.tile(jnp.arange(n, dtype=jnp.int32), k)
+    all_tokens = jnp.concatenate([jnp.broadcast_to(virt_ids, (b, k * n)),
+                                  tokens.astype(jnp.int32)], axis=1)
+    all_pos = jnp.concatenate([jnp.broadcast_to(virt_pos, (b, k * n)),
+                               positions.astype(jnp.int32) + n], axis=1)
+    all_seg = jnp.concatenate([prefix_segment_ids(seg, n, k), seg], axis=1)
+    grown = None if cache is None else _grow(cache, k * n)
+    logits, aux = models.apply(params, cfg, all_tokens, positions=all_pos, segment_ids=all_seg,
+                               cache=grown, **kw)
+    if "hidden" in aux:
+        aux["hidden"] = aux["hidden"][:, k * n:]
+    if cache is not None:
+        aux["cache"][CACHE_MARK] = jnp.asarray(k * n, jnp.int32)
+    return logits[:, k * n:], aux
+
+
+# ------------------------------------------------------------------------------------------
+# Prefix tuning
+# ------------------------------------------------------------------------------------------
+
+class _Prefix(StructuredWeight):
+    """Common part of the prefix weights: the base k_proj kernel is used unchanged."""
+
+    def prefix_kv(self) -> tuple[jax.Array, jax.Array]:
+        """(k, v), each [L, n, kv_dim]."""
+        raise NotImplementedError
+
+    def matmul(self, x):
+        raise ValueError("prefix-tuned params must run through ftjax.peft.prompt.prefix_apply "
+                         "(the method's apply_fn), not models.apply: the prefix would be ignored")
+
+    def materialize(self):
+        raise ValueError("a prefix-tuned model has no dense equivalent (the prefix is extra "
+                         "key/value slots, not a weight change); keep the params unmerged")
+
+    @property
+    def shape(self):
+        return tuple(self.base.shape)
+
+    def _base_axes(self, base_axes):
+        if isinstance(self.base, StructuredWeight):
+            return dataclasses.replace(self.base, **self.base.field_axes(base_axes))
+        return base_axes
+
+
+@flax.struct.dataclass
+class PrefixKV(_Prefix):
+    """Directly trained prefix: k, v [L, n, kv_dim] next to the k_proj kernel [L, D, kv_dim]."""
+    base: Any
+    k: jax.Array
+    v: jax.Array
+
+    def prefix_kv(self):
+        return self.k, self.v
+
+    def trainable_fields(self):
+        return ("k", "v")
+
+    def field_axes(self, base_axes):
+        lead, ax_kv = base_axes[:-2], base_axes[-1]
+        return {"base": self._base_axes(base_axes), "k": lead + (None, ax_kv),
+                "v": lead + (None, ax_kv)}
+
+
+@flax.struct.dataclass
+class PrefixMLP(_Prefix):
+    """Re-parameterised prefix (PEFT's prefix_projection): emb [n, d] -> w1 [d, h], b1 [h] ->
+    tanh -> w2 [h, L*2*kv_dim], b2 [L*2*kv_dim], laid out as [n, L, (k, v), kv_dim]."""
+    base: Any
+    emb: jax.Array
+    w1: jax.Array
+    b1: jax.Array
+    w2: jax.Array
+    b2: jax.Array
+
+    def prefix_kv(self):
+        num_layers, kv_dim = self.base.shape[0], self.base.shape[-1]
+        h = jnp.tanh(self.emb @ self.w1 + self.b1)
+        out = (h @ self.w2 + self.b2).reshape(self.emb.shape[0], num_layers, 2, kv_dim)
+        out = jnp.transpose(out, (2, 1, 0, 3))  # [2, L, n, kv_dim]
+        return out[0], out[1]
+
+    def trainable_fields(self):
+        return ("emb", "w1", "b1", "w2", "b2")
+
+    def field_axes(self, base_axes):
+        return {"base": self._base_axes(base_axes), "emb": (None, None), "w1": (None, None),
+                "b1": (None,), "w2": (None, None), "b2": (None,)}
+
+
+PREFIX_PATH = ("layers", "attn", "k_proj", "kernel")
+
+
+def _get(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _set(tree, path, value):
+    if not path:
+        return value
+    out = dict(tree)
+    out[path[0]] = _set(tree[path[0]], path[1:], value)
+    return out
+
+
+def apply_prefix_tuning(params: Any, key: jax.Array, *, num_virtual_tokens: int = 20,
+                        projection: bool = False, projection_hidden: Optional[int] = None,
+                        token_dim: Optional[int] = None, init_std: float = 1.0,
+                        dtype=None) -> Any:
+    """Adds a trainable key/value prefix of n slots to every layer (see module doc).
+
+    Direct: k, v ~ N(0, init_std) (PEFT's nn.Embedding default is N(0, 1)); see
+    `prefix_from_tokens` for an initialisation from real activations (Li & Liang sec. 5).
+    projection: the MLP re-parameterisation, hidden size `projection_hidden` (default
+    token_dim), with torch nn.Linear's default init and emb ~ N(0, init_std).
+    """
+    n = int(num_virtual_tokens)
+    if n < 1:
+        raise ValueError(f"num_virtual_tokens must be >= 1, got {num_virtual_tokens}")
+    base = _get(params, PREFIX_PATH)
+    if isinstance(base, _Prefix):
+        raise ValueError("layers/attn/k_proj/kernel already holds a prefix; apply it once")
+    if len(base.shape) != 3:
+        raise ValueError(f"prefix tuning expects stacked layers (k_proj kernel [L, D, kv_dim]), "
+                         f"got shape {base.shape}")
+    num_layers, _, kv_dim = base.shape
+    dt = dtype or jnp.float32
+    kk, kv, k1, k2, kb1, kb2 = jax.random.split(key, 6)
+    if not projection:
+        shape = (num_layers, n, kv_dim)
+        w = PrefixKV(base=base,
+                     k=(init_std * jax.random.normal(kk, shape, jnp.float32)).astype(dt),
+                     v=(init_std * jax.random.normal(kv, shape, jnp.float32)).astype(dt))
+    else:
+        d = int(token_dim or kv_dim)
+        h = int(projection_hidden or d)
+        out_dim = num_layers * 2 * kv_dim
+        uni = lambda k, shape, fan_in: jax.random.uniform(
+            k, shape, jnp.float32, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in)).astype(dt)
+        w = PrefixMLP(base=base,
+                      emb=(init_std * jax.random.normal(kk, (n, d), jnp.float32)).astype(dt),
+                      w1=uni(k1, (d, h), d), b1=uni(kb1, (h,), d),
+                      w2=uni(k2, (h, out_dim), h), b2=uni(kb2, (out_dim,), h))
+    return _set(params, PREFIX_PATH, w)
+
+
+def prefix_param_count(cfg: ModelConfig, n: int, projection: bool = False,
+                       token_dim: Optional[int] = None, hidden: Optional[int] = None) -> int:
+    """Trainable parameters of prefix tuning (the formulas of the module doc)."""
+    kv, num_layers = cfg.kv_size, cfg.num_layers
+    if not projection:
+        return n * num_layers * 2 * kv
+    d = token_dim or kv
+    h = hidden or d
+    return n * d + d * h + h + h * 2 * num_layers * kv + 2 * num_layers * kv
+
+
+def split_prefix(params: Any) -> tuple[Any, jax.Array, jax.Array]:
+    """(params with the plain k_proj kernel back, k [L, n, kv_dim], v [L, n, kv_dim])."""
+    w = _get(params, PREFIX_PATH)
+    if not isinstance(w, _Prefix):
+        raise ValueError("prefix_apply needs params from apply_prefix_tuning "
+                         f"(layers/attn/k_proj/kernel is a {type(w).__name__})")
+    k, v = w.prefix_kv()
+    return _set(params, PREFIX_PATH, w.base), k, v
+
+
+def prefix_from_tokens(params: Any, cfg: ModelConfig, token_ids: Sequence[int]) -> Any:
+    """Sets a direct prefix to the keys/values the base model computes for `token_ids` (one
+    slot per id, positions 0..n-1, RoPE already applied), i.e. the KV cache of a real prefill
+    (Li & Liang's initialisation from real words; PEFT's Cartridge)."""
+    base_params, k0, _ = split_prefix(params)
+    w = _get(params, PREFIX_PATH)
+    if not isinstance(w, PrefixKV):
+        raise ValueError("prefix_from_tokens sets a direct prefix (projection=False)")
+    ids = jnp.asarray(token_ids, jnp.int32)[None]
+    n = ids.shape[1]
+    if n != k0.shape[1]:
+        raise ValueError(f"got {n} token ids for a prefix of {k0.shape[1]} slots")
+    cache = models.init_cache(cfg, 1, n)
+    _, aux = models.apply(base_params, cfg, ids, cache=cache)
+    flat = lambda x: x[:, 0].reshape(cfg.num_layers, n, cfg.kv_size).astype(w.k.dtype)
+    return _set(params, PREFIX_PATH, w.replace(k=flat(aux["cache"]["k"]),
+                                               v=flat(aux["cache"]["v"])))
+
+
+def prefix_apply(params: Any, cfg: ModelConfig, tokens: jax.Array, *,
+                 positions: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None,
+                 cache: Optional[dict] = None, segments: int = 1, **kw):
+    """`models.apply` with every layer's keys/values preceded by the trained prefix.
+
+    Real tokens keep positions 0.. (the prefix takes cache slots, not positions).
+    """
+    base_params, pk, pv = split_prefix(params)
+    n, kc = pk.shape[1], int(segments)
+    b, t = tokens.shape
+    seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    dtype = jnp.dtype(cfg.dtype) if cache is None else cache["k"].dtype
+
+    if cache is not None and CACHE_MARK in cache:  # decoding after the prefix was written
+        slots = cache[CACHE_MARK]
+        if positions is None:
+            positions = jnp.broadcast_to(cache["index"] - slots + jnp.arange(t), (b, t))
+        logits, aux = models.apply(base_params, cfg, tokens, positions=positions,
+                                   segment_ids=seg, cache=_strip_mark(cache), **kw)
+        aux["cache"][CACHE_MARK] = slots
+        return logits, aux
+
+    def slots_of(x):  # [L, n, kv_dim] -> [L, B, kc*n, Kv, hd]
+        x = x.reshape(cfg.num_layers, n, cfg.num_kv_heads, cfg.dim_per_head).astype(dtype)
+        x = jnp.tile(x, (1, kc, 1, 1))
+        return jnp.broadcast_to(x[:, None], (cfg.num_layers, b) + x.shape[1:])
+
+    pseg = prefix_segment_ids(seg, n, kc)
+    if cache is None:
+        empty = models.init_cache(cfg, b, t, dtype)
+        start = 0
+    else:
+        _check_fresh(cache)
+        empty, start = cache, cache["index"]
+    if positions is None:
+        positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+    full = {"k": jnp.concatenate([slots_of(pk), empty["k"]], axis=2),
+            "v": jnp.concatenate([slots_of(pv), empty["v"]], axis=2),
+            "segment_ids": jnp.concatenate([pseg, empty["segment_ids"]], axis=1),
+            "index": start + kc * n}
+    logits, aux = models.apply(base_params, cfg, tokens, positions=positions, segment_ids=seg,
+                               cache=full, **kw)
+    if cache is None:
+        aux.pop("cache")
+    else:
+        aux["cache"][CACHE_MARK] = jnp.asarray(kc * n, jnp.int32)
+    return logits, aux
+
+
+# ------------------------------------------------------------------------------------------
+# Generation with an apply function (ftjax.infer.generate.generate, apply_fn as a parameter)
+# ------------------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("cfg", "apply_fn", "max_new_tokens", "greedy"))
+def _generate_jit(params, prompt_tokens, prompt_lengths, eos_id, pad_id, temperature, top_k,
+                  top_p, rng, *, cfg, apply_fn, max_new_tokens, greedy):
+    from ftjax.infer.generate import prompt_layout, sample_logits
+    b, p = prompt_tokens.shape
+    segment_ids, positions = prompt_layout(prompt_lengths, p)
+    cache = models.init_cache(cfg, b, p + max_new_tokens)
+
+    def choose(logits, step):
+        if greedy:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return sample_logits(logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
+
+    logits, aux = apply_fn(params, cfg, prompt_tokens, positions=positions,
+                           segment_ids=segment_ids, cache=cache)
+    first = choose(logits[:, -1], jnp.int32(0))
+    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+    lengths = prompt_lengths.astype(jnp.int32)
+
+    def cond(state):
+        step, _, _, _, done = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, cache, out, last, done = state
+        pos = (lengths + step - 1)[:, None]
+        logits, aux = apply_fn(params, cfg, last[:, None], positions=pos,
+                               segment_ids=jnp.ones((b, 1), jnp.int32), cache=cache)
+        tok = jnp.where(done, pad_id, choose(logits[:, -1], step))
+        out = jax.lax.dynamic_update_index_in_dim(out, tok, step, axis=1)
+        return step + 1, aux["cache"], out, tok, done | (tok == eos_id)
+
+    state = (jnp.int32(1), aux["cache"], out, first, first == eos_id)
+    return jax.lax.while_loop(cond, body, state)[2]
+
+
+def prompt_generate(params: Any, cfg: ModelConfig, prompt_tokens, prompt_lengths, *,
+                    apply_fn=prompt_apply, max_new_tokens: int, eos_id: int, pad_id: int = 0,
+                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                    rng: Optional[jax.Array] = None) -> np.ndarray:
+    """`ftjax.infer.generate.generate` through `apply_fn` (prompt_apply, prefix_apply, or any
+    function with the signature of `models.apply` that handles a KV cache).
+
+    Same arguments and output as `generate`: left-padded prompts [B, P] with their lengths;
+    returns int32 [B, max_new_tokens], pad after eos. Greedy when temperature == 0.
+    """
+    prompt_tokens = np.asarray(prompt_tokens, np.int32)
+    prompt_lengths = np.asarray(prompt_lengths, np.int32)
+    if prompt_tokens.ndim != 2 or prompt_lengths.shape != prompt_tokens.shape[:1]:
+        raise ValueError(f"prompt_tokens must be [B, P] and prompt_lengths [B], got "
+                         f"{prompt_tokens.shape} and {prompt_lengths.shape}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    greedy = temperature == 0.0
+    if not greedy and rng is None:
+        raise ValueError("sampling (temperature > 0) needs an explicit rng")
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    out = _generate_jit(params, jnp.asarray(prompt_tokens), jnp.asarray(prompt_lengths),
+                        jnp.int32(eos_id), jnp.int32(pad_id),
+                        jnp.float32(1.0 if greedy else temperature), jnp.int32(top_k),
+                        jnp.float32(top_p), rng, cfg=cfg, apply_fn=apply_fn,
+                        max_new_tokens=int(max_new_tokens), greedy=greedy)
+    return np.asarray(out)
+
+
+# ------------------------------------------------------------------------------------------
+# Config entry point
+# ------------------------------------------------------------------------------------------
+
+def _init_token_ids(pcfg) -> Optional[list[int]]:
+    ids = pcfg.get("init_token_ids", None)
+    if ids:
+        return [int(i) for i in ids]
+    text = pcfg.get("init_text", "")
+    if not text:
+        return None
+    from ftjax import data as ftdata
+    tok_dir = pcfg.get("tokenizer_dir", "")
+    tok = ftdata.HFTokenizer.from_dir(tok_dir) if tok_dir else ftdata.CharTokenizer()
+    return list(tok.encode(text))
+
+
+def method(pcfg):
+    """prompt_tuning or prefix_tuning from a config's `peft` section (configs/prompt_sft.py,
+    configs/prefix_sft.py)."""
+    from ftjax.peft import Method
+    name = pcfg.get("method")
+    n = int(pcfg.get("num_virtual_tokens", 20))
+    segments = int(pcfg.get("segments", 1))
+    if name == "prompt_tuning":
+        init_std = pcfg.get("init_std", None) or None  # 0 / None: the embedding table's std
+        transform = functools.partial(
+            apply_prompt_tuning, num_virtual_tokens=n, init=pcfg.get("init", "random"),
+            init_token_ids=_init_token_ids(pcfg),
+            init_std=None if init_std is None else float(init_std))
+        apply_fn = functools.partial(prompt_apply, segments=segments)
+    elif name == "prefix_tuning":
+        hidden = pcfg.get("projection_hidden", None)
+        token_dim = pcfg.get("token_dim", None)
+        transform = functools.partial(
+            apply_prefix_tuning, num_virtual_tokens=n,
+            projection=bool(pcfg.get("projection", False)),
+            projection_hidden=None if not hidden else int(hidden),
+            token_dim=None if not token_dim else int(token_dim),
+            init_std=float(pcfg.get("init_std", 1.0)))
+        apply_fn = functools.partial(prefix_apply, segments=segments)
+    else:
+        raise ValueError(f"ftjax.peft.prompt provides prompt_tuning and prefix_tuning, not "
+                         f"{name!r}")
+    return Method(name=name, transform=transform,
+                  train_patterns=tuple(pcfg.get("train_patterns", ())), apply_fn=apply_fn)

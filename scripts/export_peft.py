@@ -1,0 +1,202 @@
+"""Exports a PEFT training run (LoRA, rsLoRA, DoRA, IA3) as a PEFT adapter or a merged HF model.
+
+    # adapter directory for peft.PeftModel.from_pretrained(base_model, OUT)
+    python scripts/export_peft.py --workdir WORKDIR --out OUT --format peft
+
+    # merged Hugging Face directory for transformers.AutoModelForCausalLM.from_pretrained(OUT)
+    python scripts/export_peft.py --workdir WORKDIR --out OUT --format merged [--dtype bfloat16]
+
+The checkpoints of a PEFT run hold only the trained leaves; the frozen base is rebuilt as the
+run built it (the config's `model.init_from`, or the seeded random init) and the run's PEFT
+transform (`ftjax.peft.get_method(cfg.peft)`) is re-applied with the run's key, then the
+trained leaves of the latest (or --step N) checkpoint replace their initial values.
+--format peft supports LoRA, rsLoRA, DoRA and IA3 runs; runs with `peft.init=pissa` are
+converted to a plain rank-2r adapter on the original base (as PEFT's
+path_initial_model_for_weight_conversion does), and plain leaves that trained too (e.g.
+`peft.train_patterns=("lm_head/.*",)`) are written as PEFT `modules_to_save`. --format
+merged works for every method that only transforms weights (no prompt/prefix tuning).
+
+Options: --base-model NAME (adapter_config.json's base_model_name_or_path; default the
+init_from directory), --tokenizer DIR (copy tokenizer files; default the init_from
+directory), --step, --dtype and --shard-size-mb (merged only).
+See docs/peft_format.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from typing import Any, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                    "chat_template.jinja", "chat_template.json")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n", 1)[1])
+    p.add_argument("--workdir", required=True, help="ftjax training workdir (config.json + "
+                   "checkpoints/)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--format", choices=("peft", "merged"), default="peft")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--base-model", default=None,
+                   help="base_model_name_or_path to record (default: the init_from directory)")
+    p.add_argument("--tokenizer", default=None, help="directory to copy tokenizer files from")
+    p.add_argument("--dtype", default=None, help="merged storage dtype (float32, bfloat16, "
+                   "float16; default the run's param_dtype)")
+    p.add_argument("--shard-size-mb", type=float, default=5000.0)
+    return p.parse_args(argv)
+
+
+def _flat_with_fields(tree: Any) -> dict[str, Any]:
+    """'layers/attn/q_proj/kernel/a' -> array: every array leaf, fields of structured weights
+    included (the names orbax stores them under)."""
+    import jax
+    from ftjax.peft.core import path_str
+    return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _checkpoint_params(workdir: str, step: Optional[int]) -> tuple[dict, int]:
+    """The trainable params saved in a checkpoint, as nested dicts (None for frozen leaves),
+    read by partial restore (optimizer state is not read)."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+    from etils import epath
+    from ftjax.io.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(workdir, async_save=False)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoints under {ckpt.directory}")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise ValueError(f"no checkpoint for step {step} in {ckpt.directory}; have {steps}")
+        meta = ocp.PyTreeCheckpointHandler().metadata(
+            epath.Path(ckpt.directory) / str(step) / "state")
+        meta = getattr(meta, "tree", meta)
+        device = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                {"params": meta["params"]})
+        args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=abstract, partial_restore=True,
+            restore_args=jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=device), abstract)))
+        state = ckpt.manager.restore(step, args=args)["state"]
+    finally:
+        ckpt.close()
+    return jax.tree.map(np.asarray, state["params"]), step
+
+
+def restore_peft_run(workdir: str, step: Optional[int] = None):
+    """(ModelConfig, trained params, initial params, base params, run config, step, paths).
+
+    The params carry the method's structured weights (LoRAWeight, DoRAWeight, ...); the
+    initial ones are the transform's output before training (with the run's key), the base
+    ones the untransformed model; paths lists the leaves read from the checkpoint.
+    """
+    import jax
+    import ml_collections
+    import numpy as np
+    from ftjax.peft import get_method
+    from ftjax.train.sft import initial_params, model_config
+
+    cfg_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{workdir!r} has no config.json; is it an ftjax workdir?")
+    with open(cfg_path) as f:
+        run_cfg = ml_collections.ConfigDict(json.load(f))
+    model_cfg = model_config(run_cfg.model)
+    saved, step = _checkpoint_params(workdir, step)
+    method = get_method(run_cfg.get("peft"))
+    if method.apply_fn is not None:
+        raise ValueError(f"peft.method={method.name!r} changes the model's inputs (apply_fn); "
+                         "it has no merged or PEFT LoRA form")
+    base = jax.tree.map(np.asarray, initial_params(run_cfg, model_cfg)())
+    key = jax.random.PRNGKey(int(run_cfg.seed) + 1)  # the key ftjax.train.loop uses
+    initial = jax.jit(method.transform)(base, key) if method.transform else base
+
+    trained_flat = {k: v for k, v in _flat_with_fields(saved).items() if v is not None}
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(initial)
+    from ftjax.peft.core import path_str
+    used, new, problems = set(), [], []
+    for p, x in leaves:
+        k = path_str(p)
+        if k in trained_flat:
+            t = trained_flat[k]
+            if tuple(t.shape) != tuple(x.shape):
+                problems.append(f"{k}: checkpoint {list(t.shape)}, rebuilt {list(x.shape)}")
+            used.add(k)
+            new.append(t)
+        else:
+            new.append(x)
+    unused = sorted(set(trained_flat) - used)
+    if unused:
+        problems.append(f"checkpoint leaves with no place in the rebuilt params: {unused}")
+    if problems:
+        raise ValueError(f"checkpoint step {step} of {workdir!r} does not match the params "
+                         f"rebuilt from its config ({method.name}): " + "; ".join(problems))
+    trained = jax.tree_util.tree_unflatten(treedef, new)
+    return model_cfg, trained, initial, base, run_cfg, step, sorted(used)
+
+
+def main(argv=None) -> str:
+    args = parse_args(argv)
+    from ftjax.io import hf, peft_format
+    from ftjax.io.params_file import flatten
+    from ftjax.peft.core import is_structured, merge
+
+    model_cfg, trained, initial, base, run_cfg, step, used = restore_peft_run(
+        args.workdir, args.step)
+    src = run_cfg.model.get("init_from", "") or ""
+    src_dir = os.path.abspath(src[len("hf:"):]) if src.startswith("hf:") else None
+    tokenizer = args.tokenizer or src_dir
+    what = f"{args.workdir} step {step}"
+
+    if args.format == "merged":
+        tok = tokenizer if tokenizer and any(
+            os.path.isfile(os.path.join(tokenizer, n)) for n in _TOKENIZER_FILES) else None
+        import jax
+        files = hf.save_pretrained(args.out, model_cfg, jax.device_get(merge(trained)),
+                                   shard_size_mb=args.shard_size_mb, dtype=args.dtype,
+                                   tokenizer_dir=tok)
+        print(f"wrote merged {model_cfg.family} model to {args.out} ({', '.join(files)}) "
+              f"from {what}")
+        return args.out
+
+    # Plain leaves that trained in full (peft.train_patterns) go to PEFT's modules_to_save.
+    structured = {p for p, w in flatten(trained).items() if is_structured(w)}
+    plain_trained = sorted(k for k in used if not any(k.startswith(p + "/") for p in structured))
+    pcfg = run_cfg.get("peft") or {}
+    params = trained
+    if pcfg.get("init", "default") == "pissa":
+        params = peft_format.residual_to_standard(trained, initial, base)
+    files = peft_format.save_peft_adapter(
+        args.out, model_cfg, params,
+        base_model_name_or_path=args.base_model if args.base_model is not None else (src_dir or ""),
+        use_rslora=bool(pcfg.get("rslora", False)) or None, modules_to_save=plain_trained)
+    if tokenizer:
+        for name in _TOKENIZER_FILES:
+            f = os.path.join(tokenizer, name)
+            if os.path.isfile(f):
+                shutil.copyfile(f, os.path.join(args.out, name))
+                files.append(name)
+    print(f"wrote PEFT adapter to {args.out} ({', '.join(files)}) from {what}")
+    return args.out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
