@@ -67,6 +67,11 @@ def restore_workdir(workdir: str, step: Optional[int] = None) -> tuple[Any, dict
         raise FileNotFoundError(f"{workdir!r} has no config.json; is it an ftjax workdir?")
     with open(cfg_path) as f:
         run_cfg = ml_collections.ConfigDict(json.load(f))
+    method = run_cfg.get("peft", {}).get("method", "full")
+    if method != "full":
+        raise ValueError(f"{workdir!r} is a peft.method={method!r} run: its checkpoints hold only "
+                         "the trained leaves. Export it with scripts/export_peft.py --workdir "
+                         f"{workdir} --out DIR --format merged (or --format peft)")
     model_cfg = model_config(run_cfg.model)
     ckpt = Checkpointer(workdir, async_save=False)
     try:

@@ -108,6 +108,7 @@ def restore_peft_run(workdir: str, step: Optional[int] = None):
     import ml_collections
     import numpy as np
     from ftjax.peft import get_method
+    from ftjax.train import loop
     from ftjax.train.sft import initial_params, model_config
 
     cfg_path = os.path.join(workdir, "config.json")
@@ -122,7 +123,7 @@ def restore_peft_run(workdir: str, step: Optional[int] = None):
         raise ValueError(f"peft.method={method.name!r} changes the model's inputs (apply_fn); "
                          "it has no merged or PEFT LoRA form")
     base = jax.tree.map(np.asarray, initial_params(run_cfg, model_cfg)())
-    key = jax.random.PRNGKey(int(run_cfg.seed) + 1)  # the key ftjax.train.loop uses
+    key = loop.transform_key(int(run_cfg.seed))
     initial = jax.jit(method.transform)(base, key) if method.transform else base
 
     trained_flat = {k: v for k, v in _flat_with_fields(saved).items() if v is not None}

@@ -77,6 +77,11 @@ class Placement:
         return sharding.shard_host_batch(batch, self.batch)
 
 
+def transform_key(seed: int) -> jax.Array:
+    """The key a run's PEFT transform is applied with (export tools rebuild adapters with it)."""
+    return jax.random.PRNGKey(seed + 1)
+
+
 def host_params(load_fn: Callable[[], Any]) -> Callable[[], Any]:
     """Marks an init function that returns host arrays (a loaded checkpoint).
 
@@ -148,7 +153,7 @@ def train(cfg: Any, workdir: str, *, model_cfg: ModelConfig, init_params: Callab
     on_host = getattr(init_params, "on_host", False)
     base_abstract = (models.param_shapes(model_cfg) if on_host
                      else jax.eval_shape(init_params))
-    tkey = jax.random.PRNGKey(seed + 1)
+    tkey = transform_key(seed)
     full_abstract = (jax.eval_shape(transform, base_abstract, tkey) if transform
                      else base_abstract)
     placement = placement or Placement(cfg, model_cfg, devices, abstract_params=full_abstract)
