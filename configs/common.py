@@ -38,7 +38,11 @@ def optimizer(name: str = "adamw", learning_rate: float = 1e-3, **kw) -> ml_coll
     constant linear cosine (each with linear warmup); grad_clip_norm 0 disables clipping."""
     cfg = dict(name=name, learning_rate=learning_rate, schedule="cosine", warmup_steps=0,
                min_lr_ratio=0.1, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, momentum=0.9,
-               nesterov=False, decay=0.9, grad_clip_norm=1.0)
+               nesterov=False, decay=0.9, grad_clip_norm=1.0,
+             # ((regex, None | lr multiplier | {"lr": m, "layers": (start, stop)}), ...):
+             # first full match over trainable param paths wins; None freezes
+             # (ftjax/train/param_groups.py).
+             param_groups=())
     cfg.update(kw)
     return ml_collections.ConfigDict(cfg)
 

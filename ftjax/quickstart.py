@@ -321,6 +321,7 @@ def run(cfg: Any, workdir: str) -> dict:
     result = loop.train(ft_cfg, ft_dir, model_cfg=model_cfg, init_params=init,
                         loss_fn=sft_loss(model_cfg, float(t.z_loss), method.apply_fn),
                         transform=method.transform, train_patterns=method.train_patterns,
+                        wrap_optimizer=method.wrap_optimizer,
                         train_iter=it, eval_batches=ft_eval_batches, name="finetune")
     t0 = time.time()
     after = {t_: _score(result.params, model_cfg, tok, ex, d) for t_, ex in sets.items()}

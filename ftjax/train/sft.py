@@ -124,6 +124,7 @@ def run(cfg: Any, workdir: str) -> dict:
                         init_params=initial_params(cfg, model_cfg),
                         loss_fn=sft_loss(model_cfg, float(t.z_loss), method.apply_fn),
                         transform=method.transform, train_patterns=method.train_patterns,
+                        wrap_optimizer=method.wrap_optimizer,
                         train_iter=it,
                         eval_batches=eval_batches(test_ex, tok, int(t.batch_size), int(t.seq_len)))
     em = {"exact_match": None, "n": 0}
