@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Learning rates: full fine-tuning as the quickstart; adapters with few parameters need more.
 LEARNING_RATES = {"full": 1e-3, "lora": 1e-3, "dora": 1e-3, "qlora": 1e-3, "ia3": 2e-2,
-                  "adapter": 3e-3, "prompt": 3e-2, "prefix": 1e-2, "hft": 1e-3, "vera": 1e-2}
+                  "adapter": 3e-3, "prompt_tuning": 3e-2, "prefix_tuning": 1e-2, "hft": 1e-3, "vera": 1e-2}
 
 
 def run_one(method: str, steps: int, out: str) -> dict:
