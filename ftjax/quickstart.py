@@ -139,10 +139,11 @@ def _median_step_time(history: Sequence[dict], tokens_per_step: int) -> Optional
     return round(tokens_per_step / rates[len(rates) // 2], 5) if rates else None
 
 
-def _score(params, model_cfg: ModelConfig, tok, examples: Sequence[dict], data_cfg: Any) -> dict:
+def _score(params, model_cfg: ModelConfig, tok, examples: Sequence[dict], data_cfg: Any,
+           apply_fn=None) -> dict:
     return exact_match_eval(params, model_cfg, tok, examples,
                             max_new_tokens=int(data_cfg.max_new_tokens),
-                            batch_size=int(data_cfg.eval_batch_size))
+                            batch_size=int(data_cfg.eval_batch_size), apply_fn=apply_fn)
 
 
 def _curve_pairs(curve: plots.Curve) -> list[list[float]]:
@@ -324,7 +325,8 @@ def run(cfg: Any, workdir: str) -> dict:
                         wrap_optimizer=method.wrap_optimizer,
                         train_iter=it, eval_batches=ft_eval_batches, name="finetune")
     t0 = time.time()
-    after = {t_: _score(result.params, model_cfg, tok, ex, d) for t_, ex in sets.items()}
+    after = {t_: _score(result.params, model_cfg, tok, ex, d, method.apply_fn)
+             for t_, ex in sets.items()}
     eval_after_s = time.time() - t0
 
     # 4. Report.

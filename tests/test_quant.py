@@ -85,6 +85,18 @@ def test_nf4_packing_exact_roundtrip_and_products():
         assert q.shape == (40, 24)
 
 
+def test_backward_keeps_codes_not_the_dequantized_weight(capsys):
+    from jax.ad_checkpoint import print_saved_residuals
+    w = jax.random.normal(jax.random.PRNGKey(0), (128, 96))
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 128))
+    for q in (quant.quantize_nf4(w), quant.quantize_int8(w)):
+        lw = LoRAWeight(base=q, a=jnp.ones((128, 2)), b=jnp.ones((2, 96)))
+        print_saved_residuals(lambda x, a: lw.replace(a=a).matmul(x).sum(), x, lw.a)
+        saved = capsys.readouterr().out
+        assert "f32[128,96]" not in saved, saved  # no dense copy held for the backward pass
+        assert ("u8[64,96]" if isinstance(q, quant.NF4Weight) else "i8[128,96]") in saved
+
+
 def test_stacked_quantization_slices_per_layer():
     w = jax.random.normal(jax.random.PRNGKey(3), (3, 64, 48)).astype(jnp.bfloat16)
     for kind in quant.KINDS:
@@ -211,7 +223,7 @@ def test_lora_over_nf4_trains_sharded_like_single_device(tmp_path):
     single = _qlora_train(one, tmp_path / "o", devices=jax.devices()[:1])
     assert single.history[-1]["loss"] < single.history[0]["loss"]
     base = apply_qlora(models.init(model_cfg_of(one), jax.random.PRNGKey(0)),
-                       jax.random.PRNGKey(one.seed + 1), rank=4)
+                       loop.transform_key(one.seed), rank=4)
     got = single.state.full_params()
     for name in ("q_proj", "o_proj"):
         w, w0 = got["layers"]["attn"][name]["kernel"], base["layers"]["attn"][name]["kernel"]

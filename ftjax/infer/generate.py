@@ -71,12 +71,13 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: jax.Array,
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy"))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "apply_fn"))
 def _generate_jit(params: Params, prompt_tokens: jax.Array, prompt_lengths: jax.Array,
                   eos_id: jax.Array, pad_id: jax.Array, temperature: jax.Array,
                   top_k: jax.Array, top_p: jax.Array, rng: jax.Array, *, cfg: ModelConfig,
-                  max_new_tokens: int, greedy: bool) -> jax.Array:
+                  max_new_tokens: int, greedy: bool, apply_fn=None) -> jax.Array:
     """Prefill + while-loop decode. Returns int32 [B, max_new_tokens] (pad after eos)."""
+    apply_fn = apply_fn or models.apply
     b, p = prompt_tokens.shape
     segment_ids, positions = prompt_layout(prompt_lengths, p)
     cache = models.init_cache(cfg, b, p + max_new_tokens)
@@ -86,8 +87,8 @@ def _generate_jit(params: Params, prompt_tokens: jax.Array, prompt_lengths: jax.
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return sample_logits(logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
 
-    logits, aux = models.apply(params, cfg, prompt_tokens, positions=positions,
-                               segment_ids=segment_ids, cache=cache)
+    logits, aux = apply_fn(params, cfg, prompt_tokens, positions=positions,
+                           segment_ids=segment_ids, cache=cache)
     # Prompts are left-padded, so the last slot is every row's last real token.
     first = choose(logits[:, -1], jnp.int32(0))
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
@@ -102,8 +103,8 @@ def _generate_jit(params: Params, prompt_tokens: jax.Array, prompt_lengths: jax.
         step, cache, out, last, done = state
         # The token emitted at step-1 sits at position len + step - 1 of its row.
         pos = (lengths + step - 1)[:, None]
-        logits, aux = models.apply(params, cfg, last[:, None], positions=pos,
-                                   segment_ids=jnp.ones((b, 1), jnp.int32), cache=cache)
+        logits, aux = apply_fn(params, cfg, last[:, None], positions=pos,
+                               segment_ids=jnp.ones((b, 1), jnp.int32), cache=cache)
         tok = choose(logits[:, -1], step)
         tok = jnp.where(done, pad_id, tok)
         out = jax.lax.dynamic_update_index_in_dim(out, tok, step, axis=1)
@@ -116,8 +117,12 @@ def _generate_jit(params: Params, prompt_tokens: jax.Array, prompt_lengths: jax.
 
 def generate(params: Params, cfg: ModelConfig, prompt_tokens, prompt_lengths, *,
              max_new_tokens: int, eos_id: int, pad_id: int = 0, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, rng: Optional[jax.Array] = None) -> np.ndarray:
+             top_k: int = 0, top_p: float = 1.0, rng: Optional[jax.Array] = None,
+             apply_fn=None) -> np.ndarray:
     """Continues left-padded prompts; returns int32 [B, max_new_tokens] with pad after eos.
+
+    apply_fn: replaces `models.apply` (same signature, KV cache included), for PEFT methods
+    that change what the model sees (prompt / prefix tuning, per-row adapters).
 
     prompt_tokens: int [B, P], each row's `prompt_lengths[b]` real tokens right-aligned.
     Greedy when temperature == 0; otherwise samples with `rng` (required), after top-k
@@ -156,7 +161,7 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens, prompt_lengths, *,
                         jnp.asarray(prompt_lengths, jnp.int32), jnp.int32(eos_id),
                         jnp.int32(pad_id), jnp.float32(1.0 if greedy else temperature),
                         jnp.int32(top_k), jnp.float32(top_p), rng, cfg=cfg,
-                        max_new_tokens=int(max_new_tokens), greedy=greedy)
+                        max_new_tokens=int(max_new_tokens), greedy=greedy, apply_fn=apply_fn)
     return np.asarray(out)
 
 

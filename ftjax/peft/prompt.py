@@ -456,42 +456,6 @@ def prefix_apply(params: Any, cfg: ModelConfig, tokens: jax.Array, *,
 # Generation with an apply function (ftjax.infer.generate.generate, apply_fn as a parameter)
 # ------------------------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("cfg", "apply_fn", "max_new_tokens", "greedy"))
-def _generate_jit(params, prompt_tokens, prompt_lengths, eos_id, pad_id, temperature, top_k,
-                  top_p, rng, *, cfg, apply_fn, max_new_tokens, greedy):
-    from ftjax.infer.generate import prompt_layout, sample_logits
-    b, p = prompt_tokens.shape
-    segment_ids, positions = prompt_layout(prompt_lengths, p)
-    cache = models.init_cache(cfg, b, p + max_new_tokens)
-
-    def choose(logits, step):
-        if greedy:
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return sample_logits(logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
-
-    logits, aux = apply_fn(params, cfg, prompt_tokens, positions=positions,
-                           segment_ids=segment_ids, cache=cache)
-    first = choose(logits[:, -1], jnp.int32(0))
-    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
-    lengths = prompt_lengths.astype(jnp.int32)
-
-    def cond(state):
-        step, _, _, _, done = state
-        return (step < max_new_tokens) & ~jnp.all(done)
-
-    def body(state):
-        step, cache, out, last, done = state
-        pos = (lengths + step - 1)[:, None]
-        logits, aux = apply_fn(params, cfg, last[:, None], positions=pos,
-                               segment_ids=jnp.ones((b, 1), jnp.int32), cache=cache)
-        tok = jnp.where(done, pad_id, choose(logits[:, -1], step))
-        out = jax.lax.dynamic_update_index_in_dim(out, tok, step, axis=1)
-        return step + 1, aux["cache"], out, tok, done | (tok == eos_id)
-
-    state = (jnp.int32(1), aux["cache"], out, first, first == eos_id)
-    return jax.lax.while_loop(cond, body, state)[2]
-
-
 def prompt_generate(params: Any, cfg: ModelConfig, prompt_tokens, prompt_lengths, *,
                     apply_fn=prompt_apply, max_new_tokens: int, eos_id: int, pad_id: int = 0,
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -502,23 +466,10 @@ def prompt_generate(params: Any, cfg: ModelConfig, prompt_tokens, prompt_lengths
     Same arguments and output as `generate`: left-padded prompts [B, P] with their lengths;
     returns int32 [B, max_new_tokens], pad after eos. Greedy when temperature == 0.
     """
-    prompt_tokens = np.asarray(prompt_tokens, np.int32)
-    prompt_lengths = np.asarray(prompt_lengths, np.int32)
-    if prompt_tokens.ndim != 2 or prompt_lengths.shape != prompt_tokens.shape[:1]:
-        raise ValueError(f"prompt_tokens must be [B, P] and prompt_lengths [B], got "
-                         f"{prompt_tokens.shape} and {prompt_lengths.shape}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    greedy = temperature == 0.0
-    if not greedy and rng is None:
-        raise ValueError("sampling (temperature > 0) needs an explicit rng")
-    rng = jax.random.PRNGKey(0) if rng is None else rng
-    out = _generate_jit(params, jnp.asarray(prompt_tokens), jnp.asarray(prompt_lengths),
-                        jnp.int32(eos_id), jnp.int32(pad_id),
-                        jnp.float32(1.0 if greedy else temperature), jnp.int32(top_k),
-                        jnp.float32(top_p), rng, cfg=cfg, apply_fn=apply_fn,
-                        max_new_tokens=int(max_new_tokens), greedy=greedy)
-    return np.asarray(out)
+    from ftjax.infer.generate import generate
+    return generate(params, cfg, prompt_tokens, prompt_lengths, max_new_tokens=max_new_tokens,
+                    eos_id=eos_id, pad_id=pad_id, temperature=temperature, top_k=top_k,
+                    top_p=top_p, rng=rng, apply_fn=apply_fn)
 
 
 # ------------------------------------------------------------------------------------------

@@ -83,11 +83,21 @@ def tokenizer_for(cfg: Any):
     return ftdata.CharTokenizer()
 
 
+def check_exportable(cfg: Any) -> None:
+    """Fails before training when `export.hf_dir` is set for a method with no merged form."""
+    method = get_method(cfg.get("peft"))
+    if cfg.get("export", {}).get("hf_dir", "") and method.apply_fn is not None:
+        raise ValueError(f"export.hf_dir: peft.method={method.name!r} changes the model's inputs "
+                         "(virtual tokens / prefixes) and has no merged Hugging Face form; "
+                         "unset export.hf_dir and keep the ftjax checkpoint")
+
+
 def export_hf(cfg: Any, model_cfg: ModelConfig, params: Any) -> str | None:
     """Writes the trained model as a Hugging Face directory when `export.hf_dir` is set."""
     out = cfg.get("export", {}).get("hf_dir", "")
     if not out:
         return None
+    check_exportable(cfg)
     from ftjax.io.hf import save_pretrained
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -120,6 +130,7 @@ def run(cfg: Any, workdir: str) -> dict:
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count())
     method = get_method(cfg.get("peft"))
+    check_exportable(cfg)
     result = loop.train(cfg, workdir, model_cfg=model_cfg,
                         init_params=initial_params(cfg, model_cfg),
                         loss_fn=sft_loss(model_cfg, float(t.z_loss), method.apply_fn),
@@ -135,7 +146,7 @@ def run(cfg: Any, workdir: str) -> dict:
             from jax.experimental import multihost_utils
             params = multihost_utils.process_allgather(params, tiled=True)
         em = exact_match_eval(params, model_cfg, tok, test_ex[:int(d.eval_examples)],
-                              max_new_tokens=int(d.max_new_tokens))
+                              max_new_tokens=int(d.max_new_tokens), apply_fn=method.apply_fn)
         print(f"held-out exact match: {em['exact_match']:.3f} over {em['n']} examples")
     exported = export_hf(cfg, model_cfg, result.params)
     summary = {"exported_hf_dir": exported, "final_loss": result.history[-1]["loss"] if result.history else None,
