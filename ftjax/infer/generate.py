@@ -184,7 +184,7 @@ def generate_text(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    unknown = set(sampling) - {"temperature", "top_k", "top_p", "rng"}
+    unknown = set(sampling) - {"temperature", "top_k", "top_p", "rng", "apply_fn"}
     if unknown:
         raise ValueError(f"generate_text got unknown sampling options {sorted(unknown)}; "
                          "allowed: temperature, top_k, top_p, rng")
