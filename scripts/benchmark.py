@@ -26,7 +26,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PRESETS = ("tiny", "small")
-MODES = ("full", "forward")  # "lora" joins later
+MODES = ("full", "forward", "lora", "qlora")
+# LoRA / QLoRA preset: rank 16, alpha 32 on every attention and MLP projection, AdamW.
+LORA_RANK, LORA_ALPHA = 16, 32.0
+LORA_TARGETS = (r"layers/attn/(q|k|v|o)_proj/kernel", r"layers/mlp/(gate|up|down)_proj/kernel")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -190,6 +193,7 @@ def main(argv=None) -> dict:
         weight_decay=args.weight_decay, b1=0.9, b2=0.999, eps=1e-8,
         grad_clip_norm=args.grad_clip))
     placement = loop.Placement(cfg, model_cfg)
+    sharding.check_batch_divisible(args.batch, placement.mesh, placement.rules)
     n_dev = placement.mesh.size
     dev = jax.devices()[0]
     log(f"{args.preset}/{args.mode} batch {args.batch} seq {args.seq} dtype {args.dtype} "
@@ -212,8 +216,43 @@ def main(argv=None) -> dict:
     init_fn = lambda: models.init(model_cfg, jax.random.PRNGKey(args.seed))
     params = jax.jit(init_fn, out_shardings=placement.params)()
     n_params = models.count_params(params)
+    extra = {"trainable_params": n_params,
+             "base_weight_bytes": int(sum(x.nbytes for x in jax.tree.leaves(params)))}
 
-    if args.mode == "full":
+    if args.mode in ("lora", "qlora"):
+        import functools
+        from ftjax.peft import core as peft_core
+        from ftjax.peft.lora import apply_lora
+        from ftjax.peft.qlora import apply_qlora
+        from ftjax.peft.quant import bits_per_param
+        transform = functools.partial(apply_lora if args.mode == "lora" else apply_qlora,
+                                      rank=LORA_RANK, alpha=LORA_ALPHA, targets=LORA_TARGETS)
+        tkey = loop.transform_key(args.seed)
+        abstract = jax.eval_shape(transform, params, tkey)
+        placement = loop.Placement(cfg, model_cfg, abstract_params=abstract)
+        tparams = jax.jit(transform, out_shardings=placement.params)(params, tkey)
+        del params
+        mask = peft_core.trainable_mask(tparams, ())
+        trainable, frozen = peft_core.partition(tparams, mask)
+        del tparams
+        tx, sched = optim.make_optimizer(opt_cfg, total_steps)
+        make = lambda t, f: create_state(t, tx, args.seed, f)
+        abstract_state = jax.eval_shape(make, trainable, frozen)
+        state_sh = sharding.state_shardings(abstract_state, abstract, placement.params,
+                                            placement.mesh)
+        state = jax.jit(make, out_shardings=state_sh)(trainable, frozen)
+        base_leaves = [getattr(w, "base", None) for w in jax.tree.leaves(
+            frozen, is_leaf=peft_core.is_structured) if peft_core.is_structured(w)]
+        extra = {"trainable_params": peft_core.count(trainable),
+                 "base_weight_bytes": int(sum(x.nbytes for x in jax.tree.leaves(frozen))),
+                 "adapted_base_bits_per_param": (bits_per_param(frozen) if args.mode == "qlora"
+                                                 else 32.0),
+                 "lora_rank": LORA_RANK, "lora_alpha": LORA_ALPHA}
+        del trainable, frozen, base_leaves
+        fn = jit_train_step(make_train_step(loss_fn, tx, schedule=sched), state_sh,
+                            placement.batch)
+        carry = state
+    elif args.mode == "full":
         tx, sched = optim.make_optimizer(opt_cfg, total_steps)
         abstract_state = jax.eval_shape(lambda p: create_state(p, tx, args.seed), params)
         state_sh = sharding.state_shardings(abstract_state, jax.eval_shape(lambda: params),
@@ -249,7 +288,7 @@ def main(argv=None) -> dict:
     def run_one(i):
         nonlocal carry
         b = batches[i % n_batches]
-        if args.mode == "full":
+        if args.mode != "forward":
             old = carry
             carry, metrics = compiled(carry, b)
             jax.block_until_ready((carry, metrics))
@@ -283,7 +322,7 @@ def main(argv=None) -> dict:
 
     median = statistics.median(times)
     tokens = args.batch * args.seq
-    fpt = loop.flops_per_token(model_cfg, args.seq, training=args.mode == "full")
+    fpt = loop.flops_per_token(model_cfg, args.seq, training=args.mode != "forward")
     peak, peak_src = monitor.peak_flops_per_device(dev, override=args.peak_flops or None)
     thr = monitor.Throughput(tokens, fpt, n_devices=n_dev, peak_flops_per_device=peak)
     m = thr.measure(1, median)
@@ -295,6 +334,7 @@ def main(argv=None) -> dict:
         "batch": args.batch,
         "seq": args.seq,
         "params": n_params,
+        **extra,
         "step_time_median_s": median,
         "tokens_per_s": m["tokens_per_s"],
         "compile_s": compile_s,

@@ -78,6 +78,13 @@ def attention_mask(q_slots: jax.Array, k_slots: jax.Array, q_seg: jax.Array, k_s
     return (causal[None] & same_seg)[:, None]
 
 
+def mask_bias(mask: jax.Array) -> jax.Array:
+    """Boolean mask -> additive float32 bias (0 where attending, a large negative elsewhere).
+
+    Built once per forward and added to the scores of every layer (cheaper than a select)."""
+    return jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
 def attention(p: Params, x: jax.Array, positions: jax.Array, mask: jax.Array,
               cfg: ModelConfig, cache: Optional[dict] = None, cache_index=None):
     """Grouped-query self-attention. Returns (output [B, T, D], updated layer cache or None)."""
@@ -109,9 +116,11 @@ def attention(p: Params, x: jax.Array, positions: jax.Array, mask: jax.Array,
         k, v = k_all.astype(dt), v_all.astype(dt)
 
     scale = cfg.attn_scale if cfg.attn_scale is not None else hd ** -0.5
-    q = q.reshape(b, t, nkv, nh // nkv, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    q = (q * jnp.asarray(scale, q.dtype)).reshape(b, t, nkv, nh // nkv, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    if mask.dtype == jnp.bool_:
+        mask = mask_bias(mask)
+    scores = scores + mask[:, :, None]
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, nh * hd)
     out = linear(out, p["o_proj"]["kernel"], dt)

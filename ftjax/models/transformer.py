@@ -177,7 +177,7 @@ def apply(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
         k_slots = jnp.arange(k_seg.shape[1], dtype=jnp.int32)
     else:
         k_seg, k_slots = segment_ids, q_slots
-    mask = layers.attention_mask(q_slots, k_slots, segment_ids, k_seg, cfg)
+    mask = layers.mask_bias(layers.attention_mask(q_slots, k_slots, segment_ids, k_seg, cfg))
 
     h = embed(tokens, params["embed"]["embedding"], dt)
     if cfg.embed_scale:
