@@ -81,9 +81,10 @@ def base(trainer: str = "sft", seed: int = 0) -> ml_collections.ConfigDict:
     c.mesh, c.sharding = mesh()
     c.distributed = distributed()
     c.monitor = ml_collections.ConfigDict(dict(peak_flops=0.0))
-    # Fine-tuning method (ftjax.peft.METHODS): "full" trains `train_patterns`; PEFT methods
-    # add their own fields (see configs/lora_sft.py).
-    c.peft = ml_collections.ConfigDict(dict(method="full", train_patterns=(".*",)))
+    # Fine-tuning method (ftjax.peft.METHODS). `train_patterns`: regexes of plain params that
+    # train besides the method's own (for "full", empty = every param). PEFT methods read
+    # their own fields with defaults (see configs/lora_sft.py and the other *_sft.py).
+    c.peft = ml_collections.ConfigDict(dict(method="full", train_patterns=()))
     # Deployment: write the trained model as a Hugging Face directory ("" = no export).
     c.export = ml_collections.ConfigDict(dict(hf_dir=""))
     return c

@@ -7,5 +7,6 @@ from ftjax.peft import Method
 
 
 def method(pcfg) -> Method:
-    patterns = tuple(pcfg.get("train_patterns", (".*",))) if pcfg is not None else (".*",)
+    patterns = tuple(pcfg.get("train_patterns") or ()) if pcfg is not None else ()
+    patterns = patterns or (".*",)  # empty: every param trains
     return Method(name="full", transform=None, train_patterns=patterns)

@@ -167,5 +167,5 @@ def method(pcfg):
               granularity=str(pcfg.get("granularity", "category")),
               categories=tuple(pcfg.get("categories", DEFAULT_CATEGORIES)))
     return Method(name="hft", transform=None,
-                  train_patterns=tuple(pcfg.get("train_patterns", (".*",))),
+                  train_patterns=tuple(pcfg.get("train_patterns") or (".*",)),
                   wrap_optimizer=functools.partial(hft_optimizer, **kw))
