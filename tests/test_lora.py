@@ -126,3 +126,11 @@ def test_lora_sharded_equals_single_device(tmp_path):
                         devices=jax.devices()[:1])
     np.testing.assert_allclose([h["loss"] for h in sharded.history],
                                [h["loss"] for h in single.history], rtol=1e-5)
+
+
+def test_resume_with_other_trainable_set_is_refused(tmp_path):
+    c = tiny_config(steps=2, checkpoint_every=2)
+    _lora_train(c, tmp_path, _loader(c), rank=4)
+    c2 = tiny_config(steps=4, checkpoint_every=2)
+    with pytest.raises(ValueError, match="different set of trainable params"):
+        _lora_train(c2, tmp_path, _loader(c2), rank=8)

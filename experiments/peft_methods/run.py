@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ LEARNING_RATES = {"full": 1e-3, "lora": 1e-3, "dora": 1e-3, "qlora": 1e-3, "ia3"
 
 def run_one(method: str, steps: int, out: str) -> dict:
     workdir = os.path.join(out, method)
+    shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, never a resumed one
     cmd = [sys.executable, "-m", "ftjax.main", "--config", f"configs/quickstart.py:steps={steps}",
            "--workdir", workdir, f"--config.peft.method={method}",
            f"--config.optimizer.learning_rate={LEARNING_RATES.get(method, 1e-3)}",

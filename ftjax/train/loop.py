@@ -77,6 +77,12 @@ class Placement:
         return sharding.shard_host_batch(batch, self.batch)
 
 
+def _tree_signature_hash(obj: Any) -> str:
+    import hashlib
+    import json
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def transform_key(seed: int) -> jax.Array:
     """The key a run's PEFT transform is applied with (export tools rebuild adapters with it)."""
     return jax.random.PRNGKey(seed + 1)
@@ -166,6 +172,11 @@ def train(cfg: Any, workdir: str, *, model_cfg: ModelConfig, init_params: Callab
         raise ValueError(f"[{name}] nothing to train: no param matches train_patterns "
                          f"{list(train_patterns)} and no adapter was added")
     has_frozen = bool(jax.tree.leaves(frozen_abs))
+    # What a checkpoint must match to be resumed: the trainable leaves' paths and shapes.
+    sig_leaves = jax.tree_util.tree_flatten_with_path(train_abs)[0]
+    signature = {"n": len(sig_leaves), "size": int(sum(x.size for _, x in sig_leaves)),
+                 "hash": _tree_signature_hash([(peft_core.path_str(p), list(x.shape))
+                                            for p, x in sig_leaves])}
     train_sh, frozen_sh = peft_core.partition(placement.params, mask)
     abstract_state = jax.eval_shape(
         lambda t, f: create_state(t, tx, seed, f if has_frozen else None), train_abs, frozen_abs)
@@ -190,6 +201,15 @@ def train(cfg: Any, workdir: str, *, model_cfg: ModelConfig, init_params: Callab
         saved = abstract_with_shardings(abstract_state.replace(frozen=None),
                                         state_sh.replace(frozen=None))
         state, data_state = ckpt.restore(resumed_from, saved)
+        saved_sig = data_state.pop("_trainable", None)
+        if saved_sig is not None and saved_sig != signature:
+            raise ValueError(
+                f"[{name}] the checkpoint at step {resumed_from} in {ckpt.directory} was written "
+                f"with a different set of trainable params ({saved_sig['n']} leaves, "
+                f"{saved_sig['size']:,} values) than this run trains ({signature['n']} leaves, "
+                f"{signature['size']:,} values): the fine-tuning method or train_patterns "
+                "changed. Use a new --workdir, or restore the config the run started with "
+                "(the workdir keeps it as config.json / config.<hash>.json).")
         if has_frozen:  # frozen weights are not checkpointed: rebuild them from the base
             state = state.replace(frozen=peft_core.partition(initial_full_params(), mask)[1])
         if hasattr(train_iter, "set_state") and data_state:
@@ -268,6 +288,7 @@ def train(cfg: Any, workdir: str, *, model_cfg: ModelConfig, init_params: Callab
         if due and step != last_saved:
             last_saved = step
             data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else {}
+            data_state = dict(data_state, _trainable=signature)
             ckpt.save(step, state.replace(frozen=None), data_state, force=True)
         if stopped_early:
             print(f"[{name}] early stopping at step {step}: eval loss has not improved by "
