@@ -129,8 +129,8 @@ def test_lora_sharded_equals_single_device(tmp_path):
 
 
 def test_resume_with_other_trainable_set_is_refused(tmp_path):
-    c = tiny_config(steps=2, checkpoint_every=2)
+    c = tiny_config(steps=3, checkpoint_every=3)
     _lora_train(c, tmp_path, _loader(c), rank=4)
-    c2 = tiny_config(steps=4, checkpoint_every=2)
+    c2 = tiny_config(steps=6, checkpoint_every=3)
     with pytest.raises(ValueError, match="different set of trainable params"):
         _lora_train(c2, tmp_path, _loader(c2), rank=8)
