@@ -200,8 +200,7 @@ def train(cfg: Any, workdir: str, *, model_cfg: ModelConfig, init_params: Callab
     if resumed_from is not None:
         saved = abstract_with_shardings(abstract_state.replace(frozen=None),
                                         state_sh.replace(frozen=None))
-        state, data_state = ckpt.restore(resumed_from, saved)
-        saved_sig = data_state.pop("_trainable", None)
+        saved_sig = ckpt.restore_data(resumed_from).get("_trainable")
         if saved_sig is not None and saved_sig != signature:
             raise ValueError(
                 f"[{name}] the checkpoint at step {resumed_from} in {ckpt.directory} was written "
@@ -210,6 +209,8 @@ def train(cfg: Any, workdir: str, *, model_cfg: ModelConfig, init_params: Callab
                 f"{signature['size']:,} values): the fine-tuning method or train_patterns "
                 "changed. Use a new --workdir, or restore the config the run started with "
                 "(the workdir keeps it as config.json / config.<hash>.json).")
+        state, data_state = ckpt.restore(resumed_from, saved)
+        data_state.pop("_trainable", None)
         if has_frozen:  # frozen weights are not checkpointed: rebuild them from the base
             state = state.replace(frozen=peft_core.partition(initial_full_params(), mask)[1])
         if hasattr(train_iter, "set_state") and data_state:
