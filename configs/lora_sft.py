@@ -18,6 +18,7 @@ def get_config(arg=None):
     c = sft_config(common.pack_arg(tasks=arg.tasks, steps=arg.steps))
     c.peft = ml_collections.ConfigDict(dict(
         method="lora", rank=arg.rank, alpha=arg.alpha, rslora=arg.rslora, init=arg.init,
+        dropout=0.0,                        # LoRA dropout on the adapter input (training only)
         targets=tuple(DEFAULT_TARGETS),     # regexes over param paths (full match)
         rank_pattern={}, alpha_pattern={},  # {regex: value} per-path overrides
         train_patterns=(),                  # plain leaves that also train (e.g. "lm_head/.*")

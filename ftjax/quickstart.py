@@ -320,7 +320,8 @@ def run(cfg: Any, workdir: str) -> dict:
     ft_dir = os.path.join(workdir, "finetune")
     method = get_method(cfg.get("peft"))
     result = loop.train(ft_cfg, ft_dir, model_cfg=model_cfg, init_params=init,
-                        loss_fn=sft_loss(model_cfg, float(t.z_loss), method.apply_fn),
+                        loss_fn=sft_loss(model_cfg, float(t.z_loss), method.apply_fn,
+                                         method.bind_rng),
                         transform=method.transform, train_patterns=method.train_patterns,
                         wrap_optimizer=method.wrap_optimizer,
                         train_iter=it, eval_batches=ft_eval_batches, name="finetune")

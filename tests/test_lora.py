@@ -134,3 +134,30 @@ def test_resume_with_other_trainable_set_is_refused(tmp_path):
     c2 = tiny_config(steps=6, checkpoint_every=3)
     with pytest.raises(ValueError, match="different set of trainable params"):
         _lora_train(c2, tmp_path, _loader(c2), rank=8)
+
+
+def test_lora_dropout_only_in_training_steps():
+    from ftjax.peft.lora import bind_dropout
+    from ftjax.train.step import make_eval_step
+    mcfg, _, lora = _setup(init="gaussian", rank=4, dropout=0.5)
+    bump = lambda w: w.replace(b=w.b + 0.5) if isinstance(w, LoRAWeight) else w
+    lora = core.map_weights(lambda _, w: bump(w), lora)
+    toks = jax.random.randint(jax.random.PRNGKey(3), (2, 8), 0, mcfg.vocab_size)
+    plain, _ = apply(lora, mcfg, toks)  # no key bound: no dropout (eval, generation)
+    k1 = bind_dropout(lora, jax.random.PRNGKey(1))
+    assert k1["layers"]["attn"]["q_proj"]["kernel"].dropout_key.shape == (mcfg.num_layers, 2)
+    d1, _ = apply(k1, mcfg, toks)
+    d1b, _ = apply(bind_dropout(lora, jax.random.PRNGKey(1)), mcfg, toks)
+    d2, _ = apply(bind_dropout(lora, jax.random.PRNGKey(2)), mcfg, toks)
+    np.testing.assert_array_equal(d1, d1b)  # same key, same mask
+    assert float(jnp.abs(d1 - plain).max()) > 1e-4 and float(jnp.abs(d1 - d2).max()) > 1e-4
+    # The loss binds keys only when it gets an rng; evaluation passes None.
+    from tests.test_train import random_batch
+    b = jax.tree.map(jnp.asarray, random_batch(0))
+    loss = sft_loss(mcfg, bind_rng=bind_dropout)
+    e1 = make_eval_step(loss)(lora, b)
+    e2 = make_eval_step(loss)(lora, b)
+    assert float(e1["nll"]) == float(e2["nll"])
+    t1, _ = loss(lora, b, jax.random.PRNGKey(5))
+    t2, _ = loss(lora, b, jax.random.PRNGKey(6))
+    assert abs(float(t1) - float(e1["nll"])) > 1e-2 and abs(float(t1) - float(t2)) > 1e-2

@@ -28,6 +28,9 @@ class Method:
     transform: Optional[Callable[[Any, Any], Any]]
     train_patterns: Sequence[str] = ()
     apply_fn: Optional[Callable[..., Any]] = None
+    # `(params, rng) -> params` run by the loss on every training step (never in eval), e.g.
+    # LoRA dropout binding fresh keys into the adapters.
+    bind_rng: Optional[Callable[[Any, Any], Any]] = None
     wrap_optimizer: Optional[Callable[[Any], Any]] = None
 
 

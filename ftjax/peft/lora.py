@@ -33,12 +33,20 @@ class LoRAWeight(StructuredWeight):
     a: jax.Array
     b: jax.Array
     scale: float = flax.struct.field(pytree_node=False, default=1.0)
+    # LoRA dropout on the adapter's input (training only): the rate, and a raw PRNG key per
+    # stacked slice [.., 2] bound for one step by `bind_dropout` (None otherwise).
+    dropout: float = flax.struct.field(pytree_node=False, default=0.0)
+    dropout_key: Any = None
 
     def matmul(self, x):
         dt = x.dtype
+        xa = x
+        if self.dropout_key is not None and self.dropout > 0:
+            keep = jax.random.bernoulli(self.dropout_key, 1.0 - self.dropout, x.shape)
+            xa = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(dt)
         return (linear(x, self.base, dt)
                 + self.scale * jnp.einsum("...r,ro->...o",
-                                          jnp.einsum("...i,ir->...r", x, self.a.astype(dt)),
+                                          jnp.einsum("...i,ir->...r", xa, self.a.astype(dt)),
                                           self.b.astype(dt)))
 
     def lookup(self, ids):
@@ -58,7 +66,26 @@ class LoRAWeight(StructuredWeight):
         base = base_axes
         if isinstance(self.base, StructuredWeight):
             base = dataclasses.replace(self.base, **self.base.field_axes(base_axes))
-        return {"base": base, "a": lead + (ax_in, RANK_AXIS), "b": lead + (RANK_AXIS, ax_out)}
+        return {"base": base, "a": lead + (ax_in, RANK_AXIS), "b": lead + (RANK_AXIS, ax_out),
+                "dropout_key": None}
+
+
+def bind_dropout(params: Any, rng: jax.Array) -> Any:
+    """Gives every LoRAWeight with dropout > 0 fresh keys for one training step.
+
+    Keys are stacked like the factors ([layers, 2] for scanned layers), so `lax.scan` hands
+    each layer its own key. Called by the loss only when it has an rng (training, not eval).
+    """
+    counter = [0]
+
+    def one(_, w):
+        if not isinstance(w, LoRAWeight) or w.dropout <= 0:
+            return w
+        counter[0] += 1
+        lead = w.a.shape[:-2]
+        keys = jax.random.split(jax.random.fold_in(rng, counter[0]), max(int(np.prod(lead)), 1))
+        return w.replace(dropout_key=keys.reshape(lead + (2,)) if lead else keys[0])
+    return map_weights(one, params)
 
 
 def lora_scale(rank: int, alpha: float, rslora: bool = False) -> float:
@@ -112,7 +139,7 @@ def init_factors(key, w: jax.Array, rank: int, scale: float, init: str, is_embed
 def apply_lora(params: Any, key: jax.Array, *, rank: int = 8, alpha: float = 16.0,
                targets: Sequence[str] = DEFAULT_TARGETS, rslora: bool = False,
                init: str = "default", rank_pattern: Optional[dict] = None,
-               alpha_pattern: Optional[dict] = None, dtype=None) -> Any:
+               alpha_pattern: Optional[dict] = None, dtype=None, dropout: float = 0.0) -> Any:
     """Wraps every weight whose path fully matches a `targets` regex in a LoRAWeight.
 
     rank_pattern / alpha_pattern: {regex: value} overrides per path (first `re.search` hit
@@ -138,7 +165,8 @@ def apply_lora(params: Any, key: jax.Array, *, rank: int = 8, alpha: float = 16.
         k = jax.random.fold_in(key, len(hits))
         a, b, base = init_factors(k, w, r, s, init, is_embedding=path.endswith("embedding"))
         adt = dtype or jnp.float32
-        return LoRAWeight(base=base, a=a.astype(adt), b=b.astype(adt), scale=s)
+        return LoRAWeight(base=base, a=a.astype(adt), b=b.astype(adt), scale=s,
+                          dropout=float(dropout))
 
     out = map_weights(one, params)
     if not hits:
@@ -156,6 +184,8 @@ def method(pcfg):
         targets=tuple(pcfg.get("targets", DEFAULT_TARGETS)),
         rslora=bool(pcfg.get("rslora", False)), init=pcfg.get("init", "default"),
         rank_pattern=dict(pcfg.get("rank_pattern", {}) or {}),
-        alpha_pattern=dict(pcfg.get("alpha_pattern", {}) or {}))
+        alpha_pattern=dict(pcfg.get("alpha_pattern", {}) or {}),
+        dropout=float(pcfg.get("dropout", 0.0)))
     return Method(name="lora", transform=transform,
-                  train_patterns=tuple(pcfg.get("train_patterns", ())))
+                  train_patterns=tuple(pcfg.get("train_patterns", ())),
+                  bind_rng=bind_dropout if float(pcfg.get("dropout", 0.0)) > 0 else None)

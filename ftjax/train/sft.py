@@ -133,7 +133,8 @@ def run(cfg: Any, workdir: str) -> dict:
     check_exportable(cfg)
     result = loop.train(cfg, workdir, model_cfg=model_cfg,
                         init_params=initial_params(cfg, model_cfg),
-                        loss_fn=sft_loss(model_cfg, float(t.z_loss), method.apply_fn),
+                        loss_fn=sft_loss(model_cfg, float(t.z_loss), method.apply_fn,
+                                         method.bind_rng),
                         transform=method.transform, train_patterns=method.train_patterns,
                         wrap_optimizer=method.wrap_optimizer,
                         train_iter=it,

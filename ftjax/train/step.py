@@ -24,16 +24,19 @@ from ftjax.train.state import TrainState
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 
 
-def sft_loss(model_cfg: ModelConfig, z_loss: float = 0.0, apply_fn=None) -> LossFn:
+def sft_loss(model_cfg: ModelConfig, z_loss: float = 0.0, apply_fn=None,
+             bind_rng=None) -> LossFn:
     """Next-token cross-entropy on the masked (completion) tokens, plus optional z-loss.
 
     apply_fn: replaces `models.apply` (same signature), for PEFT methods that change what the
-    model sees (see `ftjax.peft.Method`).
+    model sees (see `ftjax.peft.Method`). bind_rng: `(params, rng) -> params`, applied when
+    the loss gets an rng (training steps; evaluation passes None), e.g. LoRA dropout.
     """
     apply_fn = apply_fn or models.apply
 
     def loss_fn(params, batch, rng):
-        del rng
+        if bind_rng is not None and rng is not None:
+            params = bind_rng(params, rng)
         logits, _ = apply_fn(params, model_cfg, batch["inputs"],
                                  positions=batch.get("positions"),
                                  segment_ids=batch.get("segment_ids"))
@@ -110,7 +113,7 @@ def make_eval_step(loss_fn: LossFn):
     """(params, batch) -> summed stats (normalise after summing over the eval set)."""
 
     def eval_step(params, batch):  # params: the full tree (TrainState.full_params())
-        _, stats = loss_fn(params, batch, jax.random.PRNGKey(0))
+        _, stats = loss_fn(params, batch, None)  # no rng: no dropout
         return stats
 
     return eval_step
