@@ -43,9 +43,27 @@ def base_section(steps: int = 8000, path: str = SHIPPED_BASE) -> ml_collections.
     ))
 
 
+# The PEFT section of each method's own config, reused by `configs/quickstart.py:peft=NAME`.
+PEFT_CONFIGS = {"lora": "lora_sft", "dora": "dora_sft", "qlora": "qlora_sft", "ia3": "ia3_sft",
+                "adapter": "adapter_sft", "prompt_tuning": "prompt_sft",
+                "prefix_tuning": "prefix_sft", "hft": "hft_sft"}
+
+
+def peft_section(name: str, steps: int) -> ml_collections.ConfigDict:
+    """Every field of a method's `peft` section (so each can be overridden on the CLI)."""
+    if name == "full":
+        return common.base().peft
+    if name not in PEFT_CONFIGS:
+        raise ValueError(f"peft={name!r}: choose full or one of {sorted(PEFT_CONFIGS)} "
+                         "(other methods: --config.peft.method=NAME with their defaults)")
+    import importlib
+    return importlib.import_module(f"configs.{PEFT_CONFIGS[name]}").get_config(
+        f"steps={steps}").peft
+
+
 def get_config(arg=None):
     arg = common.parse_arg(arg, task="dmy2iso", steps=150, eval_examples=200, pretrain=False,
-                           base_steps=8000)
+                           base_steps=8000, peft="full")
     c = common.base(trainer="quickstart")
     c.model = base_model()
     # Full fine-tuning of the base on `data.task`.
@@ -67,4 +85,5 @@ def get_config(arg=None):
         num_samples=5,              # sample generations printed and kept in summary.json
     ))
     c.base = base_section(arg.base_steps, "" if arg.pretrain else SHIPPED_BASE)
+    c.peft = peft_section(arg.peft, arg.steps)  # fine-tuning method (default: full)
     return c
