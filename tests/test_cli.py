@@ -61,3 +61,15 @@ def test_indivisible_mesh_fails_before_compiling(tmp_path):
         ftmain.main(["--config", "configs/sft_synthetic.py", "--workdir", str(tmp_path),
                      "--config.mesh.data=1", "--config.mesh.tensor=8",
                      "--config.sharding.rules=fsdp_tp"])
+
+
+def test_quickstart_peft_argument_brings_the_method_section():
+    from ftjax.config_utils import apply_overrides, load_config
+    from ftjax.peft import get_method
+    c = load_config("configs/quickstart.py:peft=lora")
+    assert c.peft.method == "lora" and c.peft.rank > 0
+    c = apply_overrides(c, [("peft.rank", "4")])
+    assert get_method(c.peft).transform.keywords["rank"] == 4
+    assert load_config("configs/quickstart.py").peft.method == "full"
+    with pytest.raises(ValueError, match="peft='nope'"):
+        load_config("configs/quickstart.py:peft=nope")
