@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from typing import Any, Optional, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ftjax.peft.core import StructuredWeight, compile_patterns, linear, map_weights, materialize
-from ftjax.peft.lora import DEFAULT_TARGETS, RANK_AXIS, _rank_for, init_factors, lora_scale
+from ftjax.peft.core import StructuredWeight, linear, materialize
+from ftjax.peft.lora import DEFAULT_TARGETS, RANK_AXIS, init_factors, wrap_targets
 
 
 @flax.struct.dataclass
@@ -87,39 +86,24 @@ def apply_dora(params: Any, key: jax.Array, *, rank: int = 8, alpha: float = 16.
     `quant.quantize_params`: QDoRA), except with init="pissa", which needs the dense weight.
     Embedding tables are not supported (DoRA's column norm is defined for kernels).
     """
-    pats = compile_patterns(targets)
-    ranks = [(re.compile(k), v) for k, v in (rank_pattern or {}).items()]
-    alphas = [(re.compile(k), v) for k, v in (alpha_pattern or {}).items()]
-    hits: list[str] = []
-    paths: list[str] = []
-
-    def one(path, w):
-        paths.append(path)
-        if not any(p.fullmatch(path) for p in pats):
-            return w
-        structured = isinstance(w, StructuredWeight)
+    def check(path, w):
         if path.endswith("embedding") or len(w.shape) < 2:
             raise ValueError(f"DoRA target {path!r} is not a kernel (shape {w.shape}); DoRA "
                              "adapts [.., in, out] kernels, narrow the target patterns")
-        if structured and init == "pissa":
+        if isinstance(w, StructuredWeight) and init == "pissa":
             raise ValueError(f"DoRA init='pissa' needs a dense weight, {path!r} is a "
                              f"{type(w).__name__}")
-        hits.append(path)
-        r = int(_rank_for(path, rank, ranks))
-        s = lora_scale(r, float(_rank_for(path, alpha, alphas)), rslora)
-        a, b, base = init_factors(jax.random.fold_in(key, len(hits)), w, r, s, init,
-                                  is_embedding=False)
+
+    def make(path, w, r, s, k):
+        a, b, base = init_factors(k, w, r, s, init, is_embedding=False)
         adt = dtype or jnp.float32
         v = (materialize(base).astype(jnp.float32) + s * jnp.matmul(a, b))
         m = jnp.linalg.norm(v, axis=-2)  # magnitude = column norms of W0 + s·A·B
         return DoRAWeight(base=base, a=a.astype(adt), b=b.astype(adt), m=m.astype(adt),
                           scale=s)
 
-    out = map_weights(one, params)
-    if not hits:
-        raise ValueError(f"DoRA targets {list(targets)} match no weight; weight paths are: "
-                         f"{paths}")
-    return out
+    return wrap_targets(params, key, "DoRA", targets, check, make, rank=rank, alpha=alpha,
+                        rslora=rslora, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
 
 
 def method(pcfg):

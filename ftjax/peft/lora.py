@@ -145,6 +145,32 @@ def apply_lora(params: Any, key: jax.Array, *, rank: int = 8, alpha: float = 16.
     rank_pattern / alpha_pattern: {regex: value} overrides per path (first `re.search` hit
     wins, as PEFT's patterns). Raises if no weight matches, listing the weight paths.
     """
+    def check(path, w):
+        if isinstance(w, StructuredWeight) or w.ndim < 2:
+            raise ValueError(f"LoRA target {path!r} is not a dense matrix (shape "
+                             f"{getattr(w, 'shape', None)}); narrow the target patterns")
+
+    def make(path, w, r, s, k):
+        a, b, base = init_factors(k, w, r, s, init, is_embedding=path.endswith("embedding"))
+        adt = dtype or jnp.float32
+        return LoRAWeight(base=base, a=a.astype(adt), b=b.astype(adt), scale=s,
+                          dropout=float(dropout))
+
+    return wrap_targets(params, key, "LoRA", targets, check, make, rank=rank, alpha=alpha,
+                        rslora=rslora, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+
+
+def wrap_targets(params: Any, key: jax.Array, name: str, targets: Sequence[str], check, make, *,
+                 rank: int, alpha: float, rslora: bool = False,
+                 rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None):
+    """The target walk shared by the low-rank methods (LoRA, QLoRA, DoRA).
+
+    Every weight whose path fully matches a `targets` regex is checked (`check(path, w)` raises
+    for weights the method cannot adapt) and replaced by `make(path, w, rank, scale, key)`;
+    ranks and alphas follow the per-path patterns; the i-th hit gets `fold_in(key, i)`, so
+    methods (and export tools re-applying them) build identical adapters from one key.
+    Raises if nothing matches, listing the weight paths.
+    """
     pats = compile_patterns(targets)
     ranks = [(re.compile(k), v) for k, v in (rank_pattern or {}).items()]
     alphas = [(re.compile(k), v) for k, v in (alpha_pattern or {}).items()]
@@ -155,22 +181,15 @@ def apply_lora(params: Any, key: jax.Array, *, rank: int = 8, alpha: float = 16.
         paths.append(path)
         if not any(p.fullmatch(path) for p in pats):
             return w
-        if isinstance(w, StructuredWeight) or w.ndim < 2:
-            raise ValueError(f"LoRA target {path!r} is not a dense matrix (shape "
-                             f"{getattr(w, 'shape', None)}); narrow the target patterns")
+        check(path, w)
         hits.append(path)
         r = int(_rank_for(path, rank, ranks))
-        a_ = float(_rank_for(path, alpha, alphas))
-        s = lora_scale(r, a_, rslora)
-        k = jax.random.fold_in(key, len(hits))
-        a, b, base = init_factors(k, w, r, s, init, is_embedding=path.endswith("embedding"))
-        adt = dtype or jnp.float32
-        return LoRAWeight(base=base, a=a.astype(adt), b=b.astype(adt), scale=s,
-                          dropout=float(dropout))
+        s = lora_scale(r, float(_rank_for(path, alpha, alphas)), rslora)
+        return make(path, w, r, s, jax.random.fold_in(key, len(hits)))
 
     out = map_weights(one, params)
     if not hits:
-        raise ValueError(f"LoRA targets {list(targets)} match no weight; weight paths are: "
+        raise ValueError(f"{name} targets {list(targets)} match no weight; weight paths are: "
                          f"{paths}")
     return out
 

@@ -15,7 +15,6 @@ The report gives the max abs difference between the two merges for every weight.
 from __future__ import annotations
 
 import functools
-import re
 from typing import Any, Optional, Sequence
 
 import jax
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 
 from ftjax.peft import quant
 from ftjax.peft.core import StructuredWeight, compile_patterns, map_weights, materialize
-from ftjax.peft.lora import DEFAULT_TARGETS, LoRAWeight, _rank_for, init_factors, lora_scale
+from ftjax.peft.lora import DEFAULT_TARGETS, LoRAWeight, init_factors, wrap_targets
 
 
 def apply_qlora(params: Any, key: jax.Array, *, rank: int = 8, alpha: float = 16.0,
@@ -49,33 +48,20 @@ def apply_qlora(params: Any, key: jax.Array, *, rank: int = 8, alpha: float = 16
                                or not any(x.fullmatch(p) for x in q_pats)
                                or isinstance(w, StructuredWeight))
             else quant.quantize(w, quant_kind, **qkw), params)
-    ranks = [(re.compile(k), v) for k, v in (rank_pattern or {}).items()]
-    alphas = [(re.compile(k), v) for k, v in (alpha_pattern or {}).items()]
-    hits: list[str] = []
-    paths: list[str] = []
-
-    def one(path, w):
-        paths.append(path)
-        if not any(p.fullmatch(path) for p in lora_pats):
-            return w
+    def check(path, w):
         if isinstance(w, StructuredWeight) or w.ndim < 2:
             raise ValueError(f"QLoRA target {path!r} is not a dense matrix (shape "
                              f"{getattr(w, 'shape', None)}); narrow the target patterns")
-        hits.append(path)
-        r = int(_rank_for(path, rank, ranks))
-        s = lora_scale(r, float(_rank_for(path, alpha, alphas)), rslora)
-        # The same key schedule as apply_lora, so both start from identical adapters.
-        a, b, _ = init_factors(jax.random.fold_in(key, len(hits)), w, r, s, init,
-                               is_embedding=path.endswith("embedding"))
+
+    def make(path, w, r, s, k):
+        # The same factors as apply_lora for the same key; the base is quantized.
+        a, b, _ = init_factors(k, w, r, s, init, is_embedding=path.endswith("embedding"))
         adt = dtype or jnp.float32
         return LoRAWeight(base=quant.quantize(w, quant_kind, **qkw), a=a.astype(adt),
                           b=b.astype(adt), scale=s)
 
-    out = map_weights(one, params)
-    if not hits:
-        raise ValueError(f"QLoRA targets {list(targets)} match no weight; weight paths are: "
-                         f"{paths}")
-    return out
+    return wrap_targets(params, key, "QLoRA", targets, check, make, rank=rank, alpha=alpha,
+                        rslora=rslora, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
 
 
 def _is_quantized(w: Any) -> bool:
