@@ -15,6 +15,8 @@ POSITIONS = ("rope", "learned")
 ROPE_SCALINGS = (None, "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
 DTYPES = ("float32", "bfloat16")
+ROUTERS = ("topk_softmax", "softmax_topk")
+MOE_DISPATCHES = ("dropless", "capacity")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +42,19 @@ class ModelConfig:
     mlp: str = "gated"             # "gated" (SwiGLU/GeGLU) | "plain" (GPT-2)
     activation: str = "silu"
     mlp_bias: bool = False
+
+    # Sparse mixture of experts (ftjax/models/moe.py, docs/moe.md). num_experts = 0: dense MLP.
+    num_experts: int = 0           # > 0: every layer's MLP is a sparse MoE of this many experts
+    num_experts_per_tok: int = 2   # top-k experts per token (1..num_experts)
+    expert_intermediate_size: Optional[int] = None  # expert MLP width (default intermediate_size)
+    num_shared_experts: int = 0    # always-on experts, fused as one MLP of width n * expert width
+    router: str = "topk_softmax"   # "topk_softmax" (Mixtral) | "softmax_topk" (softmax over all E)
+    router_renormalize: bool = False  # softmax_topk: rescale the k chosen probabilities to sum 1
+    router_jitter: float = 0.0     # training-only router-input noise x * U(1-eps, 1+eps) (Switch)
+    moe_dispatch: str = "dropless"  # "dropless" (ragged, no drops) | "capacity" (fixed slots)
+    capacity_factor: float = 1.25  # capacity: C = ceil(cf * tokens_per_sequence * k / E) slots
+    router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss in the objective
+    router_z_loss_coef: float = 0.0    # weight of the router z-loss
 
     # Attention.
     qkv_bias: bool = False         # Qwen2, GPT-2
@@ -99,8 +114,44 @@ class ModelConfig:
             errors.append(f"RoPE needs an even head_dim, got {self.dim_per_head}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             errors.append(f"sliding_window={self.sliding_window} must be positive or None")
+        errors += self._moe_errors()
         if errors:
             raise ValueError("Invalid ModelConfig: " + "; ".join(errors))
+
+    def _moe_errors(self) -> list[str]:
+        errors = []
+        if self.num_experts < 0:
+            errors.append(f"num_experts={self.num_experts} must be >= 0 (0 = dense MLP)")
+        if self.num_experts <= 0:
+            return errors
+        if self.router not in ROUTERS:
+            errors.append(f"router={self.router!r} (allowed: {ROUTERS})")
+        if self.moe_dispatch not in MOE_DISPATCHES:
+            errors.append(f"moe_dispatch={self.moe_dispatch!r} (allowed: {MOE_DISPATCHES})")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            errors.append(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
+                          f"1..num_experts={self.num_experts}")
+        if self.expert_intermediate_size is not None and self.expert_intermediate_size <= 0:
+            errors.append(f"expert_intermediate_size={self.expert_intermediate_size} must be "
+                          "positive or None (= intermediate_size)")
+        if self.num_shared_experts < 0:
+            errors.append(f"num_shared_experts={self.num_shared_experts} must be >= 0")
+        if not self.capacity_factor > 0:
+            errors.append(f"capacity_factor={self.capacity_factor} must be positive")
+        if not 0.0 <= self.router_jitter < 1.0:
+            errors.append(f"router_jitter={self.router_jitter} must be in [0, 1)")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            if getattr(self, name) < 0:
+                errors.append(f"{name}={getattr(self, name)} must be >= 0")
+        if self.mlp_bias:
+            errors.append("mlp_bias=True is not supported with num_experts > 0 (experts have "
+                          "no biases); set mlp_bias=False")
+        return errors
+
+    @property
+    def expert_width(self) -> int:
+        """Hidden width f of one expert MLP."""
+        return self.expert_intermediate_size or self.intermediate_size
 
     @property
     def dim_per_head(self) -> int:
@@ -140,6 +191,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "gpt2": dict(family="gpt2", norm="layer", norm_bias=True, mlp="plain",
                  activation="gelu_tanh", mlp_bias=True, qkv_bias=True, o_bias=True,
                  position="learned", tie_embeddings=True, max_position_embeddings=1024),
+    "mixtral": dict(family="mixtral", num_experts=8, num_experts_per_tok=2, rope_theta=1e6,
+                    router_aux_loss_coef=0.02),
 }
 
 # Named sizes (benchmark presets and the quickstart base model).

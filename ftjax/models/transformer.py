@@ -15,7 +15,7 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
-from ftjax.models import layers
+from ftjax.models import layers, moe
 from ftjax.models.config import ModelConfig
 from ftjax.peft.core import attend, embed, linear
 
@@ -57,17 +57,22 @@ def param_specs(cfg: ModelConfig) -> dict:
     if cfg.qk_norm:
         attn["q_norm"] = norm_spec(cfg.dim_per_head, None)
         attn["k_norm"] = norm_spec(cfg.dim_per_head, None)
-    mlp = {
-        "up_proj": dense(d, cfg.intermediate_size, "embed", "mlp", cfg.mlp_bias),
-        "down_proj": dense(cfg.intermediate_size, d, "mlp", "embed", cfg.mlp_bias),
-    }
-    if cfg.mlp == "gated":
-        mlp["gate_proj"] = dense(d, cfg.intermediate_size, "embed", "mlp", cfg.mlp_bias)
+    def mlp_specs(width):
+        m = {"up_proj": dense(d, width, "embed", "mlp", cfg.mlp_bias),
+             "down_proj": dense(width, d, "mlp", "embed", cfg.mlp_bias)}
+        if cfg.mlp == "gated":
+            m["gate_proj"] = dense(d, width, "embed", "mlp", cfg.mlp_bias)
+        return m
+
+    block = {"attn_norm": norm_spec(d, "embed"), "attn": attn, "mlp_norm": norm_spec(d, "embed")}
+    if cfg.num_experts > 0:
+        block["moe"] = moe_specs(cfg, mlp_specs)
+    else:
+        block["mlp"] = mlp_specs(cfg.intermediate_size)
 
     specs = {
         "embed": {"embedding": Spec((cfg.vocab_size, d), ("vocab", "embed"), "normal")},
-        "layers": {"attn_norm": norm_spec(d, "embed"), "attn": attn,
-                   "mlp_norm": norm_spec(d, "embed"), "mlp": mlp},
+        "layers": block,
         "final_norm": norm_spec(d, "embed", stacked=False),
     }
     if cfg.position == "learned":
@@ -76,6 +81,24 @@ def param_specs(cfg: ModelConfig) -> dict:
     if not cfg.tie_embeddings:
         specs["lm_head"] = {"kernel": Spec((d, cfg.vocab_size), ("embed", "vocab"), "normal")}
     return specs
+
+
+def moe_specs(cfg: ModelConfig, mlp_specs) -> dict:
+    """The `layers/moe` subtree: router [L, d, E], stacked experts [L, E, in, out], and the
+    shared experts as one dense MLP of width num_shared_experts * expert width."""
+    d, L, E, f = cfg.hidden_size, cfg.num_layers, cfg.num_experts, cfg.expert_width
+
+    def expert(n_in, n_out, ax_in, ax_out):
+        return {"kernel": Spec((L, E, n_in, n_out), ("layers", "expert", ax_in, ax_out), "normal")}
+
+    s = {"router": {"kernel": Spec((L, d, E), ("layers", "embed", None), "normal")},
+         "up_proj": expert(d, f, "embed", "mlp"),
+         "down_proj": expert(f, d, "mlp", "embed")}
+    if cfg.mlp == "gated":
+        s["gate_proj"] = expert(d, f, "embed", "mlp")
+    if cfg.num_shared_experts > 0:
+        s["shared"] = mlp_specs(cfg.num_shared_experts * f)
+    return s
 
 
 def _is_spec(x) -> bool:
@@ -137,19 +160,25 @@ _REMAT = {
 }
 
 
-def _block(lp: Params, h: jax.Array, positions, mask, cfg: ModelConfig, layer_cache, index):
-    """One pre-norm decoder block; returns (h, new layer cache)."""
+def _block(lp: Params, h: jax.Array, positions, mask, cfg: ModelConfig, layer_cache, index,
+           valid, rng):
+    """One pre-norm decoder block; returns (h, (new layer cache, MoE layer stats or None))."""
     a, new_cache = layers.attention(lp["attn"], layers.norm(lp["attn_norm"], h, cfg), positions,
                                     mask, cfg, layer_cache, index)
     a = checkpoint_name(a, "attn_out")
     h = h + a
-    h = h + layers.mlp(lp["mlp"], layers.norm(lp["mlp_norm"], h, cfg), cfg)
-    return h, new_cache
+    x = layers.norm(lp["mlp_norm"], h, cfg)
+    if cfg.num_experts > 0:
+        y, stats = moe.moe_block(lp["moe"], x, valid, cfg, rng)
+    else:
+        y, stats = layers.mlp(lp["mlp"], x, cfg), None
+    return h + y, (new_cache, stats)
 
 
 def apply(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
           positions: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None,
-          cache: Optional[dict] = None, return_hidden: bool = False):
+          cache: Optional[dict] = None, return_hidden: bool = False,
+          rng: Optional[jax.Array] = None):
     """Forward pass. tokens [B, T] int -> (logits [B, T, V] float32, aux).
 
     positions: [B, T] position of each token (defaults to 0..T-1, offset by the cache fill).
@@ -157,6 +186,10 @@ def apply(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
     cache: from `init_cache`; the new tokens are written at `cache["index"]` and the updated
       cache is returned in aux["cache"].
     aux also carries "hidden" (final normed hidden states) when `return_hidden`.
+    rng: used only for MoE router jitter (cfg.router_jitter > 0); no jitter without it.
+    With cfg.num_experts > 0, aux["moe"] holds per-layer routing losses and metrics over the
+    real (segment id != 0) tokens: "aux_loss", "z_loss", "dropped", "entropy" [L] and
+    "load" [L, E] (see `moe.routing_stats`).
     """
     b, t = tokens.shape
     dt = jnp.dtype(cfg.dtype)
@@ -185,23 +218,28 @@ def apply(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
     if cfg.position == "learned":
         h = h + embed(positions, params["pos_embed"]["embedding"], dt)
 
+    valid = segment_ids != 0
+
     def body(h, xs):
-        lp, layer_cache = xs
-        return _block(lp, h, positions, mask, cfg, layer_cache, offset)
+        lp, layer_cache, layer_rng = xs
+        return _block(lp, h, positions, mask, cfg, layer_cache, offset, valid, layer_rng)
 
     if cfg.remat != "none":
         body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
 
     layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+    use_rng = rng is not None and cfg.num_experts > 0 and cfg.router_jitter > 0
+    layer_rngs = jax.random.split(rng, cfg.num_layers) if use_rng else None
     if cfg.scan_layers:
-        h, new_kv = jax.lax.scan(body, h, (params["layers"], layer_caches))
+        h, (new_kv, moe_stats) = jax.lax.scan(body, h, (params["layers"], layer_caches,
+                                                        layer_rngs))
     else:
         outs = []
         for i in range(cfg.num_layers):
-            xs = jax.tree.map(lambda x: x[i], (params["layers"], layer_caches))
+            xs = jax.tree.map(lambda x: x[i], (params["layers"], layer_caches, layer_rngs))
             h, c = body(h, xs)
             outs.append(c)
-        new_kv = None if cache is None else jax.tree.map(lambda *x: jnp.stack(x), *outs)
+        new_kv, moe_stats = jax.tree.map(lambda *x: jnp.stack(x), *outs)
 
     h = layers.norm(params["final_norm"], h, cfg)
     if cfg.tie_embeddings:
@@ -214,4 +252,6 @@ def apply(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
                         "index": offset + t}
     if return_hidden:
         aux["hidden"] = h
+    if moe_stats is not None:
+        aux["moe"] = moe_stats
     return logits.astype(jnp.float32), aux

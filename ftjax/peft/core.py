@@ -26,6 +26,13 @@ class StructuredWeight(abc.ABC):
     def matmul(self, x: jax.Array) -> jax.Array:
         """Returns x @ W for x [..., in] and W the logical [in, out] weight."""
 
+    def expert_matmul(self, x: jax.Array, group_sizes: Optional[jax.Array]) -> jax.Array:
+        """Per-expert product for stacked expert weights [E, in, out] (see `expert_linear`).
+
+        The default multiplies by the dense `materialize()`d weight, so every structured weight
+        (quantized bases, DoRA) works on experts; subclasses may avoid materialising."""
+        return _dense_expert_linear(x, self.materialize(), group_sizes, x.dtype)
+
     def lookup(self, ids: jax.Array) -> jax.Array:
         """Returns rows W[ids] for an embedding table [vocab, embed]."""
         return jnp.take(self.materialize(), ids, axis=0)
@@ -68,6 +75,36 @@ def linear(x: jax.Array, w: Any, dtype=None) -> jax.Array:
     if dtype is not None:
         w = w.astype(dtype)
     return jnp.einsum("...i,io->...o", x, w)
+
+
+def expert_linear(x: jax.Array, w: Any, group_sizes: Optional[jax.Array] = None,
+                  dtype=None) -> jax.Array:
+    """Per-expert product with w [E, in, out] (plain array or structured weight).
+
+    group_sizes None: x [E, C, in] -> [E, C, out] (batched, capacity mode).
+    group_sizes [E] int32: x [N, in] rows sorted by expert -> [N, out] (ragged, dropless;
+    rows group_sizes[0] .. belong to expert 0, and so on; `jax.lax.ragged_dot`).
+    """
+    if isinstance(w, StructuredWeight):
+        return w.expert_matmul(x, group_sizes)
+    return _dense_expert_linear(x, w, group_sizes, dtype)
+
+
+def _dense_expert_linear(x, w, group_sizes, dtype):
+    if w.ndim != 3:
+        raise ValueError(f"expert_linear needs stacked expert weights [E, in, out], got shape "
+                         f"{w.shape}")
+    if dtype is not None:
+        w = w.astype(dtype)
+    if group_sizes is None:
+        if x.ndim != 3 or x.shape[0] != w.shape[0]:
+            raise ValueError(f"batched expert_linear needs x [E={w.shape[0]}, C, in], got "
+                             f"{x.shape}")
+        return jnp.einsum("eci,eio->eco", x, w)
+    if x.ndim != 2 or group_sizes.shape != (w.shape[0],):
+        raise ValueError(f"ragged expert_linear needs x [N, in] and group_sizes [E={w.shape[0]}],"
+                         f" got {x.shape} and {group_sizes.shape}")
+    return jax.lax.ragged_dot(x, w, group_sizes.astype(jnp.int32))
 
 
 def embed(ids: jax.Array, w: Any, dtype=None) -> jax.Array:

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax.peft.core import (StructuredWeight, compile_patterns, embed, linear, map_weights,
-                             materialize)
+from ftjax.peft.core import (StructuredWeight, compile_patterns, embed, expert_linear, linear,
+                             map_weights, materialize)
 
 RANK_AXIS = "lora_rank"
 
@@ -38,16 +38,34 @@ class LoRAWeight(StructuredWeight):
     dropout: float = flax.struct.field(pytree_node=False, default=0.0)
     dropout_key: Any = None
 
+    def _dropped(self, x):
+        """x with LoRA dropout applied (training steps with a bound key), else x."""
+        if self.dropout_key is None or self.dropout <= 0:
+            return x
+        key = self.dropout_key
+        if key.ndim > 1:  # stacked expert weights carry one key per expert: one mask suffices
+            key = key.reshape(-1, key.shape[-1])[0]
+        keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
+        return jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+
     def matmul(self, x):
         dt = x.dtype
-        xa = x
-        if self.dropout_key is not None and self.dropout > 0:
-            keep = jax.random.bernoulli(self.dropout_key, 1.0 - self.dropout, x.shape)
-            xa = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(dt)
+        xa = self._dropped(x)
         return (linear(x, self.base, dt)
                 + self.scale * jnp.einsum("...r,ro->...o",
                                           jnp.einsum("...i,ir->...r", xa, self.a.astype(dt)),
                                           self.b.astype(dt)))
+
+    def expert_matmul(self, x, group_sizes):
+        """Per-expert base product plus s * (x a_e) b_e, never materialising a_e b_e."""
+        dt = x.dtype
+        xa = self._dropped(x)
+        a, b = self.a.astype(dt), self.b.astype(dt)
+        if group_sizes is None:  # x [E, C, in]
+            delta = jnp.einsum("ecr,ero->eco", jnp.einsum("eci,eir->ecr", xa, a), b)
+        else:                    # x [N, in], rows sorted by expert
+            delta = jax.lax.ragged_dot(jax.lax.ragged_dot(xa, a, group_sizes), b, group_sizes)
+        return expert_linear(x, self.base, group_sizes, dt) + self.scale * delta
 
     def lookup(self, ids):
         base = embed(ids, self.base)

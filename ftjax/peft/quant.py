@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax.peft.core import StructuredWeight, compile_patterns, map_weights
+from ftjax.peft.core import StructuredWeight, compile_patterns, expert_linear, map_weights
 
 # The 16 NormalFloat-4 levels, verbatim from bitsandbytes (`get_4bit_type("nf4")`, the table in
 # csrc/kernels.cu): quantiles of N(0, 1) (create_normal_map(offset=0.9677083)) scaled to
@@ -94,6 +94,13 @@ def _dequant_matmul(x: jax.Array, w: StructuredWeight) -> jax.Array:
     if isinstance(w, Int8Weight):
         return w._matmul(x)
     return jnp.einsum("...i,io->...o", x, w.dequantize(x.dtype))
+
+
+@jax.checkpoint
+def _dequant_expert_matmul(x: jax.Array, w: StructuredWeight, group_sizes) -> jax.Array:
+    """Per-expert product with dequantized stacked experts [E, in, out], rematerialized like
+    `_dequant_matmul` so no dense copy is kept for the backward pass."""
+    return expert_linear(x, w.dequantize(x.dtype), group_sizes, x.dtype)
 
 
 def _safe(s: jax.Array) -> jax.Array:
@@ -164,6 +171,9 @@ class NF4Weight(StructuredWeight):
 
     def matmul(self, x):
         return _dequant_matmul(x, self)
+
+    def expert_matmul(self, x, group_sizes):
+        return _dequant_expert_matmul(x, self, group_sizes)
 
     def lookup(self, ids):
         """Rows of an (unstacked) [vocab, embed] table, dequantizing only the rows looked up."""
@@ -244,6 +254,9 @@ class Int8Weight(StructuredWeight):
 
     def matmul(self, x):
         return _dequant_matmul(x, self)
+
+    def expert_matmul(self, x, group_sizes):
+        return _dequant_expert_matmul(x, self, group_sizes)
 
     def _matmul(self, x):
         dt = x.dtype  # integer codes are exact in bf16/f16; scale the product, not the weight
