@@ -12,6 +12,7 @@ import sys
 TRAINERS = {
     "sft": "ftjax.train.sft",
     "quickstart": "ftjax.quickstart",
+    "dpo": "ftjax.align.trainer",
 }
 
 

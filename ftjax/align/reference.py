@@ -1,0 +1,148 @@
+"""The reference model of preference training, without a second copy of the weights when possible.
+
+Three ways to get reference log-probs (`dpo.reference`):
+
+  strip       in the step: the policy's own params with every adapter removed
+              (`strip_adapters`), under stop_gradient. No extra memory; exact whenever the
+              adapters start as a no-op (LoRA/QLoRA/DoRA/IA3/VeRA/bottleneck adapters with
+              their default inits). Prompt and prefix tuning get the base model without the
+              virtual tokens, as TRL's adapter-disabled reference.
+  precompute  once, before training: the starting model (`starting_reference`, dense) scores
+              every training and evaluation pair, the results are cached in the workdir and the
+              loader attaches them to each batch (`ref_chosen_logps`, `ref_rejected_logps`);
+              no reference weights are kept during training. Needs a loader that knows each
+              row's example index (the in-memory loader does).
+  copy        a frozen dense copy of the starting model scores each batch as the loader yields
+              it (a separate jitted forward with the copy as an explicit sharded argument);
+              works with any loader, costs one model of memory.
+  auto        strip when every trainable leaf is an adapter field of a structured weight
+              whose removal restores the starting model, else precompute (in-memory data) or
+              copy.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftjax import models
+from ftjax.align import logps as lp
+from ftjax.models.config import ModelConfig
+from ftjax.peft import core as peft_core
+
+MODES = ("auto", "strip", "precompute", "copy")
+
+
+def _strip_one(path: str, w: Any) -> Any:
+    # Peel adapters off until a weight without trainable fields (a plain array or a frozen
+    # structured base such as NF4Weight, which stays quantized).
+    while peft_core.is_structured(w) and w.trainable_fields():
+        if "base" not in w.array_fields():
+            raise ValueError(f"{path}: {type(w).__name__} trains {w.trainable_fields()} but has "
+                             "no `base` field, so the model without it is undefined; use "
+                             "dpo.reference=precompute or copy")
+        w = w.base
+    return w
+
+
+def strip_adapters(params: Any) -> Any:
+    """The params with every adapter replaced by the frozen weight it wraps (nested bases kept
+    as they are: LoRA over NF4 gives the NF4 weight)."""
+    return peft_core.map_weights(_strip_one, params)
+
+
+def strip_safe(abstract_params: Any, train_patterns, peft_cfg: Any = None) -> tuple[bool, str]:
+    """(whether `strip` reproduces the starting model, why not).
+
+    Plain leaves that train (full or partial fine-tuning, `peft.train_patterns`) change the
+    stripped model; LoRA with init="pissa" moves the principal part of W into the adapter.
+    """
+    mask = peft_core.trainable_mask(abstract_params, train_patterns)
+    plain: list[str] = []
+
+    def visit(path, w, m):
+        if not peft_core.is_structured(w) and m:
+            plain.append(peft_core.path_str(path))
+    jax.tree_util.tree_map_with_path(visit, abstract_params, mask, is_leaf=peft_core.is_structured)
+    if plain:
+        return False, f"plain params train ({', '.join(plain[:3])}{', ...' if len(plain) > 3 else ''})"
+    init = (peft_cfg.get("init", "default") if peft_cfg is not None else "default")
+    if init == "pissa":
+        return False, "LoRA init='pissa' moves W's principal part into the adapter"
+    return True, ""
+
+
+def resolve_mode(mode: str, abstract_params: Any, train_patterns, peft_cfg: Any,
+                 indexed_data: bool) -> str:
+    """The concrete reference mode for `dpo.reference`; raises when `strip` would be wrong."""
+    if mode not in MODES:
+        raise ValueError(f"dpo.reference={mode!r}: choose one of {MODES}")
+    safe, why = strip_safe(abstract_params, train_patterns, peft_cfg)
+    if mode == "strip" and not safe:
+        raise ValueError(f"dpo.reference='strip' would not give the starting model: {why}; "
+                         "use dpo.reference=precompute (or copy, or auto)")
+    if mode == "precompute" and not indexed_data:
+        raise ValueError("dpo.reference='precompute' needs a loader that reports example "
+                         "indices (the in-memory synthetic data); use dpo.reference=copy")
+    if mode != "auto":
+        return mode
+    if safe:
+        return "strip"
+    return "precompute" if indexed_data else "copy"
+
+
+def starting_policy(init_params: Callable[[], Any], model_cfg: ModelConfig, placement,
+                    transform=None, transform_key=None) -> Any:
+    """The policy's params at step 0, built as the training loop builds them (init or load,
+    then the PEFT transform with the run's key), placed with the run's param shardings."""
+    if getattr(init_params, "on_host", False):
+        dtype = jnp.dtype(model_cfg.param_dtype)
+        base = jax.device_put(jax.tree.map(lambda x: np.asarray(x, dtype), init_params()),
+                              placement.base_params)
+    else:
+        base = jax.jit(init_params, out_shardings=placement.base_params)()
+    if transform is None:
+        return base
+    return jax.jit(transform, out_shardings=placement.params)(base, transform_key)
+
+
+def starting_reference(init_params: Callable[[], Any], model_cfg: ModelConfig, placement,
+                       transform=None, transform_key=None) -> Any:
+    """The dense starting model (`peft.core.merge` of `starting_policy`), placed with the base
+    param shardings: the function the policy computes through its weights at step 0 (virtual
+    tokens and prefixes are not weights, so they are not part of it)."""
+    full = starting_policy(init_params, model_cfg, placement, transform, transform_key)
+    if transform is None:
+        return full
+    return jax.jit(peft_core.merge, out_shardings=placement.base_params)(full)
+
+
+def pair_rows(batch: dict, key: str) -> jax.Array:
+    """[B, T] chosen and rejected halves interleaved into [2B, T] (row 2i chosen i, 2i+1
+    rejected i), keeping each pair's rows on the devices that hold the pair."""
+    c, r = batch[f"chosen_{key}"], batch[f"rejected_{key}"]
+    return jnp.stack([c, r], axis=1).reshape((-1,) + c.shape[1:])
+
+
+def pair_logps(params: Any, model_cfg: ModelConfig, batch: dict, apply_fn=None) -> dict:
+    """Summed completion log-probs and counts of both halves: {"chosen", "rejected",
+    "chosen_counts", "rejected_counts"} [B] each, from one forward over the 2B rows."""
+    apply_fn = apply_fn or models.apply
+    logits, _ = apply_fn(params, model_cfg, pair_rows(batch, "inputs"),
+                         positions=pair_rows(batch, "positions"),
+                         segment_ids=pair_rows(batch, "segment_ids"))
+    s = lp.sequence_logps(logits, pair_rows(batch, "targets"), pair_rows(batch, "loss_mask"))
+    return {"chosen": s["logps"][0::2], "rejected": s["logps"][1::2],
+            "chosen_counts": s["counts"][0::2], "rejected_counts": s["counts"][1::2]}
+
+
+def make_ref_logps_fn(model_cfg: ModelConfig) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:
+    """Jitted `(ref_params, batch) -> (chosen [B, 1], rejected [B, 1])` reference log-probs
+    (`[B, 1]` so that they travel in the batch with the 2-D batch sharding)."""
+    def fn(ref_params, batch):
+        s = pair_logps(ref_params, model_cfg, batch)
+        return s["chosen"][:, None], s["rejected"][:, None]
+    return jax.jit(fn)
