@@ -34,3 +34,14 @@ __all__ = [
     "CharTokenizer", "Tokenizer", "HFTokenizer", "apply_chat_template", "chat_token_mask",
     "render_chat",
 ]
+
+# Data preparation: sources, formats, templates (TFDS is imported lazily by open_source).
+from ftjax.data.errors import DataError
+from ftjax.data.sources import RecordSource, open_source
+from ftjax.data.formats import FORMATS, detect_format, to_canonical
+from ftjax.data.templates import (tokenize_classification, tokenize_preference, tokenize_sft,
+                                  tokenize_unpaired)
+
+__all__ += ["DataError", "RecordSource", "open_source", "FORMATS", "detect_format",
+            "to_canonical", "tokenize_classification", "tokenize_preference", "tokenize_sft",
+            "tokenize_unpaired"]
