@@ -70,7 +70,7 @@ def test_parquet_rows(tmp_path, dd):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
     p = str(tmp_path / "d.parquet")
-    table = pa.table({"prompt": ["a", "b", "c"], "score": [1.5, 2.0, None],
+    table = pa.table({"prompt": ["a", "b", "c"], "score": [1.5, 2.0, float("nan")],
                       "messages": [[{"role": "user", "content": "hi"}], [], None]})
     pq.write_table(table, p, row_group_size=2)
     records, origins = _all(open_source(f"parquet:{p}", data_dir=dd))
@@ -141,6 +141,7 @@ def test_source_is_grain_and_pickle_compatible(tmp_path, dd):
     clone = pickle.loads(pickle.dumps(src))  # Grain worker processes pickle the source
     assert _all(clone) == _all(src)
     assert src[-1] == {"n": 9}
+    assert src.__getitems__([3, 0, -1]) == [src[3], src[0], src[9]]
     with pytest.raises(IndexError, match="out of range"):
         src[10]
 

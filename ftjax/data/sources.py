@@ -12,7 +12,7 @@ Specs (the kind may be left out when the file extension says it: .jsonl .json .c
                    object starts
     csv:PATH       header row, then one record per row (quoted fields may hold newlines; values
                    stay strings); origin = the line where the row starts
-    parquet:PATH   one record per row (pyarrow); origin = the row number (1-based)
+    parquet:PATH   one record per row (pyarrow; NaN -> null); origin = the row number (1-based)
     text:PATH      {"text": ...} per non-blank line (`text_unit="line"`), per blank-line-
                    separated paragraph ("paragraph"; origin = its first line) or per file ("file")
     tfds:NAME[/CONFIG][:SPLIT]   a TFDS catalog dataset through `tfds.data_source` (prepared
@@ -269,8 +269,10 @@ def _read_json(path: str, bad: _Bad) -> Iterator[tuple[int, dict]]:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}): "
                         f"{_snippet(line_text)}. A JSON file is parsed as a whole, so it must be "
                         "valid; fix it (or convert to JSONL to skip bad lines)") from None
+    line, at = 1, 0
     for offset, value in elements:
-        line = text.count("\n", 0, offset) + 1
+        line += text.count("\n", at, offset)  # incremental: elements come in file order
+        at = offset
         if not isinstance(value, dict):
             bad(path, line, f"expected a JSON object per element, got {type(value).__name__}",
                 json.dumps(value, ensure_ascii=False))
@@ -322,6 +324,8 @@ def _plain_value(value: Any) -> Any:
         return {k: _plain_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain_value(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None  # NaN/inf (pandas' missing value) -> null, as JSON has no NaN
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     if hasattr(value, "isoformat"):
@@ -543,7 +547,11 @@ class RecordSource:
         return self._decode(self._data[self._check(int(i))])
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict]:
-        return [self[i] for i in indices]
+        """Batched read (Grain uses it; about twice as fast as one record at a time)."""
+        idx = [self._check(int(i)) for i in indices]
+        getitems = getattr(self._data, "__getitems__", None)
+        raws = getitems(idx) if getitems is not None else [self._data[i] for i in idx]
+        return [self._decode(r) for r in raws]
 
     def origin(self, i: int) -> Origin:
         """(file, line) of record i (TFDS catalog: ("tfds:NAME:SPLIT", index + 1))."""
@@ -608,7 +616,9 @@ def open_source(spec: Union[str, Sequence[str]], *, data_dir: str, split: str = 
                 cause = cause.__cause__ or cause.__context__
             if cause is not None:
                 raise cause from None
-            raise
+            if not os.path.isfile(os.path.join(prepared_dir, "dataset_info.json")):
+                raise
+            built = False  # another process finished the same build first: use its files
     reader = tfds.builder_from_directory(prepared_dir)
     try:
         data = reader.as_data_source(split=split)
