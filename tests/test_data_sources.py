@@ -190,7 +190,8 @@ def test_wrong_record_type_is_named(tmp_path, dd):
 
 def test_malformed_json_file_names_line(tmp_path, dd):
     p = _write(tmp_path / "bad.json", '[\n {"i": 1},\n {"i": 2,,}\n]')
-    with pytest.raises(DataError, match=r"bad\.json:3: malformed JSON \(.*column 10\): ' \{\"i\": 2,,\}'"):
+    with pytest.raises(DataError, match=r"bad\.json:3: malformed JSON \(.*column 10\): "
+                                        r"' \{\"i\": 2,,\}'"):
         open_source(p, data_dir=dd)
     q = _write(tmp_path / "dict.json", '{"rows": [{"i": 1}]}')
     with pytest.raises(DataError, match=r"list of records or \{\"data\": \[...\]\}; found dict "

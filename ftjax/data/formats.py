@@ -29,7 +29,7 @@ found, the fields present, and the fix.
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 from ftjax.data.errors import DataError
 

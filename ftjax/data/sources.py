@@ -440,8 +440,9 @@ def _builder_class():
                                     "list/header); remove it from the source or fill it")
             if total == 0:
                 reasons = "; ".join(f"{format_origin(o)}: {r}" for o, r in skipped[:3])
+                more = "; ..." if len(skipped) > 3 else ""
                 raise DataError(f"no valid records in {self._files}: all {len(skipped)} were "
-                                f"skipped as malformed ({reasons}{'; ...' if len(skipped) > 3 else ''})")
+                                f"skipped as malformed ({reasons}{more})")
             self.info.metadata["skipped"] = [[self._files.index(o[0]), o[1], r]
                                              for o, r in skipped]
             self.info.metadata["num_records"] = total
