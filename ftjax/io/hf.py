@@ -6,11 +6,19 @@ layer-stacked host arrays, so peak host memory stays near one copy of the model.
 `save_pretrained(dir, cfg, params)` writes a directory that
 `transformers.AutoModelForCausalLM.from_pretrained` loads with no missing or unexpected keys.
 
-Families (DESIGN.md §3): Llama, Mistral, Qwen2, Qwen3, Gemma and GPT-2. Layout facts (see
-shared/reference/hf-formats-and-losses.md §3): nn.Linear weights are [out, in] and ftjax kernels
-[in, out]; GPT-2's Conv1D is already [in, out] and fuses q|k|v in `c_attn`; RoPE uses the same
-rotate_half layout on both sides, so q/k rows need no permutation; Gemma norms are stored as `w`
-and applied as (1 + w) on both sides (`norm_offset=1`), so they are copied unchanged.
+Families (DESIGN.md §3): Llama, Mistral, Qwen2, Qwen3, Gemma, GPT-2 and Mixtral. Layout facts
+(see shared/reference/hf-formats-and-losses.md §3): nn.Linear weights are [out, in] and ftjax
+kernels [in, out]; GPT-2's Conv1D is already [in, out] and fuses q|k|v in `c_attn`; RoPE uses the
+same rotate_half layout on both sides, so q/k rows need no permutation; Gemma norms are stored as
+`w` and applied as (1 + w) on both sides (`norm_offset=1`), so they are copied unchanged.
+
+Mixtral experts come in two file layouts, both read (checked against transformers 5.24):
+"hub" (what `save_pretrained` of transformers 4 and 5 writes, and the Hub's checkpoints):
+`block_sparse_moe.gate.weight` [E, d] and per expert `block_sparse_moe.experts.M.w1/w3/w2.weight`
+(w1 = gate [f, d], w3 = up [f, d], w2 = down [d, f]); "fused" (transformers 5's in-memory
+state dict): `mlp.gate.weight` [E, d], `mlp.experts.gate_up_proj` [E, 2f, d] (gate rows first,
+then up) and `mlp.experts.down_proj` [E, d, f]. ftjax stacks them as `layers/moe/router/kernel`
+[L, d, E] and `layers/moe/{gate,up,down}_proj/kernel` [L, E, in, out].
 
 Every problem with a checkpoint (unsupported config field, missing, unexpected or misshaped
 tensor) is collected and raised as one `HFCheckpointError` before any tensor data is read.
@@ -41,14 +49,11 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str]] = {
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
     "gemma": ("GemmaForCausalLM", "gemma"),
     "gpt2": ("GPT2LMHeadModel", "gpt2"),
+    "mixtral": ("MixtralForCausalLM", "mixtral"),
 }
-_NOT_YET = {
-    "MixtralForCausalLM": "Mixtral is a mixture-of-experts model; ftjax's MoE layers (and the "
-                          "per-expert <-> fused expert key conversion) are not implemented yet",
-    "mixtral": "Mixtral is a mixture-of-experts model; ftjax's MoE layers (and the per-expert "
-               "<-> fused expert key conversion) are not implemented yet",
-}
-_ROPE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+# architecture or model_type -> why it cannot be read yet (none at the moment).
+_NOT_YET: dict[str, str] = {}
+_MOE_LAYOUTS = ("hub", "fused")
 _SUPPORTED_TEXT = ", ".join(f"{a} ({f})" for f, (a, _) in SUPPORTED_ARCHITECTURES.items())
 
 # transformers v5 class defaults for keys a config.json may omit (HF applies the same ones).
@@ -76,11 +81,19 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
                   num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16,
                   head_dim=256, hidden_act="gelu_pytorch_tanh", max_position_embeddings=8192,
                   rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=False),
+    "mixtral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                    head_dim=None, hidden_act="silu", max_position_embeddings=4096 * 32,
+                    rms_norm_eps=1e-5, tie_word_embeddings=False, sliding_window=None,
+                    num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.001,
+                    router_jitter_noise=0.0),
     "gpt2": dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
                  n_inner=None, activation_function="gelu_new", layer_norm_epsilon=1e-5,
                  tie_word_embeddings=True, scale_attn_weights=True,
                  scale_attn_by_inverse_layer_idx=False, add_cross_attention=False),
 }
+# transformers' `default_theta` where a family's config class overrides 10000.
+_DEFAULT_THETA = {"mixtral": 1e6}
 _GPT2_ALIASES = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer",
                  "num_attention_heads": "n_head", "max_position_embeddings": "n_positions"}
 
@@ -139,11 +152,11 @@ def _family_of(c: dict) -> tuple[Optional[str], Optional[str]]:
     return None, f"unsupported architecture: architectures={archs}, model_type={mt!r}"
 
 
-def _parse_rope(c: dict, problems: list[str]) -> dict[str, Any]:
+def _parse_rope(c: dict, problems: list[str], default_theta: float = 10000.0) -> dict[str, Any]:
     """RoPE fields from v4 (`rope_theta` + `rope_scaling`) or v5 (`rope_parameters`) keys.
 
     Mirrors transformers' precedence: a non-empty `rope_scaling` replaces `rope_parameters`;
-    rope_theta comes from the dict, else the top level, else 10000.
+    rope_theta comes from the dict, else the top level, else the class's `default_theta`.
     """
     rp = c.get("rope_scaling") or c.get("rope_parameters") or {}
     if not isinstance(rp, dict):
@@ -156,7 +169,7 @@ def _parse_rope(c: dict, problems: list[str]) -> dict[str, Any]:
                             "uses one RoPE for all layers)")
         rp = nested[0]
     rope_type = rp.get("rope_type", rp.get("type", "default"))
-    theta = rp.get("rope_theta", c.get("rope_theta", 10000.0))
+    theta = rp.get("rope_theta", c.get("rope_theta", default_theta))
     out: dict[str, Any] = dict(rope_theta=float(theta))
     prf = rp.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
     if prf not in (None, 1, 1.0):
@@ -187,7 +200,7 @@ def _parse_rope(c: dict, problems: list[str]) -> dict[str, Any]:
 
 def _window(c: dict, family: str, n_layers: int, problems: list[str]) -> Optional[int]:
     """One sliding window for all layers, or None; per-layer mixes cannot be expressed."""
-    if family == "mistral":  # transformers applies Mistral's window to every layer
+    if family in ("mistral", "mixtral"):  # transformers applies the window to every layer
         return int(c["sliding_window"]) if c["sliding_window"] is not None else None
     if family not in ("qwen2", "qwen3"):
         return None
@@ -215,6 +228,23 @@ def _activation(name: Any, family: str, problems: list[str]) -> str:
                         f"{sorted(_ACT_FROM_HF)})")
         return "silu"
     return _ACT_FROM_HF[name]
+
+
+def _parse_moe(c: dict, problems: list[str]) -> dict[str, Any]:
+    """MoE fields of a MixtralConfig: softmax over all E, top-k, renormalised (= softmax over
+    the k largest logits, ftjax's "topk_softmax"), dropless, no shared experts, no z-loss."""
+    e, k = int(c["num_local_experts"]), int(c["num_experts_per_tok"])
+    if not 1 <= k <= e:
+        problems.append(f"num_experts_per_tok={k} must be between 1 and num_local_experts={e}")
+    if float(c["router_jitter_noise"] or 0.0):
+        problems.append(f"router_jitter_noise={c['router_jitter_noise']}: transformers "
+                        "multiplies the hidden states fed to the router and the experts by "
+                        "U(1-eps, 1+eps) noise, ftjax's router_jitter only the router input "
+                        "(Switch); set router_jitter_noise to 0 in config.json (it acts only in "
+                        "training; the weights do not depend on it) and choose ftjax's "
+                        "model.router_jitter in the run config")
+    return dict(num_experts=e, num_experts_per_tok=k, router="topk_softmax",
+                router_aux_loss_coef=float(c["router_aux_loss_coef"]), moe_dispatch="dropless")
 
 
 def _parse_config(c: dict) -> tuple[Optional[str], dict[str, Any], list[str]]:
@@ -276,8 +306,10 @@ def _parse_config(c: dict) -> tuple[Optional[str], dict[str, Any], list[str]]:
                  o_bias=attention_bias)
         if c.get("use_bidirectional_attention"):
             problems.append("use_bidirectional_attention=true is not supported (causal only)")
+    elif family == "mixtral":
+        f.update(_parse_moe(c, problems))
     f["sliding_window"] = _window(c, family, n_layers, problems)
-    f.update(_parse_rope(c, problems))
+    f.update(_parse_rope(c, problems, _DEFAULT_THETA.get(family, 10000.0)))
     if "initializer_range" in c:
         f["init_std"] = float(c["initializer_range"])
     return family, f, problems
@@ -348,12 +380,12 @@ def hf_problems(cfg: ModelConfig, family: Optional[str] = None) -> list[str]:
         need("mlp", cfg.mlp == "gated", "'gated'")
         need("attn_scale", cfg.attn_scale in (None, hd ** -0.5), "None (head_dim**-0.5)")
         need("qk_norm", cfg.qk_norm == (family == "qwen3"), str(family == "qwen3"))
-        if family not in ("mistral", "qwen2", "qwen3"):
+        if family not in ("mistral", "mixtral", "qwen2", "qwen3"):
             need("sliding_window", cfg.sliding_window is None, "None")
         if family in ("llama", "qwen3", "gemma"):
             need("o_bias", cfg.o_bias == cfg.qkv_bias,
                  f"o_bias == qkv_bias (one attention_bias flag; qkv_bias={cfg.qkv_bias})")
-        elif family == "mistral":
+        elif family in ("mistral", "mixtral"):
             need("qkv_bias", not cfg.qkv_bias, "False")
             need("o_bias", not cfg.o_bias, "False")
         else:  # qwen2
@@ -364,9 +396,35 @@ def hf_problems(cfg: ModelConfig, family: Optional[str] = None) -> list[str]:
         if family == "gemma":
             need("activation", cfg.activation != "gelu",
                  "not 'gelu' (transformers reads Gemma's 'gelu' as the tanh approximation)")
+    if family == "mixtral":
+        problems += _moe_problems(cfg, arch)
+    else:
+        need("num_experts", not getattr(cfg, "num_experts", 0),
+             "0 (a dense MLP; sparse MoE models are written as MixtralForCausalLM)")
     need("norm_offset", cfg.norm_offset == (1.0 if family == "gemma" else 0.0),
          str(1.0 if family == "gemma" else 0.0))
     need("embed_scale", cfg.embed_scale == (family == "gemma"), str(family == "gemma"))
+    return problems
+
+
+def _moe_problems(cfg: ModelConfig, arch: str) -> list[str]:
+    """Why cfg's MoE is not a MixtralConfig (dropless/capacity dispatch, the capacity factor
+    and the loss weights are run-time choices and not checked)."""
+    problems = []
+    if cfg.num_experts <= 0:
+        problems.append(f"num_experts={cfg.num_experts}: {arch} is a sparse MoE (num_experts > 0)")
+    if cfg.num_shared_experts:
+        problems.append(f"num_shared_experts={cfg.num_shared_experts}: {arch} has no shared "
+                        "experts")
+    if cfg.router != "topk_softmax" and not cfg.router_renormalize:
+        problems.append(f"router={cfg.router!r} with router_renormalize=False: {arch} "
+                        "renormalises the top-k probabilities (router='topk_softmax', or "
+                        "'softmax_topk' with router_renormalize=True)")
+    if cfg.router_jitter:
+        problems.append(f"router_jitter={cfg.router_jitter}: {arch}'s router_jitter_noise "
+                        "multiplies the hidden states of router and experts, ftjax's only the "
+                        "router input; export cfg.replace(router_jitter=0.0) (jitter acts only "
+                        "in training; the weights do not depend on it)")
     return problems
 
 
@@ -425,8 +483,14 @@ def config_to_hf(cfg: ModelConfig, *, dtype: str = "float32",
             c["mlp_bias"] = cfg.mlp_bias
         if family == "gemma":
             c["hidden_activation"] = c["hidden_act"]  # the key transformers v4 reads
-        if family == "mistral":
+        if family in ("mistral", "mixtral"):
             c["sliding_window"] = cfg.sliding_window
+        if family == "mixtral":
+            c.update(num_local_experts=cfg.num_experts,
+                     num_experts_per_tok=cfg.num_experts_per_tok,
+                     intermediate_size=cfg.expert_intermediate_size or cfg.intermediate_size,
+                     router_aux_loss_coef=cfg.router_aux_loss_coef, router_jitter_noise=0.0,
+                     output_router_logits=False)
         if family in ("qwen2", "qwen3"):
             w = cfg.sliding_window
             kind = "full_attention" if w is None else "sliding_attention"
@@ -441,41 +505,50 @@ def config_to_hf(cfg: ModelConfig, *, dtype: str = "float32",
 # Tensor layout: which HF tensor fills which (stacked) ftjax leaf, and how.
 
 
+Index = Optional[Any]  # None (an unstacked leaf), a layer int, or (layer, expert)
+
+
+def _n_index(index: Index) -> int:
+    """How many leading axes of the leaf an index selects."""
+    if index is None:
+        return 0
+    return len(index) if isinstance(index, tuple) else 1
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
     """One HF tensor and the ftjax leaf slot(s) it maps to.
 
-    kind: "copy" (same layout), "T" (nn.Linear [out, in] <-> kernel [in, out]) or "split"
-    (GPT-2's fused c_attn: the last axis is q|k|v, one target each).
-    targets: (leaf path "a/b/c", layer index or None) per part.
+    kind: "copy" (same layout), "T" (nn.Linear [.., out, in] <-> kernel [.., in, out]: the last
+    two axes swap), "split" (GPT-2's fused c_attn: the last axis is q|k|v, one target each) or
+    "Tsplit" (Mixtral's fused experts.gate_up_proj [E, 2f, d]: swapped, then gate|up on the
+    last axis).
+    targets: (leaf path "a/b/c", index) per part; index None, a layer, or (layer, expert).
     """
     key: str
     kind: str
-    targets: tuple[tuple[str, Optional[int]], ...]
+    targets: tuple[tuple[str, Index], ...]
 
     def hf_shape(self, leaf_shapes: dict[str, tuple]) -> tuple[int, ...]:
-        shapes = [leaf_shapes[p][1:] if i is not None else leaf_shapes[p]
-                  for p, i in self.targets]
-        if self.kind == "T":
-            return tuple(reversed(shapes[0]))
+        shapes = [tuple(leaf_shapes[p][_n_index(i):]) for p, i in self.targets]
         if self.kind == "split":
             return shapes[0][:-1] + (sum(s[-1] for s in shapes),)
+        if self.kind == "Tsplit":
+            return shapes[0][:-2] + (sum(s[-1] for s in shapes), shapes[0][-2])
+        if self.kind == "T":
+            return shapes[0][:-2] + (shapes[0][-1], shapes[0][-2])
         return shapes[0]
 
     def to_ftjax(self, t: np.ndarray) -> list[np.ndarray]:
-        if self.kind == "T":
-            return [t.T]
-        if self.kind == "split":
-            n = t.shape[-1] // 3
-            return np.split(t, [n, 2 * n], axis=-1)
+        if self.kind in ("T", "Tsplit"):
+            t = np.swapaxes(t, -1, -2)
+        if self.kind in ("split", "Tsplit"):
+            return np.split(t, len(self.targets), axis=-1)
         return [t]
 
     def to_hf(self, parts: list[np.ndarray]) -> np.ndarray:
-        if self.kind == "T":
-            return parts[0].T
-        if self.kind == "split":
-            return np.concatenate(parts, axis=-1)
-        return parts[0]
+        t = np.concatenate(parts, axis=-1) if self.kind in ("split", "Tsplit") else parts[0]
+        return np.swapaxes(t, -1, -2) if self.kind in ("T", "Tsplit") else t
 
 
 def _leaf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -486,16 +559,21 @@ def _leaf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v) for k, v in flatten(specs).items()}
 
 
-def tensor_layout(cfg: ModelConfig, prefix: Optional[str] = None) -> list[Entry]:
+def tensor_layout(cfg: ModelConfig, prefix: Optional[str] = None,
+                  moe_layout: str = "hub") -> list[Entry]:
     """Every HF tensor of cfg's family, in file order, with its ftjax targets.
 
     prefix: the base-model prefix ("model." for Llama-style, "transformer." or "" for GPT-2);
-    defaults to what transformers writes.
+    defaults to what transformers writes. moe_layout (Mixtral): "hub" (per-expert w1/w2/w3
+    under block_sparse_moe, as transformers saves) or "fused" (transformers 5's stacked
+    mlp.experts.gate_up_proj / down_proj).
     """
+    if moe_layout not in _MOE_LAYOUTS:
+        raise ValueError(f"moe_layout={moe_layout!r}; use one of {_MOE_LAYOUTS}")
     leaves = _leaf_shapes(cfg)
     out: list[Entry] = []
 
-    def add(key: str, kind: str, *targets: tuple[str, Optional[int]]):
+    def add(key: str, kind: str, *targets: tuple[str, Index]):
         if all(p in leaves for p, _ in targets):
             out.append(Entry(key, kind, tuple(targets)))
 
@@ -529,6 +607,8 @@ def tensor_layout(cfg: ModelConfig, prefix: Optional[str] = None) -> list[Entry]
             for n in ("q", "k"):
                 add(f"{h}self_attn.{n}_norm.weight", "copy", (f"layers/attn/{n}_norm/scale", i))
             add(h + "post_attention_layernorm.weight", "copy", ("layers/mlp_norm/scale", i))
+            _add_experts(add, h, i, cfg.num_experts if "layers/moe/router/kernel" in leaves
+                         else 0, moe_layout)
             for n in ("gate", "up", "down"):
                 add(f"{h}mlp.{n}_proj.weight", "T", (f"layers/mlp/{n}_proj/kernel", i))
                 add(f"{h}mlp.{n}_proj.bias", "copy", (f"layers/mlp/{n}_proj/bias", i))
@@ -537,6 +617,31 @@ def tensor_layout(cfg: ModelConfig, prefix: Optional[str] = None) -> list[Entry]
     covered = {t for e in out for t, _ in e.targets}
     assert covered == set(leaves), f"layout misses {sorted(set(leaves) - covered)}"
     return out
+
+
+def _add_experts(add: Callable, h: str, i: int, n_experts: int, moe_layout: str) -> None:
+    """Mixtral's router and experts of layer i (h: the layer's key prefix)."""
+    if not n_experts:
+        return
+    moe = "layers/moe/"
+    if moe_layout == "fused":
+        add(h + "mlp.gate.weight", "T", (moe + "router/kernel", i))
+        add(h + "mlp.experts.gate_up_proj", "Tsplit", (moe + "gate_proj/kernel", i),
+            (moe + "up_proj/kernel", i))
+        add(h + "mlp.experts.down_proj", "T", (moe + "down_proj/kernel", i))
+        return
+    add(h + "block_sparse_moe.gate.weight", "T", (moe + "router/kernel", i))
+    for e in range(n_experts):
+        for w, n in (("w1", "gate"), ("w2", "down"), ("w3", "up")):
+            add(f"{h}block_sparse_moe.experts.{e}.{w}.weight", "T",
+                (f"{moe}{n}_proj/kernel", (i, e)))
+
+
+def _detect_moe_layout(cfg: ModelConfig, keys: Iterable[str]) -> str:
+    """"fused" when the file holds transformers 5's stacked expert tensors, else "hub"."""
+    if not getattr(cfg, "num_experts", 0):
+        return "hub"
+    return "fused" if any(".mlp.experts.gate_up_proj" in k for k in keys) else "hub"
 
 
 def _ignorable(key: str, cfg: ModelConfig) -> bool:
@@ -624,7 +729,8 @@ def load_pretrained(path: str, dtype: Any = None) -> tuple[ModelConfig, dict]:
     layout: dict[str, Entry] = {}
     if cfg is not None:
         leaves = _leaf_shapes(cfg)
-        layout = {e.key: e for e in tensor_layout(cfg, _detect_prefix(cfg, headers))}
+        layout = {e.key: e for e in tensor_layout(cfg, _detect_prefix(cfg, headers),
+                                                  _detect_moe_layout(cfg, headers))}
         missing = [k for k in layout if k not in headers]
         if missing and headers:
             problems.append(f"missing tensors ({len(missing)}): {missing}")
@@ -632,6 +738,11 @@ def load_pretrained(path: str, dtype: Any = None) -> tuple[ModelConfig, dict]:
                             key=_natural_key)
         if unexpected:
             problems.append(f"unexpected tensors ({len(unexpected)}): {unexpected}")
+        dense = [k for k in unexpected if re.search(r"\.mlp\.(gate|up|down)_proj\.weight$", k)]
+        if getattr(cfg, "num_experts", 0) and dense:
+            problems.append(f"the file holds dense MLP weights ({dense[0]}, ...), but config.json "
+                            f"describes {SUPPORTED_ARCHITECTURES[family][0]}, a mixture-of-experts "
+                            "model with router and expert weights; is its architecture right?")
         for k, e in layout.items():
             if k in headers:
                 want, got = e.hf_shape(leaves), headers[k][1]
@@ -689,7 +800,7 @@ def _host_leaves(params: dict) -> dict[str, np.ndarray]:
 
 def save_pretrained(path: str, cfg: ModelConfig, params: dict, *, shard_size_mb: float = 5000,
                     dtype: Any = None, extra_config: Optional[dict] = None,
-                    tokenizer_dir: Optional[str] = None) -> list[str]:
+                    tokenizer_dir: Optional[str] = None, moe_layout: str = "hub") -> list[str]:
     """Writes a transformers directory: config.json, generation_config.json, safetensors.
 
     The family is `cfg.family`. Tensors are stored in `dtype` (default cfg.param_dtype; one of
@@ -697,7 +808,9 @@ def save_pretrained(path: str, cfg: ModelConfig, params: dict, *, shard_size_mb:
     shards of at most `shard_size_mb` plus `model.safetensors.index.json`, all with
     `{"format": "pt"}` metadata. Tied embeddings write no `lm_head.weight`. `extra_config`
     adds config.json keys (bos/eos/pad token ids are null unless given there);
-    `tokenizer_dir` copies tokenizer files from another directory. Returns the files written.
+    `tokenizer_dir` copies tokenizer files from another directory. Mixtral experts are written
+    per expert (`moe_layout="hub"`, as transformers itself saves them; readable by transformers
+    4 and 5) or stacked (`"fused"`, transformers 5's state-dict names). Returns the files written.
     """
     from safetensors.numpy import save_file
     path = os.fspath(path)
@@ -705,6 +818,8 @@ def save_pretrained(path: str, cfg: ModelConfig, params: dict, *, shard_size_mb:
     problems = hf_problems(cfg)
     if storage not in _STORAGE_DTYPES:
         problems.append(f"dtype={storage!r} (use one of {_STORAGE_DTYPES})")
+    if moe_layout not in _MOE_LAYOUTS:
+        problems.append(f"moe_layout={moe_layout!r} (use one of {_MOE_LAYOUTS})")
     leaves = _leaf_shapes(cfg)
     from ftjax.io.params_file import flatten
     given = flatten(params)
@@ -724,7 +839,7 @@ def save_pretrained(path: str, cfg: ModelConfig, params: dict, *, shard_size_mb:
     hf_config = config_to_hf(cfg, dtype=storage, extra=extra_config)
 
     flat = _host_leaves(params)
-    layout = tensor_layout(cfg)
+    layout = tensor_layout(cfg, moe_layout=moe_layout)
     np_storage = np.dtype(storage)
     item = np_storage.itemsize
     sizes = [int(np.prod(e.hf_shape(leaves))) * item for e in layout]
