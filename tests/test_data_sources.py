@@ -266,5 +266,8 @@ def test_tfds_catalog_by_name_with_mock_data(tmp_path):
         assert ex == {"text": records[0]["review"], "label": records[0]["label"]}
         same = open_source("tfds:imdb_reviews/plain_text", split="test", data_dir=str(tmp_path))
         assert same[0]["text"] == records[0]["review"]
+        versioned = open_source("tfds:imdb_reviews/plain_text:1.0.0:test", data_dir=str(tmp_path))
+        assert versioned.spec == "tfds:imdb_reviews/plain_text:1.0.0:test"
+        assert versioned[0]["text"] == records[0]["review"]
     with pytest.raises(DataError, match="cannot open TFDS dataset 'no_such_dataset_xyz'"):
         open_source("tfds:no_such_dataset_xyz:train", data_dir=str(tmp_path), download=False)

@@ -15,7 +15,7 @@ Specs (the kind may be left out when the file extension says it: .jsonl .json .c
     parquet:PATH   one record per row (pyarrow; NaN -> null); origin = the row number (1-based)
     text:PATH      {"text": ...} per non-blank line (`text_unit="line"`), per blank-line-
                    separated paragraph ("paragraph"; origin = its first line) or per file ("file")
-    tfds:NAME[/CONFIG][:SPLIT]   a TFDS catalog dataset through `tfds.data_source` (prepared
+    tfds:NAME[/CONFIG][:VERSION][:SPLIT]   a TFDS catalog dataset via `tfds.data_source` (prepared
                    as ArrayRecord under `data_dir`); origin = ("tfds:NAME:SPLIT", index + 1);
                    bytes decode to str, ClassLabel ints to their names.
 
@@ -637,8 +637,13 @@ def _open_tfds(name_split: str, *, data_dir: str, split: str,
                field_map: Optional[Mapping[str, str]], download: bool) -> RecordSource:
     import tensorflow_datasets as tfds
 
-    name, sep, spec_split = name_split.partition(":")
-    split = spec_split if sep else split
+    # NAME may carry a TFDS version ("imdb_reviews:1.0.0"); the split is a last part that is
+    # not a version.
+    head, sep, tail = name_split.rpartition(":")
+    if sep and not re.fullmatch(r"[\d.*]+", tail):
+        name, split = head, tail
+    else:
+        name = name_split
     if not name or not split:
         raise DataError(f"tfds spec 'tfds:{name_split}' needs a name (and a split after ':' or "
                         "through split=...), e.g. 'tfds:imdb_reviews:train'")
