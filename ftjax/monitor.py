@@ -28,6 +28,7 @@ __all__ = [
     "peak_flops_per_device",
     "peak_rss_mb",
     "format_count",
+    "moe_scalars",
 ]
 
 _RESERVED = ("step", "split", "time")
@@ -64,13 +65,29 @@ class MetricWriter:
 
             self._tb = tensorboardX.SummaryWriter(str(self.workdir / "tb"))
 
-    def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "train") -> None:
-        """Records `metrics` (scalars or size-1 arrays) at `step` under split `prefix`."""
+    def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "train", *,
+              vectors: Mapping[str, Any] | None = None) -> None:
+        """Records `metrics` (scalars or size-1 arrays) at `step` under split `prefix`.
+
+        `vectors`: non-scalar metrics (e.g. MoE per-layer expert load [L, E]), written to the
+        JSON line as nested lists and to TensorBoard as histograms. They are passed apart so
+        that an array where a scalar was meant still fails loudly.
+        """
         if not self.enabled:
             return
         if self._file is None:
             raise RuntimeError("MetricWriter.write called after close()")
         values: dict[str, float] = {}
+        arrays: dict[str, np.ndarray] = {}
+        for name, value in (vectors or {}).items():
+            if name in _RESERVED or name in metrics:
+                raise ValueError(f"vector metric name {name!r} is reserved or also a scalar "
+                                 "metric; rename it")
+            try:
+                arrays[name] = np.asarray(value, dtype=np.float64)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"vector metric {name!r} at step {step} is not numeric: "
+                                 f"{e}") from None
         for name, value in metrics.items():
             if name in _RESERVED:
                 raise ValueError(f"metric name {name!r} is reserved ({_RESERVED}); rename it")
@@ -84,12 +101,16 @@ class MetricWriter:
                     f"({type(value).__name__}{getattr(value, 'shape', '')}): {e}"
                 ) from None
         step = int(step)
-        record = {"step": step, "split": prefix, **values, "time": time.time()}
+        record = {"step": step, "split": prefix, **values,
+                  **{k: v.tolist() for k, v in arrays.items()}, "time": time.time()}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
             for name, value in values.items():
                 self._tb.add_scalar(f"{prefix}/{name}", value, step)
+            for name, value in arrays.items():
+                if value.size and np.all(np.isfinite(value)):
+                    self._tb.add_histogram(f"{prefix}/{name}", value.reshape(-1), step)
 
     def flush(self) -> None:
         """Flushes buffered TensorBoard events (the JSON file is flushed on every write)."""
@@ -111,6 +132,34 @@ class MetricWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def moe_scalars(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Per-layer MoE routing metrics as named scalars for TensorBoard and logs.
+
+    Reads `{prefix}moe_<name>` arrays ([L] for aux_loss, z_loss, dropped, entropy; [L, E]
+    for load, the fraction of token-assignments each expert got) and returns
+    `{prefix}moe/<name>` (mean over layers), `{prefix}moe/<name>/layer{i}` for dropped,
+    entropy and aux_loss, and `{prefix}moe/load_max/layer{i}` / `load_min` (ideal: 1/E).
+    Empty when there are no MoE metrics.
+    """
+    out: dict[str, float] = {}
+    for name in ("aux_loss", "z_loss", "dropped", "entropy"):
+        value = metrics.get(f"{prefix}moe_{name}")
+        if value is None:
+            continue
+        per_layer = np.asarray(value, np.float64).reshape(-1)
+        out[f"{prefix}moe/{name}"] = float(per_layer.mean())
+        if name != "z_loss":
+            for i, x in enumerate(per_layer):
+                out[f"{prefix}moe/{name}/layer{i}"] = float(x)
+    load = metrics.get(f"{prefix}moe_load")
+    if load is not None:
+        load = np.asarray(load, np.float64)
+        for i, row in enumerate(load.reshape(-1, load.shape[-1])):
+            out[f"{prefix}moe/load_max/layer{i}"] = float(row.max())
+            out[f"{prefix}moe/load_min/layer{i}"] = float(row.min())
+    return out
 
 
 # ------------------------------------------------------------------------------------------

@@ -43,9 +43,13 @@ class TrainResult:
 def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
     """Model FLOPs per token (PaLM appendix B convention; see monitor.transformer_flops_per_token)."""
     specs = models.param_specs(cfg)
-    layer_matmul = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(
-        specs["layers"], is_leaf=lambda x: isinstance(x, models.transformer.Spec))
-        if len(s.shape) == 3)
+    layer_matmul = 0.0
+    for s in jax.tree.leaves(specs["layers"],
+                             is_leaf=lambda x: isinstance(x, models.transformer.Spec)):
+        if "expert" in s.axes:  # stacked experts: only k of E run per token
+            layer_matmul += np.prod(s.shape) * cfg.num_experts_per_tok / cfg.num_experts
+        elif len(s.shape) == 3:
+            layer_matmul += np.prod(s.shape)
     return monitor.transformer_flops_per_token(
         layer_matmul, cfg.num_layers, cfg.hidden_size, seq_len, n_heads=cfg.num_heads,
         head_dim=cfg.dim_per_head, lm_head_params=cfg.hidden_size * cfg.vocab_size,
@@ -101,19 +105,40 @@ def host_params(load_fn: Callable[[], Any]) -> Callable[[], Any]:
 
 
 def _mean_metrics(buf: Sequence[dict]) -> dict:
-    keys = buf[0].keys()
-    return {k: float(np.mean([b[k] for b in buf])) for k in keys}
+    """Mean of each metric over logged steps: floats, or nested lists for array metrics
+    (MoE per-layer stats)."""
+    out = {}
+    for k in buf[0].keys():
+        m = np.mean(np.stack([np.asarray(b[k], np.float64) for b in buf]), axis=0)
+        out[k] = float(m) if m.ndim == 0 else m.tolist()
+    return out
+
+
+def _write_row(writer, step: int, row: dict, prefix: str, moe_prefix: str = "") -> None:
+    """Writes scalars as such and array metrics (MoE per-layer stats) as vectors plus their
+    per-layer scalar summaries (`monitor.moe_scalars`)."""
+    scalars = {k: v for k, v in row.items() if k != "step" and not isinstance(v, list)}
+    vectors = {k: v for k, v in row.items() if isinstance(v, list)}
+    scalars.update(monitor.moe_scalars(row, moe_prefix))
+    writer.write(step, scalars, prefix=prefix, vectors=vectors)
 
 
 def evaluate(eval_fn, params, placement: Placement, batches: Sequence[dict]) -> dict:
-    """Token-weighted eval loss and accuracy over a fixed list of (process-local) batches."""
+    """Token-weighted eval loss and accuracy over a fixed list of (process-local) batches,
+    plus the token-weighted MoE routing metrics (`moe_*`) of MoE models."""
     tot = {"nll": 0.0, "correct": 0.0, "tokens": 0.0}
+    moe: dict[str, np.ndarray] = {}
     for b in batches:
         s = jax.device_get(eval_fn(params, placement.put_batch(b)))
         for k in tot:
             tot[k] += float(s[k])
+        for k, v in s.items():
+            if k.startswith("moe_"):
+                moe[k] = moe.get(k, 0.0) + np.asarray(v, np.float64)
     n = max(tot["tokens"], 1.0)
-    return {"loss": tot["nll"] / n, "accuracy": tot["correct"] / n, "tokens": tot["tokens"]}
+    out = {"loss": tot["nll"] / n, "accuracy": tot["correct"] / n, "tokens": tot["tokens"]}
+    out.update({k: (v / n).tolist() for k, v in moe.items()})
+    return out
 
 
 def train(cfg: Any, workdir: str, *, model_cfg: ModelConfig, init_params: Callable[[], Any],
@@ -266,8 +291,13 @@ def train(cfg: Any, workdir: str, *, model_cfg: ModelConfig, init_params: Callab
                 row.update(t)
             row["step"] = step
             history.append(row)
-            writer.write(step, {k: v for k, v in row.items() if k != "step"}, prefix=name)
-            progress.update(step, loss=row["loss"], tokens_per_s=row.get("tokens_per_s"))
+            _write_row(writer, step, row, prefix=name)
+            extra = {}
+            if "moe_aux_loss" in row:  # MoE: balance loss and dropped fraction, layer means
+                extra = {"moe_aux": float(np.mean(row["moe_aux_loss"])),
+                         "moe_drop": float(np.mean(row["moe_dropped"]))}
+            progress.update(step, loss=row["loss"], tokens_per_s=row.get("tokens_per_s"),
+                            **extra)
         if eval_every and (step % eval_every == 0 or step == steps) and (eval_batches or on_eval):
             ev = {"step": step}
             if eval_batches:
@@ -276,7 +306,7 @@ def train(cfg: Any, workdir: str, *, model_cfg: ModelConfig, init_params: Callab
             if on_eval is not None:
                 ev.update(on_eval(step, state.full_params()))
             evals.append(ev)
-            writer.write(step, {k: v for k, v in ev.items() if k != "step"}, prefix=f"{name}_eval")
+            _write_row(writer, step, ev, prefix=f"{name}_eval", moe_prefix="eval_")
             thr.tick(step)  # do not count evaluation time as training throughput
             if patience and "eval_loss" in ev:
                 if ev["eval_loss"] < best - min_delta:

@@ -31,19 +31,49 @@ def sft_loss(model_cfg: ModelConfig, z_loss: float = 0.0, apply_fn=None,
     apply_fn: replaces `models.apply` (same signature), for PEFT methods that change what the
     model sees (see `ftjax.peft.Method`). bind_rng: `(params, rng) -> params`, applied when
     the loss gets an rng (training steps; evaluation passes None), e.g. LoRA dropout.
+    MoE models (num_experts > 0) add the router losses (`add_moe_losses`); the rng reaches
+    `apply` (router jitter) only when model_cfg.router_jitter > 0.
     """
     apply_fn = apply_fn or models.apply
+    jitter = model_cfg.num_experts > 0 and model_cfg.router_jitter > 0
 
     def loss_fn(params, batch, rng):
         if bind_rng is not None and rng is not None:
             params = bind_rng(params, rng)
-        logits, _ = apply_fn(params, model_cfg, batch["inputs"],
-                                 positions=batch.get("positions"),
-                                 segment_ids=batch.get("segment_ids"))
+        kw = {"rng": jax.random.fold_in(rng, 1)} if jitter and rng is not None else {}
+        logits, aux = apply_fn(params, model_cfg, batch["inputs"],
+                               positions=batch.get("positions"),
+                               segment_ids=batch.get("segment_ids"), **kw)
         s = token_cross_entropy(logits, batch["targets"], batch["loss_mask"])
-        return s["nll"] + z_loss * s["z"], s
+        return add_moe_losses(s["nll"] + z_loss * s["z"], s, aux, model_cfg)
 
     return loss_fn
+
+
+MOE_STATS = ("aux_loss", "z_loss", "dropped", "entropy", "load")
+
+
+def add_moe_losses(objective: jax.Array, stats: dict, aux: Any,
+                   model_cfg: ModelConfig) -> tuple[jax.Array, dict]:
+    """Adds the MoE router losses to a summed objective and routing metrics to its stats.
+
+    With n = stats["tokens"], the objective gains n * (router_aux_loss_coef * mean_L aux_loss
+    + router_z_loss_coef * mean_L z_loss), so dividing by the token count (as the step does)
+    adds the coefficient-weighted means. The per-layer stats `moe_<name>` ([L]; `moe_load`
+    [L, E]) are scaled by n the same way, so the step's division yields token-weighted means.
+    Without aux["moe"] (dense models) both come back unchanged.
+    """
+    moe_stats = aux.get("moe") if isinstance(aux, dict) else None
+    if moe_stats is None:
+        return objective, stats
+    n = stats["tokens"]
+    objective = objective + n * (
+        model_cfg.router_aux_loss_coef * jnp.mean(moe_stats["aux_loss"])
+        + model_cfg.router_z_loss_coef * jnp.mean(moe_stats["z_loss"]))
+    stats = dict(stats)
+    for name in MOE_STATS:
+        stats[f"moe_{name}"] = n * moe_stats[name].astype(jnp.float32)
+    return objective, stats
 
 
 def split_microbatches(batch: dict, accum_steps: int) -> dict:
