@@ -14,29 +14,47 @@ import jax
 from ftjax import data as ftdata
 from ftjax import models
 from ftjax.io.params_file import load_params
+from ftjax.models import upcycle
 from ftjax.models.config import ModelConfig
 from ftjax.peft import get_method
 from ftjax.train import loop
 from ftjax.train.step import sft_loss
 
 
-def model_config(model_section: Any) -> ModelConfig:
-    """ModelConfig from a config's `model` section (every field but `init_from`).
+def model_config(model_section: Any, dense: bool = False) -> ModelConfig:
+    """ModelConfig from a config's `model` section (every field but `init_from`, `upcycle`).
 
     With `init_from="hf:DIR"` the architecture comes from DIR/config.json and only the
     run-time fields (dtype, param_dtype, scan_layers, remat) from the section; overridden
-    section fields are printed (see docs/checkpoints.md).
+    section fields are printed (see docs/checkpoints.md). An enabled `model.upcycle` section
+    turns it into the sparse MoE the run trains (`ftjax.models.upcycle`), unless `dense`.
     """
-    fields = {k: v for k, v in model_section.to_dict().items() if k != "init_from"}
+    fields = {k: v for k, v in model_section.to_dict().items()
+              if k not in ("init_from", "upcycle")}
     src = model_section.get("init_from", "") or ""
     if src.startswith("hf:"):
         from ftjax.io.hf import model_config_from_section
-        return model_config_from_section(fields, src[len("hf:"):])
-    return ModelConfig.from_dict(fields)
+        base = model_config_from_section(fields, src[len("hf:"):])
+    else:
+        base = ModelConfig.from_dict(fields)
+    return base if dense else upcycle.config_from_section(model_section.get("upcycle"), base)
 
 
 def initial_params(cfg: Any, model_cfg: ModelConfig):
-    """A zero-argument function returning the starting params (random init or `init_from`).
+    """A zero-argument function returning the starting params (random init or `init_from`),
+    upcycled into experts when `model.upcycle` is enabled (before any PEFT transform)."""
+    sec = cfg.model.get("upcycle")
+    if not upcycle.enabled(sec):
+        return dense_initial_params(cfg, model_cfg)
+    dense_cfg = model_config(cfg.model, dense=True)
+    load = dense_initial_params(cfg, dense_cfg)
+    key = upcycle.upcycle_key(int(cfg.seed))
+    fn = lambda: upcycle.upcycle_from_section(sec, load(), dense_cfg, key)[0]
+    return loop.host_params(fn) if getattr(load, "on_host", False) else fn
+
+
+def dense_initial_params(cfg: Any, model_cfg: ModelConfig):
+    """The starting params of `model_cfg` before upcycling (random init or `init_from`).
 
     Checkpoints are read lazily (only when the run does not resume) and marked with
     `loop.host_params`, so the loop places the host arrays shard by shard.
