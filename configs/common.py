@@ -88,3 +88,70 @@ def base(trainer: str = "sft", seed: int = 0) -> ml_collections.ConfigDict:
     # Deployment: write the trained model as a Hugging Face directory ("" = no export).
     c.export = ml_collections.ConfigDict(dict(hf_dir=""))
     return c
+
+
+def data_file(source: str = "", format: str = "auto", **kw) -> ml_collections.ConfigDict:
+    """The `data` section of a run on the user's own data (ftjax/data/pipeline.py; docs/data.md).
+
+    Every knob exists up front so it can be overridden on the command line, e.g.
+    `--config.data.source=csv:my.csv --config.data.field_map=instruction=question,output=answer`.
+    """
+    cfg = dict(
+        # -- where the examples come from --------------------------------------------------
+        source=source,          # one spec: jsonl:PATH json:PATH csv:PATH parquet:PATH text:PATH
+                                # tfds:NAME[/CONFIG][:SPLIT] (PATH may be a glob or a,b,c)
+        sources=(),             # or several: ({"source": SPEC, "weight": w, "format": F,
+                                #   "field_map": {...}, "split": S}, ...); weights = the train
+                                #   mixture proportions (none given: sources are concatenated)
+        format=format,          # auto instruction chat sharegpt preference unpaired
+                                # classification text
+        field_map="",           # renames: "canonical=field,..." (e.g. "output=answer")
+        source_split="train",   # the source's own split (TFDS; slicing like "train[:50%]")
+        text_unit="line",       # text: sources: one example per line / paragraph / file
+        on_error="raise",       # malformed lines / records missing a field: raise (file,
+                                #   line, snippet) | skip (counted in the report)
+        data_dir="",            # prepared ArrayRecord sources; "" = <workdir>/data
+        # -- formatting and tokenization --------------------------------------------------
+        template="",            # "" = the tokenizer's chat template, else the fitting built-in
+                                # (alpaca for the char tokenizer); or alpaca chatml llama3, or
+                                # Jinja source
+        max_len=0,              # tokens per example (0 = train.seq_len + 1, one full row)
+        truncation="right",     # right | left | error | "prompt=left,completion=right"
+        # -- packing ------------------------------------------------------------------------
+        packing="best_fit",     # best_fit | first_fit | none (one example per row)
+        pack_window=1024,       # examples packed together (the streaming buffer)
+        pack_overflow="truncate",  # an example longer than a row: truncate | drop | error
+        # -- cleaning (ftjax/data/clean.py CleanConfig) ---------------------------------------
+        clean=dict(nfkc=True, strip_control=True, whitespace="normalize",
+                   pii="email+phone+ipv4+ipv6",  # "" disables masking
+                   exact_dedup=True,
+                   near_dup_threshold=0.0,  # MinHash Jaccard threshold; 0 = off (e.g. 0.8)
+                   num_perm=128, bands=0, shingle="word", ngram=3,  # MinHash LSH (bands 0 = auto)
+                   min_chars=1, max_chars=0,  # 0 = no maximum
+                   min_tokens=0, max_tokens=0),
+        # -- splits (ftjax/data/splits.py) ----------------------------------------------------
+        splits=dict(ratios=(0.8, 0.2),   # train, validation[, test]; (1.0,) = no validation
+                    stratify=True,        # by label for classification / unpaired data
+                    kfold=0, fold=0,      # k > 0: K-fold, validation = fold `fold`
+                    seed=0),
+        # -- imbalance (ftjax/data/imbalance.py; train split only) --------------------------
+        imbalance=dict(oversample="",       # "" | "balanced" (repeat minority labels)
+                       undersample="",      # "" | "balanced" (drop majority labels)
+                       mixture_examples=0,  # draws per mixture epoch (0 = sum of sources)
+                       stratify_batches=False),  # classification: every batch stratified
+        labels=(),              # classification class list (empty = the labels in the data)
+        # -- the loader -------------------------------------------------------------------------
+        num_workers=0,          # Grain worker processes (0 = in the training process)
+        read_threads=2,         # Grain reader threads
+        min_train_examples=1000,  # the report warns below this
+        seed=0,                 # mixture / resampling seed (the shuffle uses config.seed)
+        # -- held-out evaluation of the SFT trainer ---------------------------------------------
+        eval_split="validation",
+        eval_examples=200,      # exact match by greedy generation (sft data; 0 = off)
+        max_new_tokens=16,
+    )
+    for k, v in kw.items():
+        if k not in cfg:
+            raise ValueError(f"data_file: unknown field {k!r}; known: {sorted(cfg)}")
+        cfg[k] = dict(cfg[k], **v) if isinstance(cfg[k], dict) and isinstance(v, dict) else v
+    return ml_collections.ConfigDict(cfg)

@@ -822,7 +822,10 @@ def prepare(dcfg: Any, tok: Any, workdir: str, *, seq_len: Optional[int] = None,
             try:
                 ex = to_canonical(record, fmt, fm, "")
             except DataError:
-                ex = to_canonical(record, fmt, fm, src.origin_str(r))  # raises, naming the line
+                if opts.on_error != "skip":  # raise again, naming the file and line
+                    to_canonical(record, fmt, fm, src.origin_str(r))
+                report.dropped(name, split, "bad_record")
+                continue
             cleaned, reason = cleaner.process(ex)
             if reason:
                 report.dropped(name, split, reason)

@@ -1,7 +1,11 @@
-"""Supervised fine-tuning on the built-in synthetic suite (trainer "sft").
+"""Supervised fine-tuning (trainer "sft") on the built-in synthetic suite or on the user's data.
 
-The data section names tasks of `ftjax.data.synthetic`; a held-out test split of each is used
-for the evaluation loss during training and for exact match (generation) at the end.
+Synthetic: the data section names tasks of `ftjax.data.synthetic`; a held-out test split of
+each is used for the evaluation loss during training and for exact match (generation) at the
+end. Files / TFDS: when `data.source` (or `data.sources`) is set (`configs/common.py:
+data_file`), `ftjax.data.pipeline.prepare` reads, cleans and splits the data (the data report
+is printed and saved in the workdir), a Grain loader tokenizes and packs the train split, and
+the validation split gives the eval loss and the held-out exact match (see docs/data.md).
 """
 from __future__ import annotations
 
@@ -131,12 +135,133 @@ def export_hf(cfg: Any, model_cfg: ModelConfig, params: Any) -> str | None:
     return out
 
 
+def uses_files(cfg: Any) -> bool:
+    """Whether the data section names the user's data (`source` / `sources`)."""
+    d = cfg.get("data", {})
+    return bool(d.get("source", "") or d.get("sources", ()))
+
+
+def prepare_data(cfg: Any, tok, workdir: str):
+    """`pipeline.prepare` on every process; process 0 builds new sources first (one writer)."""
+    from ftjax.data import pipeline
+    seq_len = int(cfg.train.seq_len)
+    if jax.process_count() == 1:
+        return pipeline.prepare(cfg.data, tok, workdir, seq_len=seq_len)
+    from jax.experimental import multihost_utils
+    if jax.process_index() == 0:
+        prepared = pipeline.prepare(cfg.data, tok, workdir, seq_len=seq_len)
+    multihost_utils.sync_global_devices("ftjax_data_prepared")
+    if jax.process_index() != 0:
+        prepared = pipeline.prepare(cfg.data, tok, workdir, seq_len=seq_len, verbose=False)
+    return prepared
+
+
+def file_exact_match(params, model_cfg: ModelConfig, tok, examples, *, template, max_new_tokens: int,
+                     apply_fn=None, batch_size: int = 64) -> dict:
+    """Greedy generation after each conversation's last user turn, rendered with the training
+    template (and its generation prompt), compared with the reference assistant reply."""
+    import numpy as np
+    from ftjax.data.chat import apply_chat_template
+    from ftjax.infer.generate import generate
+    prompts, answers = [], []
+    for ex in examples:
+        msgs = ex.get("messages") or []
+        if len(msgs) >= 2 and msgs[-1]["role"] == "assistant":
+            prompts.append(apply_chat_template(tok, msgs[:-1], add_generation_prompt=True,
+                                               template=template))
+            answers.append(msgs[-1]["content"])
+    if not prompts:
+        return {"exact_match": None, "n": 0, "samples": []}
+    width = -(-max(len(p) for p in prompts) // 16) * 16
+    rows = min(batch_size, len(prompts))
+    preds = []
+    for start in range(0, len(prompts), rows):
+        chunk = prompts[start:start + rows]
+        tokens = np.full((rows, width), tok.pad_id, np.int32)
+        lengths = np.ones((rows,), np.int32)
+        tokens[:, -1] = tok.eos_id  # filler rows
+        for i, ids in enumerate(chunk):
+            tokens[i] = tok.pad_id
+            tokens[i, width - len(ids):] = ids
+            lengths[i] = len(ids)
+        out = generate(params, model_cfg, tokens, lengths, max_new_tokens=max_new_tokens,
+                       eos_id=tok.eos_id, pad_id=tok.pad_id, apply_fn=apply_fn)
+        for row in out[:len(chunk)]:
+            ids = row.tolist()
+            preds.append(tok.decode(ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids))
+    hits = sum(p.strip() == a.strip() for p, a in zip(preds, answers))
+    return {"exact_match": hits / len(answers), "n": len(answers),
+            "samples": list(zip([tok.decode(p) for p in prompts[:5]], preds[:5], answers[:5]))}
+
+
+def run_files(cfg: Any, workdir: str, tok, model_cfg: ModelConfig) -> dict:
+    """SFT on the user's data: prepare, Grain loader (packed), eval split, exact match."""
+    from ftjax.data import pipeline
+    from ftjax.data.errors import DataError
+    d, t = cfg.data, cfg.train
+    prepared = prepare_data(cfg, tok, workdir)
+    if prepared.kind not in ("sft", "text"):
+        raise DataError(f"trainer 'sft' trains on conversations or text, but this data is "
+                        f"{prepared.kind!r} (formats of data.source/sources); use the "
+                        "classification or preference trainers for it")
+    bs, seq = int(t.batch_size), int(t.seq_len)
+    pi, pc = jax.process_index(), jax.process_count()
+    it = pipeline.make_loader(prepared, "train", tok, bs, seq, int(cfg.seed), pi, pc)
+    eval_split = d.get("eval_split", "validation")
+    evals = (pipeline.eval_batches(prepared, eval_split, tok, bs, seq, pi, pc)
+             if eval_split in prepared.splits else [])
+    method = get_method(cfg.get("peft"))
+    check_exportable(cfg)
+    try:
+        result = loop.train(cfg, workdir, model_cfg=model_cfg,
+                            init_params=initial_params(cfg, model_cfg),
+                            loss_fn=sft_loss(model_cfg, float(t.z_loss), method.apply_fn,
+                                             method.bind_rng),
+                            transform=method.transform, train_patterns=method.train_patterns,
+                            wrap_optimizer=method.wrap_optimizer, train_iter=it,
+                            eval_batches=evals)
+    finally:
+        it.close()
+    em = {"exact_match": None, "n": 0}
+    n_em = int(d.get("eval_examples", 0))
+    if n_em > 0 and prepared.kind == "sft" and eval_split in prepared.splits:
+        params = result.params
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            params = multihost_utils.process_allgather(params, tiled=True)
+        view = prepared.split(eval_split)
+        em = file_exact_match(params, model_cfg, tok, [view[i] for i in range(min(n_em, len(view)))],
+                              template=prepared.options.template,
+                              max_new_tokens=int(d.get("max_new_tokens", 16)),
+                              apply_fn=method.apply_fn)
+        if em["n"]:
+            print(f"held-out exact match ({eval_split}): {em['exact_match']:.3f} over "
+                  f"{em['n']} examples")
+            for prompt, pred, ans in em["samples"][:3]:
+                print(f"  {prompt!r} -> {pred!r} (reference {ans!r})")
+    exported = export_hf(cfg, model_cfg, result.params)
+    summary = {"exported_hf_dir": exported,
+               "final_loss": result.history[-1]["loss"] if result.history else None,
+               "evals": result.evals, "exact_match": em["exact_match"], "n_test": em["n"],
+               "wall_s": result.wall_s, "stopped_early": result.stopped_early,
+               "resumed_from": result.resumed_from,
+               "data": {"kind": prepared.kind, "fingerprint": prepared.fingerprint,
+                        "splits": {k: len(v) for k, v in prepared.splits.items()},
+                        "packing": it.pack_stats.to_dict(), "report": "data_report.json"}}
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
 def run(cfg: Any, workdir: str) -> dict:
     tok = tokenizer_for(cfg)
     model_cfg = model_config(cfg.model)
     if model_cfg.vocab_size < tok.vocab_size:
         raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
                          f"{tok.vocab_size}; set --config.model.vocab_size={tok.vocab_size}")
+    if uses_files(cfg):
+        return run_files(cfg, workdir, tok, model_cfg)
     d = cfg.data
     train_ex, test_ex = [], []
     for task in d.tasks:
