@@ -46,6 +46,7 @@ METHODS = {
     "prefix_tuning": "ftjax.peft.prompt",
     "hft": "ftjax.peft.hft",
     "vera": "ftjax.peft.vera",
+    "memory": "ftjax.peft.memory",
 }
 
 
