@@ -12,6 +12,7 @@ import sys
 TRAINERS = {
     "sft": "ftjax.train.sft",
     "quickstart": "ftjax.quickstart",
+    "classify": "ftjax.train.classify",
     "dpo": "ftjax.align.trainer",
     "memory_tuning": "ftjax.train.memory_tuning",
 }

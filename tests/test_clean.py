@@ -242,7 +242,7 @@ def test_report_warnings_imbalance_duplicates_truncation(tmp_path):
     rep.seen("s", "train", 100)
     rep.kept("s", "train", 70)
     rep.dropped("s", "train", "near_duplicate", 30)
-    rep.add_counters("s", "train", {"truncated": 10})
+    rep.add_counters("s", "train", {"truncated_examples": 10, "truncated_tokens": 99})
     rep.add_labels("train", ["a"] * 60 + ["b"] * 7 + ["c"] * 3)
     rep.add_lengths("train", [3, 5, 5, 9, 40])
     rep.set_split_size("train", 70)

@@ -7,7 +7,8 @@ Counting protocol (the pipeline calls these as it decides):
     rep.seen(source, split)                        an input example
     rep.kept(source, split) / rep.dropped(source, split, reason)   its fate
     rep.dropped(source, split, reason, was_kept=True)   a kept one removed later (token filter)
-    rep.add_counters(source, split, {"truncated": 3})   counters of tokenization (E/F)
+    rep.add_counters(source, split, counters)      tokenization counters (`templates`:
+                                                   "truncated_examples", "truncated_tokens", ...)
     rep.add_pii(source, split, counts)             masked items per kind
     rep.add_lengths(split, token_lengths)          token length of each final example
     rep.add_labels(split, labels)                  labels of each final example
@@ -97,7 +98,8 @@ class DataReport:
             self._kept[(source, split)] -= n
 
     def add_counters(self, source: str, split: str, counters: Mapping[str, int]) -> None:
-        """Adds tokenization counters (e.g. {"truncated": 3, "truncated_prompt": 2})."""
+        """Adds tokenization counters (e.g. {"truncated_examples": 3, "truncated_tokens": 40});
+        the truncation warning reads "truncated_examples" (or "truncated")."""
         self._counters[(source, split)].update({k: int(v) for k, v in counters.items()})
 
     def add_pii(self, source: str, split: str, counts: Mapping[str, int]) -> None:
@@ -164,7 +166,8 @@ class DataReport:
                 out.append(f"{key[0]}[{key[1]}]: {100 * dup / seen:.1f}% of the examples are "
                            "duplicates")
             kept = self._kept[key]
-            trunc = self._counters[key].get("truncated", 0) if key in self._counters else 0
+            c = self._counters.get(key, {})
+            trunc = c.get("truncated_examples", c.get("truncated", 0))
             if kept and trunc / kept > t["max_truncation_rate"]:
                 out.append(f"{key[0]}[{key[1]}]: {100 * trunc / kept:.1f}% of the kept examples "
                            "were truncated; raise train.seq_len or shorten the data")
