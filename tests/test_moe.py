@@ -467,3 +467,20 @@ def test_flops_count_active_experts_only():
     router = 2 * 3 * TRAIN_MODEL["num_layers"] * 32 * 4
     assert loop.flops_per_token(sparse, 32) == pytest.approx(
         loop.flops_per_token(dense, 32) + router)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arg", ["dispatch=capacity", "peft=lora"])
+def test_moe_config_runs_from_the_command_line(tmp_path, arg):
+    from ftjax import main as ftmain
+    from tests.test_cli import SMALL
+    out = ftmain.main(["--config", f"configs/moe_sft.py:tasks=reverse,steps=3,{arg}",
+                       "--workdir", str(tmp_path), "--config.model.expert_intermediate_size=16",
+                       "--config.train.tensorboard=False"] + SMALL)
+    assert out["final_loss"] is not None and np.isfinite(out["final_loss"])
+    cfg = json.load(open(tmp_path / "config.json"))
+    assert cfg["model"]["num_experts"] == 8 and cfg["model"]["family"] == "mixtral"
+    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    train = [r for r in rows if r["split"] == "train"]
+    assert len(train) == 3 and len(train[-1]["moe_load"]) == 1  # SMALL: one layer
+    assert "moe/dropped/layer0" in train[-1] and "moe/entropy/layer0" in train[-1]
