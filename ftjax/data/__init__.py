@@ -45,3 +45,10 @@ from ftjax.data.templates import (tokenize_classification, tokenize_preference, 
 __all__ += ["DataError", "RecordSource", "open_source", "FORMATS", "detect_format",
             "to_canonical", "tokenize_classification", "tokenize_preference", "tokenize_sft",
             "tokenize_unpaired"]
+
+# Packing and the Grain pipeline (Grain is imported lazily by make_loader).
+from ftjax.data.packing import PackStats, pack, pad_rows
+from ftjax.data.pipeline import Loader, Prepared, eval_batches, make_loader, prepare
+
+__all__ += ["PackStats", "pack", "pad_rows", "Loader", "Prepared", "eval_batches",
+            "make_loader", "prepare"]
