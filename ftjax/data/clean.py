@@ -21,6 +21,7 @@ import hashlib
 import ipaddress
 import re
 import unicodedata
+import zlib
 from collections import Counter
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
@@ -51,11 +52,15 @@ _TRAILING = re.compile(r"[^\S\n]+\n")
 _BLANK_LINES = re.compile(r"\n{3,}")
 
 
+# Unicode category Cc is exactly U+0000-U+001F and U+007F-U+009F.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_OTHER_SPACE = re.compile(r"[^\S\t\n ]")  # whitespace other than tab, newline and ' '
+
+
 def _strip_controls(text: str) -> str:
     """Drops C0/C1 control characters except tab and newline, and the invisible ones above."""
     text = text.replace("\r\n", "\n").replace("\r", "\n").translate(_INVISIBLE)
-    return "".join(ch for ch in text
-                   if ch in "\t\n" or unicodedata.category(ch) != "Cc")
+    return _CONTROL.sub("", text)
 
 
 def normalize_text(text: str, *, nfkc: bool = True, strip_control: bool = True,
@@ -77,7 +82,7 @@ def normalize_text(text: str, *, nfkc: bool = True, strip_control: bool = True,
     if whitespace == "collapse":
         text = _HSPACE.sub(" ", text)
     else:  # NFKC already maps NBSP & co. to ' '; do it here too when nfkc is off
-        text = "".join(" " if ch not in "\t\n" and ch.isspace() else ch for ch in text)
+        text = _OTHER_SPACE.sub(" ", text)
     text = _TRAILING.sub("\n", text)
     text = _BLANK_LINES.sub("\n\n", text)
     return text.strip()
@@ -134,6 +139,13 @@ _CHECKS: dict[str, tuple[re.Pattern, Optional[Callable[[str], bool]]]] = {
     "email": (_EMAIL, None), "ipv6": (_IPV6, _valid_ipv6), "ipv4": (_IPV4, None),
     "phone": (_PHONE, _is_phone),
 }
+_HAS_DIGIT = re.compile(r"\d")
+# Cheap tests that rule a kind out before its regex runs.
+_MAYBE: dict[str, Callable[[str], bool]] = {
+    "email": lambda t: "@" in t, "ipv6": lambda t: "::" in t or t.count(":") >= 6,
+    "ipv4": lambda t: "." in t and _HAS_DIGIT.search(t) is not None,
+    "phone": lambda t: _HAS_DIGIT.search(t) is not None,
+}
 
 
 def mask_pii(text: str, kinds: Iterable[str] = PII_KINDS) -> tuple[str, Counter]:
@@ -148,7 +160,7 @@ def mask_pii(text: str, kinds: Iterable[str] = PII_KINDS) -> tuple[str, Counter]
         raise DataError(f"unknown PII kinds {sorted(unknown)}; choose from {PII_KINDS}")
     counts: Counter = Counter()
     for kind in PII_KINDS:
-        if kind not in kinds:
+        if kind not in kinds or not _MAYBE[kind](text):
             continue
         pattern, valid = _CHECKS[kind]
 
@@ -299,8 +311,9 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
 
 
 def _hash32(items: Iterable[str]) -> np.ndarray:
-    return np.fromiter((int.from_bytes(hashlib.blake2b(s.encode("utf-8"), digest_size=4)
-                                       .digest(), "little") for s in items), np.uint64)
+    """CRC-32 of each shingle: deterministic across runs (unlike `hash`) and fast; the
+    universal hashes on top of it make the MinHash permutations."""
+    return np.fromiter((zlib.crc32(s.encode("utf-8")) for s in items), np.uint64)
 
 
 class MinHashDedup:
