@@ -103,6 +103,27 @@ def test_kfold_validation_folds_cover_everything(tmp_path):
     assert not (folds[0] & folds[1]) and len(folds[0] | folds[1] | folds[2]) == 300
 
 
+def test_text_and_preference_sources(tmp_path):
+    txt = tmp_path / "notes.txt"
+    txt.write_text("first paragraph line\nstill the first\n\nsecond one\n\n\nthird\n")
+    p = prepare(data_cfg(f"text:{txt}", template="", text_unit="paragraph",
+                         splits=dict(ratios=(1.0,))), TOK, str(tmp_path / "t"), seq_len=64)
+    assert p.kind == "text" and len(p.split("train")) == 3
+    b = next(make_loader(p, "train", TOK, 1, 64, seed=0, shuffle=False, num_epochs=1))
+    seg = b["segment_ids"][0]
+    assert seg.max() == 3 and b["positions"][0][seg == 2][0] == 0  # 3 packed documents
+    docs = [TOK.decode(b["inputs"][0][seg == k].tolist()) for k in (1, 2, 3)]
+    assert docs == ["first paragraph line\nstill the first", "second one", "third"]
+    pref = prepare(data_cfg(sample("preference.jsonl")), TOK, str(tmp_path / "p"), seq_len=48)
+    assert pref.kind == "preference"
+    b = next(make_loader(pref, "train", TOK, 4, 48, seed=0))
+    for r in range(4):  # the pair shares its prompt; only the completions are trained
+        c, j = (b[f"{h}_inputs"][r][b[f"{h}_segment_ids"][r] > 0] for h in ("chosen", "rejected"))
+        start = int(np.argmax(b["chosen_loss_mask"][r] > 0))
+        np.testing.assert_array_equal(c[:start], j[:start])
+        assert TOK.decode(c[:start].tolist()).startswith("reverse ")
+
+
 def test_wrong_kind_for_the_sft_trainer_is_refused(tmp_path):
     with pytest.raises(DataError, match="this data is 'preference'"):
         ftmain.main(["--config", f"configs/sft_file.py:path={sample('preference.jsonl')},steps=2",

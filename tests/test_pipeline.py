@@ -304,3 +304,32 @@ def test_resume_through_the_training_loop(tmp_path):
     for s in got:
         assert got[s] == pytest.approx(ref[s], rel=1e-6, abs=1e-7), s
     assert ref[10] < ref[1]  # and it learns
+
+
+def test_unpaired_rows_carry_the_label():
+    ex = [{"prompt": [{"role": "user", "content": f"q{i}"}],
+           "completion": [{"role": "assistant", "content": f"a{i}"}], "label": i % 3 == 0}
+          for i in range(12)]
+    p = Prepared.from_examples({"train": ex}, "unpaired", template=PLAIN)
+    b = next(make_loader(p, "train", TOK, 4, 32, seed=0, shuffle=False))
+    assert b["label"].tolist() == [1, 0, 0, 1] and b["label_weight"].tolist() == [1, 1, 1, 1]
+    assert TOK.decode(b["targets"][1][b["loss_mask"][1] > 0].tolist()) == "a1"
+
+
+def test_stratified_batches_hold_every_label_in_proportion():
+    labels = ["a"] * 48 + ["b"] * 24 + ["c"] * 24
+    ex = [{"text": f"{lab} {i}", "label": lab} for i, lab in enumerate(labels)]
+    p = Prepared.from_examples({"train": ex}, "classification", stratify_batches=True)
+    it = make_loader(p, "train", TOK, 8, 16, seed=0)
+    first = take(it, 15)  # past the 12 batches of an epoch
+    for b in first:
+        assert sorted(np.bincount(b["label"], minlength=3).tolist()) == [2, 2, 4]
+    state = json.loads(json.dumps(it.get_state()))
+    want = take(it, 5)
+    again = make_loader(p, "train", TOK, 8, 16, seed=0)
+    again.set_state(state)
+    assert_same(take(again, 5), want)
+    halves = [next(make_loader(p, "train", TOK, 8, 16, seed=0, process_index=k, process_count=2))
+              for k in range(2)]
+    both = np.concatenate([h["label"] for h in halves])
+    np.testing.assert_array_equal(both, first[0]["label"])  # the same global batch, split
