@@ -333,3 +333,10 @@ def test_stratified_batches_hold_every_label_in_proportion():
               for k in range(2)]
     both = np.concatenate([h["label"] for h in halves])
     np.testing.assert_array_equal(both, first[0]["label"])  # the same global batch, split
+
+
+def test_state_refuses_another_worker_count():
+    p = sft_prepared()
+    state = make_loader(p, "train", TOK, 4, 64, seed=0).get_state()
+    with pytest.raises(DataError, match="num_workers=0 but this loader has num_workers=2"):
+        make_loader(p, "train", TOK, 4, 64, seed=0, num_workers=2).set_state(state)

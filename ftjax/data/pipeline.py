@@ -577,8 +577,8 @@ class Loader:
             if saved is not None and saved != value:
                 raise DataError(
                     f"loader state was saved with {key}={saved!r} but this loader has "
-                    f"{key}={value!r}; resume with the same data, batch size, seq_len and "
-                    "process count (or start a new workdir)")
+                    f"{key}={value!r}; resume with the same data, batch size, seq_len, "
+                    "process count and num_workers (or start a new workdir)")
         self._iterator().set_state(state["grain"])
 
     def close(self) -> None:
@@ -664,7 +664,8 @@ def make_loader(prepared: Prepared, split: str, tok: Any, batch_size: int, seq_l
     it = it.batch(local, drop_remainder=True)
     meta = {"split": split, "num_examples": n, "seed": int(seed), "batch_size": batch_size,
             "seq_len": seq_len, "packing": packing, "process_count": process_count,
-            "process_index": process_index, "shuffle": bool(shuffle)}
+            "process_index": process_index, "shuffle": bool(shuffle),
+            "num_workers": workers}  # Grain's state layout differs with worker processes
     return Loader(it, meta, stats)
 
 
