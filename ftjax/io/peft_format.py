@@ -27,6 +27,23 @@ Layout facts (PEFT 0.21, checked against its source and by saving tiny models):
 - IA3: `ia3_l` [out, 1] scales a module's output, [1, in] (modules in `feedforward_modules`)
   its input; = IA3Weight.ia3_l [.., out] / [.., in].
 
+- Mixture-of-experts weights (Mixtral) are raw parameters in transformers 5, adapted through
+  `target_parameters` (PEFT's `ParamWrapper`): for `mlp.experts.gate_up_proj` [E, 2f, d],
+  `mlp.experts.down_proj` [E, d, f] and the router's `mlp.gate.weight` [E, d], `lora_A.weight`
+  is [E*r, in] (expert-major rows: row e*r + j is A_e[j]) and `lora_B.weight` [out, r*E]
+  (expert-minor columns: column j*E + e is B_e[:, j]); expert e's update is s * B_e @ A_e on its
+  [out, in] slice. Several targeted parameters of one module nest wrappers in the module's
+  parameter order (gate_up_proj inside down_proj), so the inner one's keys gain `.base_layer`
+  (`mlp.experts.base_layer.lora_A.weight` for gate_up_proj when down_proj is targeted too).
+  rank/alpha patterns match the parameter path (`mlp.experts.gate_up_proj`).
+- The fused gate|up tensor has one A per expert shared by its two halves, while ftjax's gate
+  and up adapters are independent: ftjax writes rank r_gate + r_up with A_e = [A_gate; A_up]
+  and block-diagonal B_e (the same update), and reading splits B's rows; when B is block
+  structured (every rank column feeds one half only) each half keeps just its own columns, so
+  such adapters read back with their original factors. Transformers-4 era adapters on the
+  per-expert `block_sparse_moe.experts.M.w1/w2/w3` (and `block_sparse_moe.gate`) Linear modules
+  are read too.
+
 ftjax stacks layers, so one LoRA leaf has one rank and one scale for all layers. An adapter
 whose rank or alpha differs between layers of one module type (or that leaves layers out) is
 read exactly by zero-padding A/B to the largest rank and folding each layer's scale into its B.
@@ -50,7 +67,7 @@ from ftjax.peft.core import is_structured, materialize
 from ftjax.peft.lora import LoRAWeight
 
 __all__ = ["PeftFormatError", "save_peft_adapter", "load_peft_adapter", "read_adapter_config",
-           "module_table", "residual_to_standard", "CONFIG_NAME", "WEIGHTS_NAME"]
+           "module_table", "param_table", "residual_to_standard", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -90,7 +107,27 @@ class Module:
     """
     name: str
     embedding: bool
-    parts: tuple[tuple[str, Optional[int]], ...]
+    parts: tuple[tuple[str, Any], ...]
+    n_in: int
+    out_sizes: tuple[int, ...]
+
+    @property
+    def n_out(self) -> int:
+        return sum(self.out_sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """A raw transformers parameter PEFT adapts via `target_parameters` (MoE experts, router).
+
+    name: the parameter path (`model.layers.3.mlp.experts.gate_up_proj`), module: the module
+    holding it; experts: E for a stacked [E, ..] parameter, 0 for a 2-D one; parts, n_in,
+    out_sizes as for Module (gate|up are two parts of gate_up_proj's output axis).
+    """
+    name: str
+    module: str
+    parts: tuple[tuple[str, Any], ...]
+    experts: int
     n_in: int
     out_sizes: tuple[int, ...]
 
@@ -107,11 +144,49 @@ def _leaf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return flatten(shapes)
 
 
-def module_table(cfg: ModelConfig) -> dict[str, Module]:
-    """Every adaptable module of cfg's transformers class, by module path (file order)."""
+_MOE = "layers/moe/"
+
+
+def _layout(cfg: ModelConfig) -> list:
+    """The HF tensors under transformers 5's module names (fused experts)."""
+    return hf.tensor_layout(cfg, moe_layout="fused")
+
+
+def _is_moe(e: Any) -> bool:
+    return any(p.startswith(_MOE) for p, _ in e.targets)
+
+
+def _per_slot(shape: tuple, index: Any) -> tuple:
+    return tuple(shape[hf._n_index(index):])
+
+
+def param_table(cfg: ModelConfig) -> dict[str, Param]:
+    """Every parameter of cfg's transformers class adapted via `target_parameters` (the MoE
+    router and experts), by parameter path, in the module's parameter order."""
+    shapes = _leaf_shapes(cfg)
+    out: dict[str, Param] = {}
+    for e in _layout(cfg):
+        if not _is_moe(e):
+            continue
+        leaf = [_per_slot(shapes[p], i) for p, i in e.targets]
+        experts = leaf[0][0] if len(leaf[0]) == 3 else 0
+        out[e.key] = Param(e.key, e.key.rsplit(".", 1)[0], e.targets, experts, leaf[0][-2],
+                           tuple(s[-1] for s in leaf))
+    return out
+
+
+def module_table(cfg: ModelConfig, legacy_experts: bool = False) -> dict[str, Module]:
+    """Every adaptable module of cfg's transformers class, by module path (file order).
+
+    legacy_experts: also the per-expert Linear modules of transformers 4's Mixtral
+    (`block_sparse_moe.experts.M.w1` ..., `block_sparse_moe.gate`), which ftjax reads only.
+    """
     shapes = _leaf_shapes(cfg)
     out: dict[str, Module] = {}
-    for e in hf.tensor_layout(cfg):
+    entries = [e for e in _layout(cfg) if not _is_moe(e)]
+    if legacy_experts:
+        entries += [e for e in hf.tensor_layout(cfg, moe_layout="hub") if _is_moe(e)]
+    for e in entries:
         if not e.key.endswith(".weight"):
             continue
         paths = [p for p, _ in e.targets]
@@ -121,7 +196,7 @@ def module_table(cfg: ModelConfig) -> dict[str, Module]:
             emb = True
         else:
             continue
-        leaf = [shapes[p][1:] if i is not None else shapes[p] for p, i in e.targets]
+        leaf = [_per_slot(shapes[p], i) for p, i in e.targets]
         out[e.key[:-len(".weight")]] = Module(e.key[:-len(".weight")], emb, e.targets,
                                                leaf[0][0], tuple(s[-1] for s in leaf))
     return out
@@ -188,7 +263,8 @@ def _is_targeted(conf: dict, module: Module) -> bool:
 
 @dataclasses.dataclass
 class _Adapter:
-    """One module's LoRA in PEFT layout: A [r, in], B [out, r], scale, DoRA magnitude [out]."""
+    """One module's LoRA in PEFT layout: A [r, in], B [out, r], scale, DoRA magnitude [out];
+    for stacked experts A [E, r, in], B [E, out, r] (one adapter per expert)."""
     A: np.ndarray
     B: np.ndarray
     scale: float
@@ -196,7 +272,7 @@ class _Adapter:
 
     @property
     def rank(self) -> int:
-        return int(self.A.shape[0])
+        return int(self.A.shape[-2])
 
 
 def _host(x: Any) -> np.ndarray:
@@ -204,7 +280,7 @@ def _host(x: Any) -> np.ndarray:
     return np.asarray(jax.device_get(x), np.float32)
 
 
-def _slice(x: Any, layer: Optional[int]) -> np.ndarray:
+def _slice(x: Any, layer: Any) -> np.ndarray:
     return _host(x if layer is None else x[layer])
 
 
@@ -225,38 +301,78 @@ def _row_norms(w_in_out: np.ndarray) -> np.ndarray:
     return np.linalg.norm(w_in_out.astype(np.float64), axis=0).astype(np.float32)
 
 
-def _part_adapter(w: Any, layer: Optional[int]) -> _Adapter:
+def _part_adapter(w: Any, layer: Any) -> _Adapter:
     a, b = _slice(w.a, layer), _slice(w.b, layer)
     mag = None
     if _kind(w) == "dora":
         mag = _slice(w.m, layer).reshape(-1)
-    return _Adapter(A=np.ascontiguousarray(a.T), B=np.ascontiguousarray(b.T),
+    return _Adapter(A=np.ascontiguousarray(np.swapaxes(a, -1, -2)),
+                    B=np.ascontiguousarray(np.swapaxes(b, -1, -2)),
                     scale=float(w.scale), magnitude=mag)
 
 
-def _module_adapter(module: Module, leaves: dict[str, Any]) -> Optional[_Adapter]:
-    """The module's PEFT adapter, combining the pieces of fused modules (None: not adapted)."""
+def _module_adapter(module: Any, leaves: dict[str, Any]) -> Optional[_Adapter]:
+    """The PEFT adapter of a Module or Param, combining the pieces of fused weights (GPT-2's
+    q|k|v, Mixtral's gate|up); None when no piece is adapted."""
     pieces = [(k, _part_adapter(leaves[p], i)) for k, (p, i) in enumerate(module.parts)
               if p in leaves]
     if not pieces:
         return None
     if len(module.parts) == 1:
         return pieces[0][1]
-    # Fused q|k|v: A stacks the pieces' ranks, B is block-diagonal (pieces without an adapter
-    # contribute zero rows); differing scales are folded into B relative to the first.
+    # A stacks the pieces' ranks, B is block-diagonal (pieces without an adapter contribute
+    # zero rows): B @ A = sum_k (rows of piece k) B_k @ A_k. Differing scales are folded into
+    # B relative to the first piece's.
     s0 = pieces[0][1].scale
     offsets = np.cumsum((0,) + module.out_sizes)
     r_total = sum(ad.rank for _, ad in pieces)
-    B = np.zeros((module.n_out, r_total), np.float32)
+    lead = pieces[0][1].B.shape[:-2]
+    B = np.zeros(lead + (module.n_out, r_total), np.float32)
     col = 0
     for k, ad in pieces:
-        B[offsets[k]:offsets[k + 1], col:col + ad.rank] = ad.B * np.float32(ad.scale / s0) \
-            if ad.scale != s0 else ad.B
+        B[..., offsets[k]:offsets[k + 1], col:col + ad.rank] = \
+            ad.B * np.float32(ad.scale / s0) if ad.scale != s0 else ad.B
         col += ad.rank
-    A = np.concatenate([ad.A for _, ad in pieces], axis=0)
+    A = np.concatenate([ad.A for _, ad in pieces], axis=-2)
     if any(ad.magnitude is not None for _, ad in pieces):
         raise PeftFormatError(f"DoRA on the fused module {module.name!r} is not supported")
     return _Adapter(A=A, B=B, scale=s0)
+
+
+def _to_peft_factors(ad: _Adapter) -> tuple[np.ndarray, np.ndarray]:
+    """(lora_A.weight, lora_B.weight) of a ParamWrapper: per-expert A [E, r, in] and
+    B [E, out, r] become [E*r, in] (expert-major rows) and [out, r*E] (expert-minor columns)."""
+    if ad.A.ndim == 2:
+        return ad.A, ad.B
+    e, r, n_in = ad.A.shape
+    return (ad.A.reshape(e * r, n_in),
+            np.ascontiguousarray(ad.B.transpose(1, 2, 0)).reshape(ad.B.shape[1], r * e))
+
+
+def _from_peft_factors(A: np.ndarray, B: np.ndarray, experts: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of `_to_peft_factors`: per-expert A [E, r, in], B [E, out, r] (2-D as given)."""
+    if not experts:
+        return A, B
+    r = A.shape[0] // experts
+    return A.reshape(experts, r, A.shape[1]), B.reshape(B.shape[0], r, experts).transpose(2, 0, 1)
+
+
+def _nested_keys(params: dict[str, Param], targeted: Sequence[str]) -> dict[str, str]:
+    """Adapter key stem (module path with PEFT's `.base_layer`s) -> targeted parameter path.
+
+    PEFT wraps a module's targeted parameters in its parameter order, each wrapper around the
+    previous one, so the i-th of n targeted parameters sits under n-1-i `base_layer`s.
+    """
+    by_module: dict[str, list[str]] = collections.defaultdict(list)
+    for name in params:
+        if name in targeted:
+            by_module[params[name].module].append(name)
+    out = {}
+    for module, names in by_module.items():
+        for i, name in enumerate(names):
+            out[module + ".base_layer" * (len(names) - 1 - i)] = name
+    return out
 
 
 def _alpha_for(scale: float, rank: int, rslora: bool) -> float:
@@ -314,6 +430,15 @@ def _target_modules(adapted: Sequence[str], table: dict[str, Module]) -> list[st
     return sorted(want)
 
 
+def _target_params(adapted: Sequence[str], table: dict[str, Param]) -> list[str]:
+    """PEFT target_parameters (suffix match) selecting exactly `adapted`: the per-layer paths
+    (`mlp.experts.gate_up_proj`), never a bare name (`weight` would match every Linear)."""
+    targets = sorted({_type_key(n) for n in adapted})
+    if {n for n in table if any(n.endswith(f".{t}") for t in targets)} == set(adapted):
+        return targets
+    return sorted(adapted)
+
+
 def _most_common(values: Sequence[Any]) -> Any:
     return collections.Counter(values).most_common(1)[0][0]
 
@@ -341,7 +466,9 @@ def save_peft_adapter(path: str, cfg: ModelConfig, params: Any, *,
     if problems:
         raise _fail(f"cannot write a PEFT adapter for a {cfg.family!r} ModelConfig", problems)
     table = module_table(cfg)
-    slots = {p for m in table.values() for p, _ in m.parts}
+    ptable = param_table(cfg)
+    param_slots = {p for t in ptable.values() for p, _ in t.parts}
+    slots = {p for m in table.values() for p, _ in m.parts} | param_slots
     leaves: dict[str, Any] = {}
     kinds: dict[str, str] = {}
     for p, w in flatten(params).items():
@@ -355,6 +482,10 @@ def save_peft_adapter(path: str, cfg: ModelConfig, params: Any, *,
             problems.append(f"{p!r} holds an adapter, but it is not the weight of a "
                             f"transformers module of {hf.SUPPORTED_ARCHITECTURES[cfg.family][0]} "
                             f"(adaptable leaves: {sorted(slots)})")
+        elif p in param_slots and kinds[p] != "lora":
+            problems.append(f"{p!r} is a {kinds[p]} adapter on a mixture-of-experts weight; "
+                            "PEFT adapts these raw parameters (target_parameters) with plain "
+                            "LoRA only (use LoRA there, or export merged)")
         else:
             leaves[p] = w
     if not kinds:
@@ -381,6 +512,13 @@ def save_peft_adapter(path: str, cfg: ModelConfig, params: Any, *,
         if problems:
             raise _fail(f"cannot write PEFT adapter {path!r}", problems)
 
+    if use_dora and any(p in param_slots for p in leaves):
+        raise _fail(f"cannot write PEFT adapter {path!r}", [
+            "use_dora=true (DoRA leaves) together with LoRA on mixture-of-experts weights: "
+            "PEFT's target_parameters LoRA does not work with use_dora, and use_dora is global "
+            "to an adapter"])
+    param_adapters = {n: ad for n, t in ptable.items()
+                      if (ad := _module_adapter(t, leaves)) is not None}
     adapters: dict[str, _Adapter] = {}
     for name, module in table.items():
         ad = _module_adapter(module, leaves)
@@ -408,7 +546,7 @@ def save_peft_adapter(path: str, cfg: ModelConfig, params: Any, *,
         e = adapters[tied]
         head["lm_head"] = _Adapter(A=np.ascontiguousarray(e.B.T), B=np.ascontiguousarray(e.A.T),
                                    scale=e.scale)
-    every = {**adapters, **head}
+    every = {**adapters, **head, **param_adapters}
     ranks = {n: ad.rank for n, ad in every.items()}
     r = int(_most_common(list(ranks.values())))
     best = None
@@ -432,16 +570,24 @@ def save_peft_adapter(path: str, cfg: ModelConfig, params: Any, *,
         "peft_type": "LORA", "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path or None, "revision": None,
         "r": r, "lora_alpha": alpha, "use_rslora": rslora, "use_dora": use_dora,
-        "target_modules": _target_modules(list(adapters), table),
+        "target_modules": _target_modules(list(adapters), table) if adapters else [],
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "fan_in_fan_out": cfg.family == "gpt2", "bias": "none", "lora_bias": False,
         "lora_dropout": 0.0, "modules_to_save": saved_modules, "init_lora_weights": True,
         "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
         "ensure_weight_tying": tied is not None, "inference_mode": True,
     }
+    if param_adapters:
+        conf["target_parameters"] = _target_params(list(param_adapters), ptable)
+    stems = {v: k for k, v in _nested_keys(ptable, list(param_adapters)).items()}
     tensors: dict[str, np.ndarray] = {}
     for name, ad in every.items():
         key = PREFIX + name
+        if name in param_adapters:
+            A, B = _to_peft_factors(ad)
+            tensors[f"{PREFIX}{stems[name]}.lora_A.weight"] = A
+            tensors[f"{PREFIX}{stems[name]}.lora_B.weight"] = B
+            continue
         if name in table and table[name].embedding:
             tensors[f"{key}.lora_embedding_A"] = ad.A
             tensors[f"{key}.lora_embedding_B"] = ad.B
@@ -604,9 +750,6 @@ def _config_problems(conf: dict, dora_ok: bool, ia3_ok: bool) -> list[str]:
         problems.append("use_dora=true, but ftjax.peft.dora.DoRAWeight is not available")
     if conf.get("lora_bias"):
         problems.append("lora_bias=true (a bias on lora_B) has no ftjax LoRAWeight form")
-    if conf.get("target_parameters"):
-        problems.append(f"target_parameters={conf['target_parameters']} (adapters on raw "
-                        "parameters, e.g. fused MoE experts) are not supported")
     for key in ("layer_replication", "trainable_token_indices", "alora_invocation_tokens"):
         if conf.get(key):
             problems.append(f"{key}={conf[key]!r} is not supported")
@@ -654,7 +797,8 @@ def load_peft_adapter(path: str, cfg: ModelConfig, base_params: Any) -> Any:
 
     LORA adapters become LoRAWeight leaves (DoRAWeight with use_dora), IA3 adapters IA3Weight
     leaves. Reads rank_pattern / alpha_pattern / use_rslora, target_modules (list or regex),
-    exclude_modules, layers_to_transform, feedforward_modules. Full weights
+    target_parameters (Mixtral's router and fused experts; also transformers-4 per-expert
+    w1/w2/w3 modules), exclude_modules, layers_to_transform, feedforward_modules. Full weights
     in the file (an embedding's `base_layer.weight`, `modules_to_save`, `bias="all"` biases)
     replace the corresponding base weights, as PEFT's own loader does. Raises
     PeftFormatError listing every missing, unexpected or misshaped tensor and every
@@ -668,9 +812,13 @@ def load_peft_adapter(path: str, cfg: ModelConfig, base_params: Any) -> Any:
     if problems:
         raise _fail(f"cannot load PEFT adapter {path!r}", problems)
     tensors = _read_tensors(path, problems)
-    table = module_table(cfg)
-    full = {e.key: e for e in hf.tensor_layout(cfg)}
+    # transformers-4 Mixtral adapters sit on per-expert Linear modules (block_sparse_moe.*)
+    table = module_table(cfg, legacy_experts=any(".block_sparse_moe." in k for k in tensors))
+    full = {e.key: e for e in _layout(cfg)}
     shapes = _leaf_shapes(cfg)
+    ptable = param_table(cfg)
+    targeted_params = _targeted_params(conf, ptable, cfg, problems)
+    stems = _nested_keys(ptable, targeted_params)
     if str(conf["peft_type"]).upper() == "IA3":
         return _load_ia3(path, conf, cfg, base_params, tensors, table, full, shapes, problems,
                          IA3)
@@ -680,7 +828,11 @@ def load_peft_adapter(path: str, cfg: ModelConfig, base_params: Any) -> Any:
     rank_pattern = conf.get("rank_pattern") or {}
     alpha_pattern = conf.get("alpha_pattern") or {}
 
+    if use_dora and targeted_params:
+        problems.append("use_dora=true with target_parameters: PEFT applies no DoRA to raw "
+                        "parameters")
     found: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
+    found_params: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
     overrides: dict[str, np.ndarray] = {}
     tied_head: dict[str, np.ndarray] = {}  # lm_head tensors of a tied model (see below)
     unexpected: list[str] = []
@@ -691,6 +843,10 @@ def load_peft_adapter(path: str, cfg: ModelConfig, base_params: Any) -> Any:
         rest = key[len(PREFIX):]
         if cfg.tie_embeddings and rest.startswith("lm_head."):
             tied_head[key] = tensors[key]
+            continue
+        stem, _, leaf_name = rest.rpartition(".lora_")
+        if stem in stems and leaf_name in ("A.weight", "B.weight"):
+            found_params[stems[stem]][leaf_name[0]] = tensors[key]
             continue
         for suffix, what in _LORA_SUFFIXES:
             if rest.endswith("." + suffix):
@@ -755,6 +911,29 @@ def load_peft_adapter(path: str, cfg: ModelConfig, base_params: Any) -> Any:
         scale = alpha / math.sqrt(r) if rslora else alpha / r
         adapters[name] = _Adapter(A=np.asarray(A, np.float32), B=np.asarray(B, np.float32),
                                   scale=scale, magnitude=t.get("m"))
+    param_adapters: dict[str, _Adapter] = {}
+    stem_of = {v: k for k, v in stems.items()}
+    for name in targeted_params:
+        t, par = found_params.get(name, {}), ptable[name]
+        keys = {w: f"{PREFIX}{stem_of[name]}.lora_{w}.weight" for w in "AB"}
+        absent = [keys[w] for w in "AB" if w not in t]
+        if absent:
+            missing += absent
+            continue
+        r = int(_pattern_value(rank_pattern, name, r0))
+        e = max(par.experts, 1)
+        bad = [f"tensor {keys[w]} has shape {list(t[w].shape)}, expected {list(want)} (r={r} "
+               f"from the config{f', {e} experts' if par.experts else ''})"
+               for w, want in (("A", (e * r, par.n_in)), ("B", (par.n_out, r * e)))
+               if tuple(t[w].shape) != want]
+        if bad:
+            problems += bad
+            continue
+        alpha = _pattern_value(alpha_pattern, name, alpha0)
+        A, B = _from_peft_factors(np.asarray(t["A"], np.float32), np.asarray(t["B"], np.float32),
+                                  par.experts)
+        param_adapters[name] = _Adapter(A=A, B=B,
+                                        scale=alpha / math.sqrt(r) if rslora else alpha / r)
     if missing:
         problems.append(f"missing tensors ({len(missing)}): {missing}")
     if cfg.tie_embeddings:
@@ -763,7 +942,7 @@ def load_peft_adapter(path: str, cfg: ModelConfig, base_params: Any) -> Any:
         want = full[key].hf_shape(shapes)
         if tuple(t.shape) != tuple(want):
             problems.append(f"tensor {key!r} has shape {list(t.shape)}, expected {list(want)}")
-    if not adapters and not problems:
+    if not adapters and not param_adapters and not problems:
         problems.append(f"no module of {hf.SUPPORTED_ARCHITECTURES[cfg.family][0]} is selected "
                         f"by target_modules={conf.get('target_modules')!r}; modules are "
                         f"{list(table)[:12]}...")
@@ -792,9 +971,52 @@ def load_peft_adapter(path: str, cfg: ModelConfig, base_params: Any) -> Any:
             b = ad.B[offsets[k]:offsets[k + 1]]
             mag = None if ad.magnitude is None else ad.magnitude[offsets[k]:offsets[k + 1]]
             per_leaf[leaf][layer] = (ad.A.T, b.T, ad.scale, mag)
+    for name, ad in param_adapters.items():
+        par = ptable[name]
+        for (leaf, layer), part in zip(par.parts, _fused_parts(ad.A, ad.B, par.out_sizes)):
+            if part is not None:
+                per_leaf[leaf][layer] = (np.swapaxes(part[0], -1, -2),
+                                         np.swapaxes(part[1], -1, -2), ad.scale, None)
     for leaf, by_layer in per_leaf.items():
         flat[leaf] = _assemble(flat[leaf], by_layer, shapes[leaf], use_dora, DoRA)
     return unflatten(flat)
+
+
+def _targeted_params(conf: dict, ptable: dict[str, Param], cfg: ModelConfig,
+                     problems: list[str]) -> list[str]:
+    """The parameters `target_parameters` selects (PEFT: the path, or a suffix after a dot);
+    a problem for entries that select no router/expert parameter ftjax knows."""
+    targets = conf.get("target_parameters") or []
+    if isinstance(targets, str):
+        targets = [targets]
+    hit = [n for n in ptable if any(n == t or n.endswith(f".{t}") for t in targets)]
+    arch = hf.SUPPORTED_ARCHITECTURES.get(cfg.family, (cfg.family,))[0]
+    known = sorted({_type_key(n) for n in ptable})
+    for t in targets:
+        if not any(n == t or n.endswith(f".{t}") for n in ptable):
+            problems.append(f"target_parameters entry {t!r} selects no parameter ftjax can "
+                            f"adapt in {arch} (" + (f"it reads {known})" if known else
+                            "target_parameters are read for mixture-of-experts weights only)"))
+    return hit
+
+
+def _fused_parts(A: np.ndarray, B: np.ndarray, out_sizes: Sequence[int]) -> list:
+    """(A_k [.., r_k, in], B_k [.., out_k, r_k]) per part of a fused output axis, or None for
+    a part the adapter leaves unchanged.
+
+    The parts share A. When B is block structured (every rank column feeds one part only, as
+    ftjax writes gate|up), each part keeps only its own columns: its exact original factors
+    (a part with no columns has no adapter). Otherwise (or when B is all zero) every part gets
+    the shared A and its rows of B.
+    """
+    offsets = np.cumsum((0,) + tuple(out_sizes))
+    rows = [B[..., offsets[k]:offsets[k + 1], :] for k in range(len(out_sizes))]
+    if len(rows) == 1:
+        return [(A, B)]
+    used = [np.any(r != 0, axis=tuple(range(r.ndim - 1))) for r in rows]
+    if any(u.any() for u in used) and int(np.sum(used, axis=0).max()) <= 1:
+        return [(A[..., u, :], r[..., u]) if u.any() else None for u, r in zip(used, rows)]
+    return [(A, r) for r in rows]
 
 
 def _is_feedforward(conf: dict, name: str) -> bool:
@@ -849,8 +1071,9 @@ def _load_ia3(path, conf, cfg, base_params, tensors, table, full, shapes, proble
             problems.append(f"tensor {key} has shape {list(found[name].shape)}, expected "
                             f"{list(want)} ({'feedforward: input' if ff else 'output'} scaling)")
             continue
-        if module.embedding or len(module.parts) > 1:
-            problems.append(f"IA3 on {name!r} is not supported (embeddings and fused modules)")
+        if module.embedding or len(module.parts) > 1 or isinstance(module.parts[0][1], tuple):
+            problems.append(f"IA3 on {name!r} is not supported (embeddings, fused modules and "
+                            "per-expert modules)")
             continue
         (leaf, layer), = module.parts
         if not ff and _bias_path(leaf) in flat:
@@ -921,32 +1144,36 @@ def _host_any(x: Any) -> np.ndarray:
 
 
 def _assemble(base: Any, by_layer: dict, shape: tuple, use_dora: bool, DoRA: Any) -> Any:
-    """One (possibly layer-stacked) adapter leaf from per-layer PEFT factors.
+    """One (possibly layer- or expert-stacked) adapter leaf from per-slot PEFT factors.
 
-    Layers share one rank and scale: factors are zero-padded to the largest rank and each
-    layer's scale is folded into its b, which leaves every layer's update s_i * a_i @ b_i.
+    by_layer: {index: (a [.., in, r], b [.., r, out], scale, magnitude)} with index None (an
+    unstacked leaf), a layer, or (layer, expert) (per-expert modules); a layer's factors may
+    carry an expert axis themselves (fused experts). Slots share one rank and scale: factors
+    are zero-padded to the largest rank and each slot's scale is folded into its b, which
+    leaves every slot's update s_i * a_i @ b_i.
     """
-    stacked = None not in by_layer
-    layers = list(range(shape[0])) if stacked else [None]
+    n_idx = {hf._n_index(k) for k in by_layer}
+    if len(n_idx) != 1:
+        raise PeftFormatError(f"adapter factors for one weight of shape {list(shape)} come "
+                              f"both per layer and per expert: {sorted(map(str, by_layer))}")
+    index_shape = tuple(shape[:n_idx.pop()])
     n_in, n_out = shape[-2], shape[-1]
-    r = max(v[0].shape[1] for v in by_layer.values())
+    r = max(v[0].shape[-1] for v in by_layer.values())
     scale = _most_common([v[2] for v in by_layer.values()])
-    a = np.zeros((len(layers), n_in, r), np.float32)
-    b = np.zeros((len(layers), r, n_out), np.float32)
-    m = np.zeros((len(layers), n_out), np.float32) if use_dora else None
-    for j, layer in enumerate(layers):
-        if layer not in by_layer:
+    a = np.zeros(tuple(shape[:-2]) + (n_in, r), np.float32)
+    b = np.zeros(tuple(shape[:-2]) + (r, n_out), np.float32)
+    m = np.zeros(tuple(shape[:-2]) + (n_out,), np.float32) if use_dora else None
+    for ti in np.ndindex(*index_shape):
+        key = None if not ti else ti[0] if len(ti) == 1 else ti
+        if key not in by_layer:
             if use_dora:  # no adapter: the magnitude that makes DoRA the identity
-                m[j] = _row_norms(_slice(materialize(base), layer))
+                m[ti] = _row_norms(_slice(materialize(base), key))
             continue
-        ai, bi, si, mi = by_layer[layer]
-        a[j, :, :ai.shape[1]] = ai
-        b[j, :bi.shape[0]] = bi if si == scale else bi * np.float32(si / scale)
+        ai, bi, si, mi = by_layer[key]
+        a[ti][..., :ai.shape[-1]] = ai
+        b[ti][..., :bi.shape[-2], :] = bi if si == scale else bi * np.float32(si / scale)
         if use_dora:
-            m[j] = mi
-    if not stacked:
-        a, b = a[0], b[0]
-        m = None if m is None else m[0]
+            m[ti] = mi
     if use_dora:
         return DoRA(base=base, a=a, b=b, m=m, scale=scale)
     return LoRAWeight(base=base, a=a, b=b, scale=scale)
