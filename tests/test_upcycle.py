@@ -1,7 +1,5 @@
 """Sparse upcycling: the upcycled MoE reproduces the dense model, carries every other param over,
 fails clearly on configs it cannot upcycle, and trains through the sft trainer."""
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -231,3 +229,59 @@ def test_section_maps_to_the_config():
         up.section(experts=4)
     with pytest.raises(ValueError, match="unknown fields"):
         up.config_from_section({"num_experts": 2, "topk": 2}, cfg)
+
+
+# --- The trainer: configs/upcycle_sft.py on the shipped quickstart base ----------------------
+
+def _upcycle_run_config(arg="", **train):
+    from configs import upcycle_sft
+    c = upcycle_sft.get_config(arg)
+    c.train.update(dict(progress=False, tensorboard=False, async_checkpoint=False, **train))
+    return c
+
+
+def _eval_loss(c, model_cfg, params, n=64):
+    """Token-mean eval loss on the first n held-out examples, as the sft trainer computes it."""
+    from ftjax import data as ftdata
+    from ftjax.train import sft
+    from ftjax.train.step import make_eval_step, sft_loss
+    _, test = ftdata.make_splits(c.data.tasks[0], int(c.data.n_per_task), int(c.data.seed),
+                                 float(c.data.test_frac))
+    step = jax.jit(make_eval_step(sft_loss(model_cfg)))
+    nll = tokens = 0.0
+    for b in sft.eval_batches(test[:n] if n else test, ftdata.CharTokenizer(), 32,
+                              int(c.train.seq_len)):
+        s = step(params, b)
+        nll, tokens = nll + float(s["nll"]), tokens + float(s["tokens"])
+    return nll / tokens
+
+
+@pytest.mark.parametrize("arg", ["experts=4", "experts=4,dispatch=capacity"])
+def test_upcycled_quickstart_base_starts_at_the_dense_eval_loss(arg):
+    from ftjax.train import sft
+    c = _upcycle_run_config(arg)
+    dense_cfg, moe_cfg = sft.model_config(c.model, dense=True), sft.model_config(c.model)
+    assert dense_cfg.num_experts == 0 and moe_cfg.num_experts == 4
+    dense = sft.dense_initial_params(c, dense_cfg)()
+    moe_params = sft.initial_params(c, moe_cfg)()
+    assert "moe" in moe_params["layers"] and "mlp" in dense["layers"]
+    want, got = _eval_loss(c, dense_cfg, dense), _eval_loss(c, moe_cfg, moe_params)
+    assert want > 0.1  # an unseen task: the base has something to learn
+    assert got == pytest.approx(want, rel=1e-5, abs=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arg", ["experts=4", "experts=4,peft=lora,dispatch=capacity"])
+def test_upcycled_base_fine_tunes_through_the_sft_trainer(arg, tmp_path):
+    from ftjax.train import sft
+    c = _upcycle_run_config(arg + ",steps=6", log_every=2, eval_every=6, batch_size=16)
+    c.data.update(dict(n_per_task=200, eval_examples=0))
+    c.optimizer.warmup_steps = 2
+    dense_cfg = sft.model_config(c.model, dense=True)
+    start = _eval_loss(c, dense_cfg, sft.dense_initial_params(c, dense_cfg)(), n=None)
+    summary = sft.run(c, str(tmp_path))
+    (ev,) = summary["evals"]
+    assert ev["step"] == 6 and len(ev["eval_moe_load"]) == c.model.num_layers
+    assert ev["eval_loss"] < 0.8 * start, (start, ev["eval_loss"])
+    np.testing.assert_allclose(np.sum(ev["eval_moe_load"], axis=-1), 1.0, atol=1e-5)
+    assert summary["final_loss"] < start
