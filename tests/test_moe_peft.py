@@ -65,6 +65,7 @@ def perturb(w, key):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["lora", "dora", "qlora"])
 def test_identity_at_init_merge_and_axes(name):
     cfg = models.preset("mixtral", **MODEL, num_shared_experts=1)
@@ -90,11 +91,26 @@ def test_identity_at_init_merge_and_axes(name):
         lambda p, w: perturb(w, jax.random.PRNGKey(len(p))) if core.is_structured(w) else w, q)
     merged = core.merge(moved)
     assert merged["layers"]["moe"]["up_proj"]["kernel"].shape == (2, 4, 32, 24)
+    if name == "qlora":  # the QLoRA merge (onto the dequantized base) agrees
+        merged_q, report = qlora.merge_qlora(moved)
+        for a, b in zip(jax.tree.leaves(merged_q), jax.tree.leaves(merged)):
+            np.testing.assert_allclose(a, b, atol=1e-6)
     for dispatch in ("dropless", "capacity"):
         c = cfg.replace(moe_dispatch=dispatch)
         unmerged_out, _ = apply(moved, c, toks)
         np.testing.assert_allclose(unmerged_out, apply(merged, c, toks)[0], atol=2e-5)
         assert np.abs(np.asarray(unmerged_out - apply(q, c, toks)[0])).max() > 1e-3
+
+
+@pytest.mark.slow
+def test_pissa_init_on_experts_keeps_the_model():
+    cfg = models.preset("mixtral", **MODEL)
+    params = models.init(cfg, jax.random.PRNGKey(0))
+    q = lora.apply_lora(params, jax.random.PRNGKey(1), rank=4, targets=EXPERTS, init="pissa")
+    w = q["layers"]["moe"]["down_proj"]["kernel"]
+    assert np.abs(np.asarray(w.b)).max() > 0  # principal directions moved into the adapter
+    toks = jax.random.randint(jax.random.PRNGKey(5), (2, 8), 0, 61)
+    np.testing.assert_allclose(apply(q, cfg, toks)[0], apply(params, cfg, toks)[0], atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["lora", "dora", "qlora"])
