@@ -1,6 +1,7 @@
-"""Training-step throughput of ftjax on a random-init Llama preset; prints one JSON line.
+"""Training-step throughput of ftjax on a random-init Llama or Mixtral preset; prints one JSON line.
 
     python scripts/benchmark.py --preset tiny --mode full --batch 4 --seq 512 --steps 10
+    python scripts/benchmark.py --preset mixtral-tiny --mode lora --dispatch capacity
 
 Modes:
   full     the real training step: `make_train_step` + `jit_train_step` (explicit shardings,
@@ -12,6 +13,14 @@ times untimed, then `--steps` times with `block_until_ready` after each; the med
 figure. MFU uses the model FLOPs of `loop.flops_per_token` (PaLM convention) over the peak of
 `monitor.peak_flops_per_device` (on CPU a measured f32 matmul, so a sanity figure only).
 Only the JSON line goes to stdout; logs go to stderr. See docs/performance.md.
+
+MoE presets (mixtral-*) take `--dispatch dropless|capacity` and `--capacity-factor`; LoRA then
+adapts the attention projections and the stacked expert kernels (the router stays frozen).
+Their JSON adds `dispatch experts top_k active_params_per_token` (embeddings included, only
+k of E experts counted, Mixtral's convention), `moe_dropped` / `moe_aux_loss` of the last
+step, and for capacity dispatch `capacity_slots` (C per expert and sequence) and
+`capacity_compute_ratio` (E*C / (k*T): expert work done per expert work needed). The FLOPs
+per token (and MFU) count only the k active experts.
 """
 from __future__ import annotations
 
@@ -25,17 +34,31 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-PRESETS = ("tiny", "small")
+# MoE presets: Mixtral-style (SwiGLU experts, top-k softmax router, aux loss 0.02).
+MOE_PRESETS = {
+    "mixtral-tiny": dict(vocab_size=8192, hidden_size=256, intermediate_size=512,
+                         expert_intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2,
+                         num_experts=8, num_experts_per_tok=2),
+}
+PRESETS = ("tiny", "small") + tuple(MOE_PRESETS)
+DISPATCHES = ("dropless", "capacity")
 MODES = ("full", "forward", "lora", "qlora")
 # LoRA / QLoRA preset: rank 16, alpha 32 on every attention and MLP projection, AdamW.
 LORA_RANK, LORA_ALPHA = 16, 32.0
 LORA_TARGETS = (r"layers/attn/(q|k|v|o)_proj/kernel", r"layers/mlp/(gate|up|down)_proj/kernel")
+MOE_LORA_TARGETS = (r"layers/attn/(q|k|v|o)_proj/kernel",
+                    r"layers/moe/(gate|up|down)_proj/kernel")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=PRESETS, default="tiny")
     p.add_argument("--mode", choices=MODES, default="full")
+    p.add_argument("--dispatch", choices=DISPATCHES, default=None,
+                   help="MoE presets: token dispatch (default dropless)")
+    p.add_argument("--capacity-factor", type=float, default=None,
+                   help="MoE presets, capacity dispatch: slots C = ceil(cf * T * k / E) "
+                        "(default 1.25)")
     p.add_argument("--batch", type=int, default=4, help="global batch (sequences)")
     p.add_argument("--seq", type=int, default=512, help="sequence length (tokens)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -69,6 +92,19 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name} must be >= 1")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
+    if args.preset not in MOE_PRESETS:
+        for flag in ("dispatch", "capacity_factor"):
+            if getattr(args, flag) is not None:
+                p.error(f"--{flag.replace('_', '-')} applies to MoE presets only "
+                        f"({', '.join(MOE_PRESETS)}), not --preset {args.preset}")
+    else:
+        args.dispatch = args.dispatch or "dropless"
+        if args.capacity_factor is not None and args.dispatch != "capacity":
+            p.error("--capacity-factor needs --dispatch capacity")
+        if args.capacity_factor is None:
+            args.capacity_factor = 1.25
+        elif args.capacity_factor <= 0:
+            p.error("--capacity-factor must be > 0")
     return args
 
 
@@ -164,6 +200,40 @@ def summarize_profile(trace_dir: str, hlo_text: str, steps: int, top: int = 30) 
             f"{shape:40s} {op[-80:]}")
 
 
+def active_params_per_token(model_cfg) -> int:
+    """Params a token passes through: all but the E - k experts it is not routed to
+    (embeddings and LM head included, as Mixtral counts its 12.9B "active" params)."""
+    import jax
+    import numpy as np
+    from ftjax import models
+    total = 0.0
+    for s in jax.tree.leaves(models.param_specs(model_cfg),
+                             is_leaf=lambda x: isinstance(x, models.transformer.Spec)):
+        n = float(np.prod(s.shape))
+        if "expert" in s.axes:
+            n *= model_cfg.num_experts_per_tok / model_cfg.num_experts
+        total += n
+    return int(round(total))
+
+
+def moe_fields(model_cfg, args, metrics: dict) -> dict:
+    """The MoE part of the JSON line (see the module docstring)."""
+    import numpy as np
+    from ftjax.models import moe
+    e, k = model_cfg.num_experts, model_cfg.num_experts_per_tok
+    out = {"dispatch": model_cfg.moe_dispatch, "experts": e, "top_k": k,
+           "expert_intermediate": model_cfg.expert_width,
+           "active_params_per_token": active_params_per_token(model_cfg)}
+    if model_cfg.moe_dispatch == "capacity":
+        c = moe.capacity(model_cfg, args.seq)
+        out.update(capacity_factor=model_cfg.capacity_factor, capacity_slots=c,
+                   capacity_compute_ratio=e * c / (k * args.seq))
+    for name in ("dropped", "aux_loss"):  # the last timed step, mean over layers
+        if f"moe_{name}" in metrics:
+            out[f"moe_{name}"] = float(np.mean(np.asarray(metrics[f"moe_{name}"])))
+    return out
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     load_start = os.getloadavg()[0]
@@ -181,10 +251,16 @@ def main(argv=None) -> dict:
     from ftjax.train.state import create_state
     from ftjax.train.step import jit_train_step, make_train_step, sft_loss
 
-    model_cfg = models.preset("llama", size=args.preset, dtype=args.dtype, param_dtype="float32",
-                              remat=args.remat, scan_layers=bool(args.scan_layers),
-                              rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False,
-                              max_position_embeddings=max(4096, args.seq))
+    fields = dict(dtype=args.dtype, param_dtype="float32", remat=args.remat,
+                  scan_layers=bool(args.scan_layers), rope_theta=10000.0, norm_eps=1e-5,
+                  tie_embeddings=False, max_position_embeddings=max(4096, args.seq))
+    if args.preset in MOE_PRESETS:
+        model_cfg = models.preset("mixtral", **MOE_PRESETS[args.preset], **fields,
+                                  moe_dispatch=args.dispatch,
+                                  capacity_factor=args.capacity_factor)
+    else:
+        model_cfg = models.preset("llama", size=args.preset, **fields)
+    is_moe = model_cfg.num_experts > 0
     cfg = ml_collections.ConfigDict()
     cfg.mesh = ml_collections.ConfigDict(parse_mesh(args.mesh))
     cfg.sharding = ml_collections.ConfigDict(dict(rules=args.rules))
@@ -226,7 +302,8 @@ def main(argv=None) -> dict:
         from ftjax.peft.qlora import apply_qlora
         from ftjax.peft.quant import bits_per_param
         transform = functools.partial(apply_lora if args.mode == "lora" else apply_qlora,
-                                      rank=LORA_RANK, alpha=LORA_ALPHA, targets=LORA_TARGETS)
+                                      rank=LORA_RANK, alpha=LORA_ALPHA,
+                                      targets=MOE_LORA_TARGETS if is_moe else LORA_TARGETS)
         tkey = loop.transform_key(args.seed)
         abstract = jax.eval_shape(transform, params, tkey)
         placement = loop.Placement(cfg, model_cfg, abstract_params=abstract)
@@ -279,19 +356,23 @@ def main(argv=None) -> dict:
     xla = xla_analysis(compiled)
     if args.dump_hlo:
         os.makedirs(args.dump_hlo, exist_ok=True)
-        name = f"{args.preset}_{args.mode}_b{args.batch}_t{args.seq}"
+        name = f"{args.preset}_{args.mode}_b{args.batch}_t{args.seq}" + (
+            f"_{args.dispatch}" if is_moe else "")
         with open(os.path.join(args.dump_hlo, f"{name}.hlo.txt"), "w") as f:
             f.write(compiled.as_text())
         with open(os.path.join(args.dump_hlo, f"{name}.cost.json"), "w") as f:
             json.dump(xla, f, indent=1)
 
+    last_metrics = {}
+
     def run_one(i):
-        nonlocal carry
+        nonlocal carry, last_metrics
         b = batches[i % n_batches]
         if args.mode != "forward":
             old = carry
             carry, metrics = compiled(carry, b)
             jax.block_until_ready((carry, metrics))
+            last_metrics = metrics
             return float(metrics["loss"]), old
         loss = compiled(carry, b)
         jax.block_until_ready(loss)
@@ -366,6 +447,8 @@ def main(argv=None) -> dict:
         "cpu_count": os.cpu_count(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if is_moe:
+        row.update(moe_fields(model_cfg, args, last_metrics))
     print(json.dumps(row), flush=True)
     return row
 

@@ -87,3 +87,73 @@ def test_torch_reference_presets_mirror_ftjax_sizes():
                 "num_kv_heads": "num_key_value_heads"}
     for size, fields in SIZES.items():
         assert mod.PRESETS[size] == {hf_names.get(k, k): v for k, v in fields.items()}
+
+
+def _run_benchmark(*args: str) -> dict:
+    cmd = [sys.executable, str(SCRIPTS / "benchmark.py"), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"stdout must be exactly one JSON line, got:\n{proc.stdout}"
+    return json.loads(lines[0])
+
+
+def mixtral_tiny_counts(seq: int) -> tuple[int, int, float]:
+    """(params, active params per token, training FLOPs per token) of the mixtral-tiny preset,
+    by hand: top-2 of 8 SwiGLU experts, the router [d, E] a matmul, PaLM's 6N + 12LTA."""
+    v, d, f, n_layers, e, k = 8192, 256, 512, 4, 8, 2
+    q, kv = 4 * 64, 2 * 64
+    attn = d * q + 2 * d * kv + q * d
+    expert = 3 * d * f
+    layer_fixed = attn + d * e + 2 * d               # attention, router, two norms
+    params = 2 * v * d + n_layers * (layer_fixed + e * expert) + d
+    active = 2 * v * d + n_layers * (layer_fixed + k * expert) + d
+    matmul = n_layers * (attn + d * e + k * expert) + d * v  # + the LM head
+    return params, active, 6.0 * matmul + 12.0 * n_layers * seq * q
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, dispatch", [("full", "dropless"), ("lora", "capacity")])
+def test_benchmark_mixtral_tiny_prints_moe_fields(mode, dispatch):
+    seq = 32
+    row = _run_benchmark("--preset", "mixtral-tiny", "--mode", mode, "--dispatch", dispatch,
+                         "--batch", "1", "--seq", str(seq), "--steps", "1", "--warmup", "1")
+    missing = [k for k in FIELDS + ("dispatch", "experts", "top_k", "active_params_per_token",
+                                    "flops_per_token", "moe_dropped", "moe_aux_loss")
+               if k not in row]
+    assert not missing, f"missing fields {missing} in {row}"
+    params, active, flops = mixtral_tiny_counts(seq)
+    assert (row["preset"], row["mode"], row["dispatch"]) == ("mixtral-tiny", mode, dispatch)
+    assert (row["experts"], row["top_k"], row["expert_intermediate"]) == (8, 2, 512)
+    assert row["params"] == params == 17_574_144
+    assert row["active_params_per_token"] == active == 8_136_960
+    assert row["flops_per_token"] == pytest.approx(flops, rel=1e-9)  # only active experts
+    assert 0 < row["mfu"] < 1.5 and row["tokens_per_s"] > 0
+    # Random init: the loss starts near log(V) and an AdamW step lowers it; the balance loss
+    # is ~1 for near-uniform routing (E * sum f_e P_e).
+    assert abs(row["loss_first"] - math.log(8192)) < 0.5
+    assert row["loss_last"] < row["loss_first"]
+    assert 0.9 < row["moe_aux_loss"] < 2.0
+    assert row["donated"] is True
+    if dispatch == "capacity":
+        # C = ceil(1.25 * 32 * 2 / 8) = 10 slots: 8 * 10 slots for 2 * 32 assignments.
+        assert row["capacity_slots"] == 10
+        assert row["capacity_compute_ratio"] == pytest.approx(80 / 64)
+        assert 0.0 <= row["moe_dropped"] < 0.5
+    else:
+        assert row["moe_dropped"] == 0.0
+    if mode == "lora":  # adapters on 4 attention projections and 3 stacked expert kernels
+        r, d, f, n_layers, e = 16, 256, 512, 4, 8
+        attn = r * ((d + 256) + 2 * (d + 128) + (256 + d))
+        experts = e * r * (2 * (d + f) + (f + d))
+        assert row["trainable_params"] == n_layers * (attn + experts)
+
+
+def test_moe_flags_are_rejected_for_dense_presets():
+    mod = _load_script("benchmark")
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--preset", "tiny", "--dispatch", "capacity"])
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--preset", "mixtral-tiny", "--capacity-factor", "2"])  # dropless
+    args = mod.parse_args(["--preset", "mixtral-tiny", "--dispatch", "capacity"])
+    assert (args.dispatch, args.capacity_factor) == ("capacity", 1.25)
