@@ -1,5 +1,6 @@
 """Preference training (DPO family): losses against numpy references of the published formulas,
 masked log-probs, the reference model, sharding, and a short run that must learn."""
+import json
 import math
 import os
 
@@ -211,14 +212,19 @@ def pairs():
 def policy_params(c, key=0):
     mcfg = mcfg_of(c)
     m = get_method(c.peft)
-    params = models.init(mcfg, jax.random.PRNGKey(key))
-    if m.transform:
-        params = m.transform(params, loop.transform_key(int(c.seed)))
-    return mcfg, m, params
+    def build():
+        params = models.init(mcfg, jax.random.PRNGKey(key))
+        return m.transform(params, loop.transform_key(int(c.seed))) if m.transform else params
+    return mcfg, m, jax.jit(build)()
 
 
-def one_batch(train_pairs, n=8, ref=None):
-    return PreferenceLoader(train_pairs, TOK, n, SEQ, 0, ref_logps=ref).batch_at(0)
+def one_batch(train_pairs, n=8):
+    return PreferenceLoader(train_pairs, TOK, n, SEQ, 0).batch_at(0)
+
+
+def every_pair_once(pairs, n=8):
+    return PreferenceLoader(pairs, TOK, n, SEQ, 0, shuffle=False, drop_remainder=False,
+                            num_epochs=1)
 
 
 @pytest.mark.parametrize("peft", ["lora", "qlora", "dora", "ia3"])
@@ -267,7 +273,7 @@ def test_reference_mode_resolution():
         ab = models.param_shapes(mcfg)
         if m.transform:
             ab = jax.eval_shape(m.transform, ab, jax.random.PRNGKey(1))
-        return reference.resolve_mode(mode, ab, m.train_patterns, c.peft, indexed_data=True)
+        return reference.resolve_mode(mode, ab, m.train_patterns, c.peft)
     assert resolve("lora", "auto") == "strip"
     assert resolve("qlora", "auto") == "strip"
     assert resolve("full", "auto") == "precompute"
@@ -296,8 +302,8 @@ def test_reference_term_sends_no_gradient(pairs):
     batch_ref = dict(batch, ref_chosen_logps=np.asarray(c_ref), ref_rejected_logps=np.asarray(r_ref))
     strip_fn = objective.preference_loss(mcfg, objective.from_config(c.dpo, "strip"))
     const_fn = objective.preference_loss(mcfg, objective.from_config(c.dpo, "precompute"))
-    g1, s1 = jax.grad(lambda p: strip_fn(p, batch, None), has_aux=True)(params)
-    g2, s2 = jax.grad(lambda p: const_fn(p, batch_ref, None), has_aux=True)(params)
+    g1, s1 = jax.jit(jax.grad(lambda p: strip_fn(p, batch, None), has_aux=True))(params)
+    g2, s2 = jax.jit(jax.grad(lambda p: const_fn(p, batch_ref, None), has_aux=True))(params)
     np.testing.assert_allclose(float(s1["nll"]), float(s2["nll"]), rtol=1e-6)
     assert abs(float(s1["margin"])) > 1e-4  # the adapters do change the policy
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
@@ -305,37 +311,47 @@ def test_reference_term_sends_no_gradient(pairs):
 
 
 def test_precomputed_columns_follow_shuffled_pairs(pairs):
-    """Per-pair reference log-probs attached by the loader belong to the rows they sit on."""
+    """The precomputed reference log-probs attached to a batch belong to the rows they sit on,
+    for shuffled batches across epochs; the eval padding rows get nothing; the copy mode
+    attaches the same numbers."""
     c = tiny_cfg(peft="full")
     mcfg = mcfg_of(c)
     placement = loop.Placement(c, mcfg, devices=jax.devices()[:1])
     ref = reference.starting_reference(lambda: models.init(mcfg, jax.random.PRNGKey(0)), mcfg,
                                        placement)
-    train = pairs[0][:40]
-    cols = precompute.precompute_pairs(ref, mcfg, train, TOK, 16, SEQ, placement)
-    ld = PreferenceLoader(train, TOK, 8, SEQ, seed=5, ref_logps=cols)
+    train = pairs[0][:37]
+    table = precompute.compute_table(ref, mcfg, every_pair_once(train, 16), placement)
+    assert len(table["keys"]) == 37  # the padding rows of the last batch are not in it
+    ld = precompute.Precomputed(PreferenceLoader(train, TOK, 8, SEQ, seed=5), table)
     fn = reference.make_ref_logps_fn(mcfg)
-    for _ in range(6):  # crosses an epoch boundary (5 batches per epoch)
+    for _ in range(6):  # crosses an epoch boundary (4 batches per epoch)
         b = next(ld)
         c_ref, r_ref = fn(ref, b)
         np.testing.assert_allclose(b["ref_chosen_logps"], np.asarray(c_ref), rtol=1e-5)
         np.testing.assert_allclose(b["ref_rejected_logps"], np.asarray(r_ref), rtol=1e-5)
-    # The copy mode attaches the same numbers batch by batch.
-    wrapped = precompute.WithReference(iter([ld.batch_at(2)]), ref, mcfg, placement)
-    np.testing.assert_allclose(next(wrapped)["ref_chosen_logps"],
-                               ld.batch_at(2)["ref_chosen_logps"], rtol=1e-5)
+    last = list(every_pair_once(train, 16))[-1]
+    attached = ld.attach(last)
+    np.testing.assert_array_equal(attached["ref_chosen_logps"][5:], 0.0)  # 37 = 2*16 + 5
+    copy = precompute.WithReference(iter([last]), ref, mcfg, placement)
+    np.testing.assert_allclose(next(copy)["ref_chosen_logps"][:5],
+                               attached["ref_chosen_logps"][:5], rtol=1e-5)
+    other = one_batch(pairs[1])  # pairs the table has never seen
+    with pytest.raises(ValueError, match="did not see"):
+        ld.attach(other)
 
 
 def test_precompute_cache_roundtrip(tmp_path):
-    arrays = {"train_chosen": np.arange(3, dtype=np.float32),
-              "train_rejected": -np.arange(3, dtype=np.float32)}
+    table = {"keys": np.array([b"a" * 16, b"b" * 16], "S16"),
+             "chosen": np.arange(2, dtype=np.float32), "rejected": -np.arange(2, dtype=np.float32)}
     path = str(tmp_path / "ref.npz")
-    assert precompute.load_cache(path, {"train": 3}) is None
-    precompute.save_cache(path, arrays)
-    got = precompute.load_cache(path, {"train": 3})
-    np.testing.assert_array_equal(got["train_rejected"], arrays["train_rejected"])
-    with pytest.raises(ValueError, match="does not match"):
-        precompute.load_cache(path, {"train": 4})
+    assert precompute.load_cache(path) is None
+    precompute.save_cache(path, table)
+    got = precompute.load_cache(path)
+    for k in table:
+        np.testing.assert_array_equal(got[k], table[k])
+    np.savez(path, keys=table["keys"])
+    with pytest.raises(ValueError, match="not a reference log-prob table"):
+        precompute.load_cache(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,13 +421,15 @@ def test_reference_free_objectives_need_no_reference(pairs):
 # Training: sharding, a learning run, the reference unchanged
 # --------------------------------------------------------------------------------------------
 
-def _train(c, train_pairs, workdir, devices=None, ref_cols=None, steps=None):
+def _train(c, train_pairs, workdir, devices=None, table=None):
     mcfg = mcfg_of(c)
     m = get_method(c.peft)
-    mode = "strip" if ref_cols is None else "precompute"
+    mode = "strip" if table is None else "precompute"
     loss_fn = objective.preference_loss(mcfg, objective.from_config(c.dpo, mode), m.apply_fn,
                                         m.bind_rng)
-    it = PreferenceLoader(train_pairs, TOK, int(c.train.batch_size), SEQ, 0, ref_logps=ref_cols)
+    it = PreferenceLoader(train_pairs, TOK, int(c.train.batch_size), SEQ, 0)
+    if table is not None:
+        it = precompute.Precomputed(it, table)
     return loop.train(c, str(workdir), model_cfg=mcfg,
                       init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
                       loss_fn=loss_fn, train_iter=it, transform=m.transform,
@@ -425,19 +443,19 @@ def test_eight_devices_equal_one(peft, pairs, tmp_path):
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices")
     train = pairs[0][:32]
-    cols = None
+    table = None
     if peft == "full":  # the reference log-probs travel in the batch ([B, 1] columns)
         c = tiny_cfg(peft="full")
         mcfg = mcfg_of(c)
         pl = loop.Placement(c, mcfg, devices=jax.devices()[:1])
         ref = reference.starting_reference(lambda: models.init(mcfg, jax.random.PRNGKey(0)),
                                            mcfg, pl)
-        cols = precompute.precompute_pairs(ref, mcfg, train, TOK, 8, SEQ, pl)
+        table = precompute.compute_table(ref, mcfg, every_pair_once(train), pl)
     results = []
     for devices, mesh in ((jax.devices()[:1], {"data": 1}), (None, {"data": 2, "fsdp": 4})):
         c = tiny_cfg(steps=2, peft=peft)
         c.mesh.update(mesh)
-        r = _train(c, train, tmp_path / str(len(results)), devices, cols)
+        r = _train(c, train, tmp_path / str(len(results)), devices, table)
         results.append(r)
     one, eight = results
     np.testing.assert_allclose([h["loss"] for h in eight.history],
@@ -490,3 +508,44 @@ def test_short_dpo_run_learns_preferences_on_heldout_pairs(tmp_path):
     for a, b in zip(jax.tree.leaves(reference.strip_adapters(jax.device_get(res.params))),
                     jax.tree.leaves(reference.strip_adapters(jax.device_get(p0)))):
         np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer end to end (python -m ftjax.main)
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_trainer_on_a_preference_file_resumes_with_cached_reference(tmp_path):
+    """configs/dpo_file.py on the shipped sample (data pipeline, full fine-tuning, reference
+    precomputed and cached); a longer second run resumes and reads the cache."""
+    from ftjax.main import main
+    args = ["--config", "configs/dpo_file.py:steps=6,peft=full", "--workdir", str(tmp_path),
+            "--config.optimizer.warmup_steps=0", "--config.train.eval_every=3",
+            "--config.train.checkpoint_every=3", "--config.train.progress=False",
+            "--config.train.tensorboard=False"]
+    first = main(args)
+    assert first["reference"] == "precompute" and first["data"]["source"] == "files"
+    assert first["before"]["eval_loss"] == pytest.approx(math.log(2), rel=1e-5)
+    assert first["after"]["eval_margin"] > 0 and first["after"]["eval_accuracy"] > 0.9
+    caches = [f for f in os.listdir(tmp_path) if f.startswith("ref_logps_")]
+    assert len(caches) == 1 and os.path.exists(tmp_path / "data_report.json")
+    args[1] = "configs/dpo_file.py:steps=9,peft=full"
+    second = main(args + ["--config.dpo.eval_before=False"])
+    assert second["resumed_from"] == 6
+    assert [f for f in os.listdir(tmp_path) if f.startswith("ref_logps_")] == caches
+
+
+@pytest.mark.slow
+def test_trainer_on_synthetic_pairs(tmp_path):
+    from ftjax.main import main
+    out = main(["--config", "configs/dpo_synthetic.py:steps=8,tasks=reverse,loss=sigmoid+sft",
+                "--workdir", str(tmp_path), "--config.data.n_per_task=160",
+                "--config.data.eval_examples=8", "--config.train.batch_size=16",
+                "--config.optimizer.warmup_steps=0", "--config.train.eval_every=4",
+                "--config.train.progress=False", "--config.train.tensorboard=False"])
+    assert out["reference"] == "strip" and out["eval_pairs"] == 32
+    assert out["loss_type"] == ["sigmoid", "sft"]
+    assert out["after"]["eval_margin"] > out["before"]["eval_margin"] == 0
+    assert out["before"]["exact_match"] is not None and out["after"]["exact_match"] is not None
+    with open(tmp_path / "summary.json") as f:
+        assert json.load(f)["after"]["eval_accuracy"] == out["after"]["eval_accuracy"]

@@ -3,12 +3,12 @@
 `synthetic_pairs` turns synthetic examples into (prompt, chosen = the correct answer,
 rejected = a corrupted answer). `PreferenceLoader` yields batches of both halves in the causal-LM
 batch layout of `ftjax.data.batching` (`chosen_inputs`, ..., `rejected_positions`; row i of
-chosen and rejected is one pair) plus, when given, per-example reference log-probs
-(`ref_chosen_logps`, `ref_rejected_logps` [B, 1]); resumable like `SyntheticLoader`.
+chosen and rejected is one pair), the layout of the data pipeline's preference loader;
+resumable like `SyntheticLoader`.
 """
 from __future__ import annotations
 
-from typing import Iterator, Mapping, Optional, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -88,57 +88,33 @@ class PreferenceLoader:
     """
 
     def __init__(self, pairs: Sequence[Mapping], tok: Tokenizer, batch_size: int, seq_len: int,
-                 seed: int, *, ref_logps: Optional[tuple[np.ndarray, np.ndarray]] = None,
-                 **loader_kw) -> None:
+                 seed: int, **loader_kw) -> None:
         check_pairs(pairs)
         halves = {h: [{"task": p.get("task", "?"), "prompt": p["prompt"], "answer": p[h]}
                       for p in pairs] for h in ("chosen", "rejected")}
         self.halves = {h: SyntheticLoader(ex, tok, batch_size, seq_len, seed, **loader_kw)
                        for h, ex in halves.items()}
         self.num_examples = len(pairs)
-        self.ref_logps = None
-        if ref_logps is not None:
-            c, r = (np.asarray(x, np.float32).reshape(-1) for x in ref_logps)
-            if len(c) != len(pairs) or len(r) != len(pairs):
-                raise ValueError(f"ref_logps have {len(c)}/{len(r)} entries for {len(pairs)} pairs")
-            self.ref_logps = (c, r)
 
     @property
     def batches_per_epoch(self) -> int:
         return self.halves["chosen"].batches_per_epoch
-
-    def local_indices(self, step: int) -> np.ndarray:
-        """Pair indices of this process's rows at `step` (-1 for padding rows)."""
-        ld = self.halves["chosen"]
-        idx = ld.global_indices(step)
-        lo = ld.process_index * ld.local_batch_size
-        idx = np.asarray(idx[lo:lo + ld.local_batch_size], np.int64)
-        return np.concatenate([idx, -np.ones(ld.local_batch_size - len(idx), np.int64)])
-
-    def _attach_ref(self, batch: dict, step: int) -> dict:
-        if self.ref_logps is not None:
-            idx = self.local_indices(step)
-            for h, v in zip(("chosen", "rejected"), self.ref_logps):
-                batch[f"ref_{h}_logps"] = np.where(idx >= 0, v[np.maximum(idx, 0)], 0.0
-                                                   ).astype(np.float32)[:, None]
-        return batch
 
     def batch_at(self, step: int) -> dict[str, np.ndarray]:
         """This process's rows of the batch at `step` (pure: does not move the iterator)."""
         batch = {}
         for h, ld in self.halves.items():
             batch.update({f"{h}_{k}": v for k, v in ld.batch_at(step).items()})
-        return self._attach_ref(batch, step)
+        return batch
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        step = int(self.get_state()["step"])
         batch = {}
         for h, ld in self.halves.items():
             batch.update({f"{h}_{k}": v for k, v in next(ld).items()})
-        return self._attach_ref(batch, step)
+        return batch
 
     def get_state(self) -> dict:
         return self.halves["chosen"].get_state()

@@ -1,46 +1,77 @@
-"""Reference log-probs computed outside the training step: once per pair before training
-(`precompute_pairs`, cached in the workdir) or per batch as the loader yields it
-(`WithReference`, the "copy" mode). The reference params are an explicit, sharded argument of a
-separate jitted forward, never a constant captured by the training step."""
+"""Reference log-probs computed outside the training step, so the step never holds (or
+captures as a compile-time constant) a second model.
+
+  precompute  `compute_table` scores every training and validation pair once (a pass over
+              "every example once" batches), keyed by the content of the pair's rows; the
+              table is cached in the workdir and `Precomputed` attaches the values to each
+              batch of any loader (in-memory or the Grain pipeline) by looking the rows up.
+  copy        `WithReference` runs a frozen dense copy on each batch as the loader yields it.
+
+Both run the reference as an explicit, sharded argument of a separate jitted forward, and add
+`ref_chosen_logps` / `ref_rejected_logps` [B, 1] to the batch.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import jax
 import numpy as np
 
 from ftjax import sharding
-from ftjax.align.data import PreferenceLoader
 from ftjax.align.reference import make_ref_logps_fn
 from ftjax.models.config import ModelConfig
 
+_ROW_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
-def _global_host(x: jax.Array) -> np.ndarray:
-    """The whole (batch-sharded) array on every host."""
+
+def row_keys(batch: Mapping[str, np.ndarray]) -> np.ndarray:
+    """A 16-byte digest per row of both halves: equal rows (the same pair, tokenized the same
+    way) get equal keys, whichever loader, epoch or position they come from."""
+    n = len(batch["chosen_inputs"])
+    keys = np.empty(n, "S16")
+    for i in range(n):
+        h = hashlib.blake2b(digest_size=16)
+        for half in ("chosen", "rejected"):
+            for k in _ROW_KEYS:
+                h.update(np.ascontiguousarray(batch[f"{half}_{k}"][i]).tobytes())
+        keys[i] = h.digest()
+    return keys
+
+
+def is_real(batch: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Rows that hold a pair (padding rows of an eval list have no completion tokens)."""
+    return (np.asarray(batch["chosen_loss_mask"]).sum(1) > 0) | \
+           (np.asarray(batch["rejected_loss_mask"]).sum(1) > 0)
+
+
+def _global_host(x: Any) -> np.ndarray:
+    """A batch-sharded device array, or this process's host rows, as the whole global batch on
+    every host (rows in process order, as the batch sharding lays them out)."""
     if jax.process_count() == 1:
         return np.asarray(jax.device_get(x))
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def precompute_pairs(ref_params: Any, model_cfg: ModelConfig, pairs: Sequence[Mapping], tok,
-                     batch_size: int, seq_len: int, placement) -> tuple[np.ndarray, np.ndarray]:
-    """(chosen [n], rejected [n]) reference log-probs of every pair, in pair order."""
-    loader = PreferenceLoader(pairs, tok, batch_size, seq_len, seed=0, shuffle=False,
-                              drop_remainder=False, num_epochs=1,
-                              process_index=jax.process_index(),
-                              process_count=jax.process_count())
+def compute_table(ref_params: Any, model_cfg: ModelConfig, batches: Iterable[dict],
+                  placement) -> dict[str, np.ndarray]:
+    """{"keys": S16 [n], "chosen": [n], "rejected": [n]} over the real rows of `batches`
+    (this process's rows of each global batch; every process gets the whole table)."""
     fn = make_ref_logps_fn(model_cfg)
-    out = (np.zeros(len(pairs), np.float32), np.zeros(len(pairs), np.float32))
-    for step in range(loader.batches_per_epoch):
-        c, r = fn(ref_params, placement.put_batch(loader.batch_at(step)))
-        idx = np.asarray(loader.halves["chosen"].global_indices(step), np.int64)
-        for dst, v in zip(out, (c, r)):
-            dst[idx] = _global_host(v)[:len(idx), 0]
-    return out
+    keys, chosen, rejected = [], [], []
+    for b in batches:
+        c, r = fn(ref_params, placement.put_batch(b))
+        digests = np.frombuffer(row_keys(b).tobytes(), np.uint8).reshape(-1, 16)
+        k = _global_host(digests)
+        real = _global_host(is_real(b).astype(np.uint8)) > 0
+        keys.append(np.ascontiguousarray(k[real]).view("S16").reshape(-1))
+        chosen.append(_global_host(c)[real, 0])
+        rejected.append(_global_host(r)[real, 0])
+    return {"keys": np.concatenate(keys), "chosen": np.concatenate(chosen).astype(np.float32),
+            "rejected": np.concatenate(rejected).astype(np.float32)}
 
 
 def cache_key(*parts: Any) -> str:
@@ -48,63 +79,39 @@ def cache_key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def pairs_fingerprint(pairs: Sequence[Mapping]) -> str:
-    h = hashlib.sha256()
-    for p in pairs:
-        h.update(json.dumps([p["prompt"], p["chosen"], p["rejected"]]).encode())
-    return h.hexdigest()[:16]
-
-
-def load_cache(path: str, n: dict[str, int]) -> Optional[dict[str, np.ndarray]]:
-    """The cached arrays when `path` exists on every process and matches the split sizes."""
+def load_cache(path: str) -> Optional[dict[str, np.ndarray]]:
+    """The cached table when `path` exists on every process (they must agree: computing it
+    is a collective forward), else None."""
     exists = os.path.exists(path)
-    if jax.process_count() > 1:  # all processes must agree, or the forward would deadlock
+    if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         exists = bool(np.all(multihost_utils.process_allgather(np.asarray(exists))))
     if not exists:
         return None
     with np.load(path, allow_pickle=False) as f:
-        arrays = {k: np.asarray(f[k]) for k in f.files}
-    for split, size in n.items():
-        for h in ("chosen", "rejected"):
-            a = arrays.get(f"{split}_{h}")
-            if a is None or a.shape != (size,):
-                raise ValueError(f"reference log-prob cache {path} does not match the data "
-                                 f"({split}: {size} pairs); delete it to recompute")
-    return arrays
+        table = {k: np.asarray(f[k]) for k in f.files}
+    if set(table) != {"keys", "chosen", "rejected"} or not (
+            len(table["keys"]) == len(table["chosen"]) == len(table["rejected"])):
+        raise ValueError(f"{path} is not a reference log-prob table (keys/chosen/rejected of "
+                         "equal length); delete it to recompute")
+    return table
 
 
-def save_cache(path: str, arrays: dict[str, np.ndarray]) -> None:
+def save_cache(path: str, table: Mapping[str, np.ndarray]) -> None:
+    """Writes the table atomically (process 0 only)."""
     if jax.process_index() != 0:
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)  # atomic
+    np.savez(tmp, **table)
+    os.replace(tmp, path)
 
 
-class WithReference:
-    """Wraps a preference loader: each batch gets `ref_chosen_logps` / `ref_rejected_logps`
-    [B, 1] from a frozen reference copy (the "copy" mode). State calls pass through."""
+class _Passthrough:
+    """Iterator wrapper that forwards the loader's resumable state."""
 
-    def __init__(self, inner: Iterator[dict], ref_params: Any, model_cfg: ModelConfig, placement):
+    def __init__(self, inner: Iterator[dict]):
         self.inner = inner
-        self.ref_params = ref_params
-        self.placement = placement
-        self.fn = make_ref_logps_fn(model_cfg)
-
-    def attach(self, batch: dict) -> dict:
-        c, r = self.fn(self.ref_params, self.placement.put_batch(batch))
-        rows = len(next(iter(batch.values())))
-        out = dict(batch)
-        for name, v in (("ref_chosen_logps", c), ("ref_rejected_logps", r)):
-            full = _global_host(v)
-            lo, hi = sharding.local_batch_rows(self.placement.batch, full.shape[0])
-            if hi - lo != rows:
-                raise ValueError(f"loader yielded {rows} rows but this process holds rows "
-                                 f"[{lo}, {hi}) of the global batch")
-            out[name] = full[lo:hi]
-        return out
 
     def __iter__(self):
         return self
@@ -112,9 +119,65 @@ class WithReference:
     def __next__(self) -> dict:
         return self.attach(next(self.inner))
 
+    def attach(self, batch: dict) -> dict:
+        raise NotImplementedError
+
     def get_state(self) -> dict:
         return self.inner.get_state() if hasattr(self.inner, "get_state") else {}
 
     def set_state(self, state: Mapping) -> None:
         if hasattr(self.inner, "set_state"):
             self.inner.set_state(state)
+
+    def close(self) -> None:
+        if hasattr(self.inner, "close"):
+            self.inner.close()
+
+
+class Precomputed(_Passthrough):
+    """Attaches the precomputed reference log-probs of each row (the "precompute" mode)."""
+
+    def __init__(self, inner: Iterator[dict], table: Mapping[str, np.ndarray]):
+        super().__init__(inner)
+        self.index = {k: i for i, k in enumerate(table["keys"].tolist())}
+        self.chosen, self.rejected = table["chosen"], table["rejected"]
+
+    def attach(self, batch: dict) -> dict:
+        keys, real = row_keys(batch), is_real(batch)
+        idx = np.zeros(len(keys), np.int64)
+        for i, (k, r) in enumerate(zip(keys.tolist(), real)):
+            if r:
+                if k not in self.index:
+                    raise ValueError(
+                        "a batch row has no precomputed reference log-probs: the loader yields "
+                        "a pair the precompute pass did not see (the data or its tokenization "
+                        "changed); delete the workdir's ref_logps_*.npz to recompute")
+                idx[i] = self.index[k]
+        out = dict(batch)
+        out["ref_chosen_logps"] = np.where(real, self.chosen[idx], 0.0).astype(np.float32)[:, None]
+        out["ref_rejected_logps"] = np.where(real, self.rejected[idx], 0.0).astype(np.float32)[:, None]
+        return out
+
+
+class WithReference(_Passthrough):
+    """Scores each batch with a frozen reference copy as the loader yields it (the "copy"
+    mode); costs one dense model of device memory and a host sync per batch."""
+
+    def __init__(self, inner: Iterator[dict], ref_params: Any, model_cfg: ModelConfig, placement):
+        super().__init__(inner)
+        self.ref_params = ref_params
+        self.placement = placement
+        self.fn = make_ref_logps_fn(model_cfg)
+
+    def attach(self, batch: dict) -> dict:
+        c, r = self.fn(self.ref_params, self.placement.put_batch(batch))
+        rows = len(batch["chosen_inputs"])
+        out = dict(batch)
+        for name, v in (("ref_chosen_logps", c), ("ref_rejected_logps", r)):
+            full = _global_host(v)
+            lo, hi = sharding.local_batch_rows(self.placement.batch, full.shape[0])
+            if hi - lo != rows:
+                raise ValueError(f"the loader yielded {rows} rows but this process holds rows "
+                                 f"[{lo}, {hi}) of the global batch")
+            out[name] = full[lo:hi]
+        return out

@@ -8,16 +8,14 @@ Three ways to get reference log-probs (`dpo.reference`):
               their default inits). Prompt and prefix tuning get the base model without the
               virtual tokens, as TRL's adapter-disabled reference.
   precompute  once, before training: the starting model (`starting_reference`, dense) scores
-              every training and evaluation pair, the results are cached in the workdir and the
-              loader attaches them to each batch (`ref_chosen_logps`, `ref_rejected_logps`);
-              no reference weights are kept during training. Needs a loader that knows each
-              row's example index (the in-memory loader does).
+              every training and validation pair, the table is cached in the workdir and the
+              values are attached to each batch (`ref_chosen_logps`, `ref_rejected_logps`) by
+              the rows' content; no reference weights are kept during training.
   copy        a frozen dense copy of the starting model scores each batch as the loader yields
               it (a separate jitted forward with the copy as an explicit sharded argument);
-              works with any loader, costs one model of memory.
+              costs one model of memory and a host sync per step.
   auto        strip when every trainable leaf is an adapter field of a structured weight
-              whose removal restores the starting model, else precompute (in-memory data) or
-              copy.
+              whose removal restores the starting model, else precompute.
 """
 from __future__ import annotations
 
@@ -75,8 +73,7 @@ def strip_safe(abstract_params: Any, train_patterns, peft_cfg: Any = None) -> tu
     return True, ""
 
 
-def resolve_mode(mode: str, abstract_params: Any, train_patterns, peft_cfg: Any,
-                 indexed_data: bool) -> str:
+def resolve_mode(mode: str, abstract_params: Any, train_patterns, peft_cfg: Any) -> str:
     """The concrete reference mode for `dpo.reference`; raises when `strip` would be wrong."""
     if mode not in MODES:
         raise ValueError(f"dpo.reference={mode!r}: choose one of {MODES}")
@@ -84,14 +81,9 @@ def resolve_mode(mode: str, abstract_params: Any, train_patterns, peft_cfg: Any,
     if mode == "strip" and not safe:
         raise ValueError(f"dpo.reference='strip' would not give the starting model: {why}; "
                          "use dpo.reference=precompute (or copy, or auto)")
-    if mode == "precompute" and not indexed_data:
-        raise ValueError("dpo.reference='precompute' needs a loader that reports example "
-                         "indices (the in-memory synthetic data); use dpo.reference=copy")
     if mode != "auto":
         return mode
-    if safe:
-        return "strip"
-    return "precompute" if indexed_data else "copy"
+    return "strip" if safe else "precompute"
 
 
 def starting_policy(init_params: Callable[[], Any], model_cfg: ModelConfig, placement,

@@ -1,17 +1,18 @@
 """Trainer "dpo": preference fine-tuning (DPO and its variants, ORPO, SimPO) with any PEFT method.
 
 Reuses `loop.train` with the preference objective (`objective.preference_loss`). Data: the
-synthetic suite turned into pairs in memory (`data.tasks`, `data.corruption`), or a preference
-file through the data pipeline (`data.source`). Evaluation on the validation pairs reports the
+synthetic suite turned into pairs in memory (`data.tasks`, `data.corruption`), or the user's
+preference data through the data pipeline (`data.source` / `data.sources`, format preference). Evaluation on the validation pairs reports the
 preference (reward) accuracy, margins, rewards and log-probs; with synthetic data also the
 exact match of greedy generations before and after training. See docs/alignment.md.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -20,7 +21,7 @@ from ftjax import models
 from ftjax.align import objective, precompute, reference
 from ftjax.align.data import PreferenceLoader, synthetic_pairs
 from ftjax.peft import get_method
-from ftjax.train import loop, sft
+from ftjax.train import loop, optim, sft
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -61,15 +62,66 @@ def make_evaluator(loss_fn, placement: loop.Placement, batches: Sequence[dict],
     return evaluate
 
 
-def _pipeline_pairs(cfg: Any, tok, workdir: str):
-    """Preference loaders from the data pipeline (`data.source`)."""
-    try:
-        from ftjax.data import pipeline  # noqa: F401  (engineer F's module)
-    except ImportError:
-        raise ValueError("data.source is set but ftjax.data.pipeline is not available in this "
-                         "checkout; use the synthetic data (data.source='')") from None
-    raise NotImplementedError("the DPO trainer does not read data.source yet: wire "
-                              "pipeline.prepare/make_loader here (docs/alignment.md)")
+@dataclasses.dataclass
+class PreferenceData:
+    """Where the pairs come from, in the shapes the trainer needs."""
+    train: Iterator[dict]                      # resumable loader of training batches
+    evals: list[dict]                          # every validation pair once (padded batches)
+    every_train_pair: Callable[[], Iterable[dict]]  # every training pair once (precompute)
+    n_train: int
+    n_eval: int
+    fingerprint: str                           # identifies the pairs and their tokenization
+    em_examples: list[dict] = dataclasses.field(default_factory=list)  # prompt/answer
+    info: dict = dataclasses.field(default_factory=dict)
+
+
+def synthetic_data(cfg: Any, tok) -> PreferenceData:
+    """Pairs from the synthetic suite (`data.tasks`, `data.corruption`), in memory."""
+    d, t = cfg.data, cfg.train
+    train, test = synthetic_pairs(tuple(d.tasks), int(d.n_per_task), int(d.seed),
+                                  float(d.test_frac), d.get("corruption", "perturb"))
+    bs, seq = int(t.batch_size), int(t.seq_len)
+    pk = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    once = lambda pairs: PreferenceLoader(pairs, tok, bs, seq, 0, shuffle=False,
+                                          drop_remainder=False, num_epochs=1, **pk)
+    fp = precompute.cache_key([[p["prompt"], p["chosen"], p["rejected"]] for p in train + test],
+                              seq, tok.vocab_size)
+    n_em = int(d.get("eval_examples", 0))
+    return PreferenceData(
+        train=PreferenceLoader(train, tok, bs, seq, int(cfg.seed), **pk),
+        evals=list(once(test)), every_train_pair=lambda: once(train), n_train=len(train),
+        n_eval=len(test), fingerprint=fp,
+        em_examples=[{"prompt": p["prompt"], "answer": p["chosen"]} for p in test[:n_em]],
+        info={"source": "synthetic", "tasks": list(d.tasks), "corruption": d.get("corruption")})
+
+
+def file_data(cfg: Any, tok, workdir: str) -> PreferenceData:
+    """Pairs from the user's data through the data pipeline (`data.source` / `data.sources`,
+    format preference): prepared, cleaned and split once (report in the workdir)."""
+    from ftjax.data import pipeline
+    from ftjax.data.errors import DataError
+    d, t = cfg.data, cfg.train
+    prepared = sft.prepare_data(cfg, tok, workdir)
+    if prepared.kind != "preference":
+        raise DataError(f"trainer 'dpo' trains on preference pairs (prompt/chosen/rejected), but "
+                        f"this data is {prepared.kind!r}; set data.format=preference (and "
+                        "data.field_map if the fields are named differently)")
+    bs, seq = int(t.batch_size), int(t.seq_len)
+    pi, pc = jax.process_index(), jax.process_count()
+    eval_split = d.get("eval_split", "validation")
+    if eval_split not in prepared.splits:
+        raise DataError(f"data.eval_split={eval_split!r} is not a split of the prepared data "
+                        f"({sorted(prepared.splits)}); preference training reports accuracy "
+                        "on held-out pairs, so keep a validation ratio in data.splits.ratios")
+    return PreferenceData(
+        train=pipeline.make_loader(prepared, "train", tok, bs, seq, int(cfg.seed), pi, pc),
+        evals=pipeline.eval_batches(prepared, eval_split, tok, bs, seq, pi, pc),
+        every_train_pair=lambda: pipeline.eval_batches(prepared, "train", tok, bs, seq, pi, pc),
+        n_train=len(prepared.split("train")), n_eval=len(prepared.split(eval_split)),
+        fingerprint=precompute.cache_key(prepared.fingerprint, seq),
+        info={"source": "files", "fingerprint": prepared.fingerprint,
+              "splits": {k: len(v) for k, v in prepared.splits.items()},
+              "report": "data_report.json"})
 
 
 def run(cfg: Any, workdir: str) -> dict:
@@ -80,12 +132,10 @@ def run(cfg: Any, workdir: str) -> dict:
         raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
                          f"{tok.vocab_size}; set --config.model.vocab_size={tok.vocab_size}")
     d, t, dcfg = cfg.data, cfg.train, cfg.dpo
-    if d.get("source", ""):
-        return _pipeline_pairs(cfg, tok, workdir)
-    train_pairs, eval_pairs = synthetic_pairs(tuple(d.tasks), int(d.n_per_task), int(d.seed),
-                                              float(d.test_frac), d.get("corruption", "perturb"))
+    optim.make_optimizer(cfg.optimizer, int(t.steps))  # bad optimizer settings fail here, early
     method = get_method(cfg.get("peft"))
     sft.check_exportable(cfg)
+    data = file_data(cfg, tok, workdir) if sft.uses_files(cfg) else synthetic_data(cfg, tok)
     init_params = sft.initial_params(cfg, model_cfg)
     base_abstract = (models.param_shapes(model_cfg) if getattr(init_params, "on_host", False)
                      else jax.eval_shape(init_params))
@@ -94,67 +144,50 @@ def run(cfg: Any, workdir: str) -> dict:
                      else base_abstract)
     placement = loop.Placement(cfg, model_cfg, abstract_params=full_abstract)
     mode = reference.resolve_mode(dcfg.get("reference", "auto"), full_abstract,
-                                  method.train_patterns, cfg.get("peft"), indexed_data=True)
+                                  method.train_patterns, cfg.get("peft"))
     settings = objective.from_config(dcfg, mode)
     if not settings.uses_reference:
         mode = "none"
     print(f"[dpo] loss {list(settings.loss_types)} beta={settings.beta} reference={mode}; "
-          f"{len(train_pairs)} train / {len(eval_pairs)} validation pairs")
+          f"{data.n_train} train / {data.n_eval} validation pairs")
 
-    bs, seq_len = int(t.batch_size), int(t.seq_len)
-    ref_bs = int(dcfg.get("ref_batch_size", 0) or bs)
-    ref_cols = {"train": None, "eval": None}
-    ref_params = None
+    train_iter, eval_batches = data.train, data.evals
     starting = lambda: reference.starting_reference(init_params, model_cfg, placement,
                                                     method.transform, tkey)
     if mode == "precompute":
-        key = precompute.cache_key(cfg.model.to_dict(), cfg.get("peft").to_dict(), int(cfg.seed),
-                                   seq_len, tok.vocab_size, precompute.pairs_fingerprint(train_pairs),
-                                   precompute.pairs_fingerprint(eval_pairs))
+        key = precompute.cache_key(cfg.model.to_dict(), cfg.get("peft").to_dict(),
+                                   int(cfg.seed), data.fingerprint)
         path = os.path.join(workdir, f"ref_logps_{key}.npz")
-        arrays = precompute.load_cache(path, {"train": len(train_pairs), "eval": len(eval_pairs)})
-        if arrays is None:
+        table = precompute.load_cache(path)
+        if table is None:
             ref = starting()
-            arrays = {}
-            for split, pairs in (("train", train_pairs), ("eval", eval_pairs)):
-                c, r = precompute.precompute_pairs(ref, model_cfg, pairs, tok, ref_bs, seq_len,
-                                                   placement)
-                arrays[f"{split}_chosen"], arrays[f"{split}_rejected"] = c, r
+            parts = [precompute.compute_table(ref, model_cfg, batches, placement)
+                     for batches in (data.every_train_pair(), eval_batches)]
             del ref
-            precompute.save_cache(path, arrays)
-            print(f"[dpo] reference log-probs of {len(train_pairs) + len(eval_pairs)} pairs "
-                  f"computed once and cached in {path}")
+            table = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            precompute.save_cache(path, table)
+            print(f"[dpo] reference log-probs of {len(table['keys'])} pairs computed once, "
+                  f"cached in {path}")
         else:
-            print(f"[dpo] reference log-probs read from {path}")
-        ref_cols = {s: (arrays[f"{s}_chosen"], arrays[f"{s}_rejected"]) for s in ref_cols}
+            print(f"[dpo] reference log-probs of {len(table['keys'])} pairs read from {path}")
+        train_iter = precompute.Precomputed(train_iter, table)
+        eval_batches = [train_iter.attach(b) for b in eval_batches]
     elif mode == "copy":
-        ref_params = starting()
-
-    pk = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    train_iter = PreferenceLoader(train_pairs, tok, bs, seq_len, int(cfg.seed),
-                                  ref_logps=ref_cols["train"], **pk)
-    eval_batches = list(PreferenceLoader(eval_pairs, tok, bs, seq_len, 0, shuffle=False,
-                                         drop_remainder=False, num_epochs=1,
-                                         ref_logps=ref_cols["eval"], **pk))
-    if mode == "copy":
-        with_ref = precompute.WithReference(train_iter, ref_params, model_cfg, placement)
-        eval_batches = [with_ref.attach(b) for b in eval_batches]
-        train_iter = with_ref
+        train_iter = precompute.WithReference(train_iter, starting(), model_cfg, placement)
+        eval_batches = [train_iter.attach(b) for b in eval_batches]
 
     loss_fn = objective.preference_loss(model_cfg, settings, method.apply_fn, method.bind_rng)
     evaluate = make_evaluator(loss_fn, placement, eval_batches)
-    n_em = int(d.get("eval_examples", 0))
-    em_examples = [{"prompt": p["prompt"], "answer": p["chosen"]} for p in eval_pairs[:n_em]]
 
     def exact_match(params) -> float | None:
-        if not em_examples:
+        if not data.em_examples:
             return None
         from ftjax.eval.harness import exact_match_eval
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             params = multihost_utils.process_allgather(params, tiled=True)
-        return exact_match_eval(params, model_cfg, tok, em_examples,
-                                max_new_tokens=int(d.max_new_tokens),
+        return exact_match_eval(params, model_cfg, tok, data.em_examples,
+                                max_new_tokens=int(d.get("max_new_tokens", 16)),
                                 apply_fn=method.apply_fn)["exact_match"]
 
     before = {}
@@ -165,20 +198,23 @@ def run(cfg: Any, workdir: str) -> dict:
         before["exact_match"] = exact_match(params0)
         del params0
         print("[dpo] before: " + _fmt(before))
-
-    result = loop.train(cfg, workdir, model_cfg=model_cfg, init_params=init_params,
-                        loss_fn=loss_fn, train_iter=train_iter, eval_batches=(),
-                        name="dpo", placement=placement, on_eval=evaluate,
-                        transform=method.transform, train_patterns=method.train_patterns,
-                        wrap_optimizer=method.wrap_optimizer)
+    try:
+        result = loop.train(cfg, workdir, model_cfg=model_cfg, init_params=init_params,
+                            loss_fn=loss_fn, train_iter=train_iter, eval_batches=(),
+                            name="dpo", placement=placement, on_eval=evaluate,
+                            transform=method.transform, train_patterns=method.train_patterns,
+                            wrap_optimizer=method.wrap_optimizer)
+    finally:
+        if hasattr(train_iter, "close"):
+            train_iter.close()
     after = dict(result.evals[-1]) if result.evals else evaluate(int(t.steps), result.params)
     after.pop("step", None)
     after["exact_match"] = exact_match(result.params)
     print("[dpo] after:  " + _fmt(after))
     exported = sft.export_hf(cfg, model_cfg, result.params)
     summary = {"trainer": "dpo", "loss_type": list(settings.loss_types), "beta": settings.beta,
-               "reference": mode, "train_pairs": len(train_pairs),
-               "eval_pairs": len(eval_pairs), "before": before, "after": after,
+               "reference": mode, "train_pairs": data.n_train, "eval_pairs": data.n_eval,
+               "data": data.info, "before": before, "after": after,
                "final_loss": result.history[-1]["loss"] if result.history else None,
                "evals": result.evals, "wall_s": result.wall_s,
                "stopped_early": result.stopped_early, "resumed_from": result.resumed_from,
