@@ -244,6 +244,22 @@ def test_at_init_loss_is_log2_and_rewards_zero(peft, pairs):
         assert float(s["correct"]) == 0  # exact ties are not wins
 
 
+def test_moe_policy_adds_router_losses_per_pair(pairs):
+    """An MoE policy's objective is the preference loss plus the router losses of its forward
+    (coefficient-weighted layer means), and the routing statistics come with the stats."""
+    c = tiny_cfg(peft="lora")
+    c.model = common.model("mixtral", **TINY, num_experts=4, num_experts_per_tok=2,
+                           router_aux_loss_coef=0.05, router_z_loss_coef=0.01)
+    mcfg, m, params = policy_params(c)
+    loss_fn = objective.preference_loss(mcfg, objective.from_config(c.dpo, "strip"), m.apply_fn)
+    total, s = jax.jit(loss_fn)(params, one_batch(pairs[0]), None)
+    n = float(s["tokens"])
+    router = (0.05 * np.mean(np.asarray(s["moe_aux_loss"]) / n)
+              + 0.01 * np.mean(np.asarray(s["moe_z_loss"]) / n))
+    assert router > 0 and np.asarray(s["moe_load"]).shape == (2, 4)
+    np.testing.assert_allclose(float(total) / n, math.log(2) + router, rtol=1e-5)
+
+
 def test_strip_adapters_keeps_nested_bases():
     c = tiny_cfg(peft="qlora")
     _, _, qparams = policy_params(c)

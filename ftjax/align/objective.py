@@ -22,6 +22,7 @@ from ftjax import models
 from ftjax.align import dpo
 from ftjax.align.reference import pair_logps, strip_adapters
 from ftjax.models.config import ModelConfig
+from ftjax.train.step import add_moe_losses
 
 PAIR_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -78,13 +79,16 @@ def preference_loss(model_cfg: ModelConfig, settings: Settings, apply_fn=None,
     apply_fn: the PEFT method's replacement of `models.apply` (prompt/prefix tuning), used for
     the policy; the stripped reference always runs `models.apply`. bind_rng: per-step
     randomness of the policy (LoRA dropout); never applied to the reference or in eval.
+    MoE models add the router losses of the policy forward (`step.add_moe_losses`).
     """
     s = settings
+    jitter = model_cfg.num_experts > 0 and model_cfg.router_jitter > 0
 
     def loss_fn(params, batch, rng):
         check_batch(batch, s)
         policy = params if (bind_rng is None or rng is None) else bind_rng(params, rng)
-        pol = pair_logps(policy, model_cfg, batch, apply_fn)
+        kw = {"rng": jax.random.fold_in(rng, 1)} if jitter and rng is not None else {}
+        pol = pair_logps(policy, model_cfg, batch, apply_fn, **kw)
         ref_c = ref_r = None
         if s.reference == "strip":
             ref_params = jax.lax.stop_gradient(strip_adapters(params))
@@ -93,7 +97,9 @@ def preference_loss(model_cfg: ModelConfig, settings: Settings, apply_fn=None,
         elif s.reference == "batch":
             ref_c = batch["ref_chosen_logps"].reshape(-1).astype(jnp.float32)
             ref_r = batch["ref_rejected_logps"].reshape(-1).astype(jnp.float32)
-        return pair_stats(pol, ref_c, ref_r, s)
+        objective, stats = pair_stats(pol, ref_c, ref_r, s)
+        # MoE policies: the router losses, per pair (the step divides by the pair count).
+        return add_moe_losses(objective, stats, pol["aux"], model_cfg)
 
     return loss_fn
 

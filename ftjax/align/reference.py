@@ -119,16 +119,19 @@ def pair_rows(batch: dict, key: str) -> jax.Array:
     return jnp.stack([c, r], axis=1).reshape((-1,) + c.shape[1:])
 
 
-def pair_logps(params: Any, model_cfg: ModelConfig, batch: dict, apply_fn=None) -> dict:
+def pair_logps(params: Any, model_cfg: ModelConfig, batch: dict, apply_fn=None,
+               **apply_kw) -> dict:
     """Summed completion log-probs and counts of both halves: {"chosen", "rejected",
-    "chosen_counts", "rejected_counts"} [B] each, from one forward over the 2B rows."""
+    "chosen_counts", "rejected_counts"} [B] each, from one forward over the 2B rows, plus the
+    forward's "aux" (MoE routing statistics)."""
     apply_fn = apply_fn or models.apply
-    logits, _ = apply_fn(params, model_cfg, pair_rows(batch, "inputs"),
-                         positions=pair_rows(batch, "positions"),
-                         segment_ids=pair_rows(batch, "segment_ids"))
+    logits, aux = apply_fn(params, model_cfg, pair_rows(batch, "inputs"),
+                           positions=pair_rows(batch, "positions"),
+                           segment_ids=pair_rows(batch, "segment_ids"), **apply_kw)
     s = lp.sequence_logps(logits, pair_rows(batch, "targets"), pair_rows(batch, "loss_mask"))
     return {"chosen": s["logps"][0::2], "rejected": s["logps"][1::2],
-            "chosen_counts": s["counts"][0::2], "rejected_counts": s["counts"][1::2]}
+            "chosen_counts": s["counts"][0::2], "rejected_counts": s["counts"][1::2],
+            "aux": aux}
 
 
 def make_ref_logps_fn(model_cfg: ModelConfig) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:

@@ -52,7 +52,8 @@ def make_evaluator(loss_fn, placement: loop.Placement, batches: Sequence[dict],
         for b in batches:
             s = jax.device_get(step_fn(params, placement.put_batch(b)))
             for k, v in s.items():
-                tot[k] = tot.get(k, 0.0) + float(v)
+                if np.ndim(v) == 0:  # per-layer MoE statistics are left to the train log
+                    tot[k] = tot.get(k, 0.0) + float(v)
         n = max(tot.get("tokens", 0.0), 1.0)
         out = {f"{prefix}{'loss' if k == 'nll' else 'accuracy' if k == 'correct' else k}": v / n
                for k, v in tot.items() if k not in ("tokens", "broken_pairs")}
