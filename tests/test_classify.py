@@ -37,18 +37,19 @@ def _data(seed=0, b=16, c=4):
 def test_gamma0_and_uniform_weights_equal_plain_ce():
     logits, labels = _data()
     ref = -_np_log_softmax(logits.astype(np.float64))[np.arange(16), labels].sum()
-    ce = classification_cross_entropy(jnp.array(logits), jnp.array(labels))
-    assert np.isclose(float(ce["nll"]), ref, rtol=1e-5) and float(ce["tokens"]) == 16
-    w1 = classification_cross_entropy(jnp.array(logits), jnp.array(labels),
-                                      class_weight=jnp.ones(4))
-    f0 = focal_loss(jnp.array(logits), jnp.array(labels), gamma=0.0)
-    f0a = focal_loss(jnp.array(logits), jnp.array(labels), gamma=0.0, alpha=jnp.ones(4))
-    for s in (w1, f0, f0a):
-        assert np.isclose(float(s["nll"]), ref, rtol=1e-5)
-    # gradients too (all four objectives are the same function at these settings)
-    gref = jax.grad(lambda z: classification_cross_entropy(z, labels)["nll"])(jnp.array(logits))
-    g0 = jax.grad(lambda z: focal_loss(z, labels, gamma=0.0)["nll"])(jnp.array(logits))
-    assert np.allclose(gref, g0, atol=1e-6)
+
+    @jax.jit
+    def all_losses(z):
+        fns = [lambda z: classification_cross_entropy(z, labels)["nll"],
+               lambda z: classification_cross_entropy(z, labels, class_weight=jnp.ones(4))["nll"],
+               lambda z: focal_loss(z, labels, gamma=0.0)["nll"],
+               lambda z: focal_loss(z, labels, gamma=0.0, alpha=jnp.ones(4))["nll"]]
+        return [jax.value_and_grad(f)(z) for f in fns]
+    out = all_losses(jnp.array(logits))
+    for value, grad in out:
+        assert np.isclose(float(value), ref, rtol=1e-5)
+        assert np.allclose(grad, out[0][1], atol=1e-6)   # same function, same gradient
+    assert float(classification_cross_entropy(jnp.array(logits), labels)["tokens"]) == 16
 
 
 def test_weighted_ce_matches_numpy_and_masks_rows():
@@ -86,8 +87,9 @@ def test_focal_loss_and_gradient_match_numpy(gamma):
     alpha = np.array([0.25, 1.0, 0.5, 2.0, 1.5], np.float32)
     ref_loss, ref_grad = _np_focal_and_grad(logits, labels, gamma, alpha.astype(np.float64))
     f = lambda z: focal_loss(z, jnp.array(labels), gamma=gamma, alpha=jnp.array(alpha))["nll"]
-    assert np.isclose(float(f(jnp.array(logits))), ref_loss, rtol=1e-5)
-    g = np.asarray(jax.grad(f)(jnp.array(logits)))
+    value, g = jax.jit(jax.value_and_grad(f))(jnp.array(logits))
+    assert np.isclose(float(value), ref_loss, rtol=1e-5)
+    g = np.asarray(g)
     assert np.allclose(g, ref_grad, atol=1e-5, rtol=1e-4)
 
 
@@ -95,24 +97,27 @@ def test_focal_downweights_easy_examples():
     # Row 0: easy (p_t ~ 0.98); row 1: hard (p_t ~ 0.1).
     logits = jnp.array([[4.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
     labels = jnp.array([0, 0])
-    ce = [float(classification_cross_entropy(logits[i:i + 1], labels[i:i + 1])["nll"])
-          for i in range(2)]
-    fl = [float(focal_loss(logits[i:i + 1], labels[i:i + 1], gamma=2.0)["nll"])
-          for i in range(2)]
+
+    @jax.jit
+    def per_row(z):  # per-example losses and gradient norms of CE and focal (gamma 2)
+        ce = lambda z: classification_cross_entropy(z[None], labels[:1])["nll"]
+        fl = lambda z: focal_loss(z[None], labels[:1], gamma=2.0)["nll"]
+        out = []
+        for f in (ce, fl):
+            v, g = jax.vmap(jax.value_and_grad(f))(z)
+            out.append((v, jnp.abs(g).sum(-1)))
+        return out
+    (ce, gce), (fl, gfl) = per_row(logits)
     assert fl[0] < ce[0] and fl[1] < ce[1]
     assert fl[0] / ce[0] < 0.01 < 0.5 < fl[1] / ce[1]   # easy shrinks far more than hard
-    # and the gradient share of the hard example grows
-    g = lambda fn: np.abs(np.asarray(jax.grad(lambda z: fn(z)["nll"])(logits))).sum(-1)
-    gce = g(lambda z: classification_cross_entropy(z, labels))
-    gfl = g(lambda z: focal_loss(z, labels, gamma=2.0))
-    assert gfl[0] / gfl[1] < 0.1 * gce[0] / gce[1]
+    assert gfl[0] / gfl[1] < 0.1 * gce[0] / gce[1]       # the hard example's gradient share grows
 
 
 def test_focal_gradient_finite_at_certainty():
     logits = jnp.array([[60.0, -60.0]])
-    for gamma in (0.5, 2.0):
-        g = jax.grad(lambda z: focal_loss(z, jnp.array([0]), gamma=gamma)["nll"])(logits)
-        assert np.all(np.isfinite(np.asarray(g)))
+    grads = jax.jit(lambda z: [jax.grad(lambda z: focal_loss(z, jnp.array([0]), gamma=g)["nll"])(z)
+                               for g in (0.5, 2.0)])(logits)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
 
 
 # ------------------------------------------------------------------------------------------
@@ -194,8 +199,8 @@ def _cfg(steps=40, batch=16, peft=None, lr=3e-3):
 def test_last_token_and_padding_invariance():
     from ftjax.train.sft import model_config
     mcfg = model_config(common.model("llama", **TINY))
-    params = models.init(mcfg, jax.random.PRNGKey(0))
-    params = classify.with_head(None, mcfg.hidden_size, 3)(params, jax.random.PRNGKey(1))
+    params = jax.jit(lambda k: classify.with_head(None, mcfg.hidden_size, 3)(
+        models.init(mcfg, k), jax.random.PRNGKey(1)))(jax.random.PRNGKey(0))
     assert params["cls_head"]["kernel"].shape == (32, 3)
     toks = [np.array([1, 5, 6, 7, 2], np.int32), np.array([1, 9, 2], np.int32)]
     b16 = classify.encode_rows(toks, [0, 1], 16)
@@ -205,9 +210,9 @@ def test_last_token_and_padding_invariance():
     l16, l8 = fwd(params, b16), fwd(params, b8)
     assert l16.shape == (2, 3)
     assert np.allclose(l16[1], l8[0], atol=1e-5)          # padding/batch mates do not matter
-    _, aux = models.apply({k: v for k, v in params.items() if k != "cls_head"}, mcfg,
-                          jnp.array(b16["inputs"][:1, :5]), return_hidden=True)
-    h = aux["hidden"][0, 4]
+    hidden = jax.jit(lambda p, x: models.apply(p, mcfg, x, return_hidden=True)[1]["hidden"])(
+        {k: v for k, v in params.items() if k != "cls_head"}, jnp.array(b16["inputs"][:1, :5]))
+    h = hidden[0, 4]
     manual = h @ params["cls_head"]["kernel"] + params["cls_head"]["bias"]
     assert np.allclose(l16[0], manual, atol=1e-5)
 
