@@ -15,8 +15,9 @@ import ml_collections
 
 from configs import common
 from configs.sft_synthetic import get_config as sft_config
+from ftjax.peft.lora import EXPERT_TARGETS
 
-EXPERT_TARGETS = (r"layers/attn/(q|k|v|o)_proj/kernel", r"layers/moe/(gate|up|down)_proj/kernel")
+TARGETS = (r"layers/attn/(q|k|v|o)_proj/kernel",) + EXPERT_TARGETS
 
 
 def get_config(arg=None):
@@ -42,7 +43,7 @@ def get_config(arg=None):
     if arg.peft == "lora":
         c.peft = ml_collections.ConfigDict(dict(
             method="lora", rank=8, alpha=16.0, rslora=False, init="default", dropout=0.0,
-            targets=EXPERT_TARGETS,             # attention + stacked experts [L, E, in, out]
+            targets=TARGETS,                    # attention + stacked experts [L, E, in, out]
             rank_pattern={}, alpha_pattern={},
             train_patterns=(r"layers/moe/router/kernel",),  # the router trains in full
         ))

@@ -107,7 +107,9 @@ def test_config_validation_and_preset():
     for part in ("num_experts_per_tok=9", "router='hash'", "moe_dispatch='drop'",
                  "capacity_factor=0.0", "router_jitter=1.5", "mlp_bias=True"):
         assert part in str(e.value)
-    models.ModelConfig(num_experts=0, router="anything")  # MoE fields unused by dense models
+    models.ModelConfig(num_experts=0, num_experts_per_tok=9)  # unused by dense models
+    with pytest.raises(ValueError, match="router='top2'"):  # but a misspelt name still fails
+        models.ModelConfig(num_experts=0, router="top2")
 
 
 def test_param_layout_and_axes():

@@ -13,7 +13,7 @@ from ftjax.train.step import sft_loss
 from tests.test_moe import MODEL, moe_config
 from tests.test_train import _loader, random_batch
 
-EXPERTS = (r"layers/moe/(gate|up|down)_proj/kernel",)
+EXPERTS = lora.EXPERT_TARGETS
 APPLY = {"lora": lora.apply_lora, "dora": dora.apply_dora, "qlora": qlora.apply_qlora}
 apply = jax.jit(models.apply, static_argnums=1)
 
@@ -161,6 +161,13 @@ def test_adapter_training_on_experts_lowers_loss(name, tmp_path):
     assert np.abs(np.asarray(after - before)).max() > 1e-3
     trained = res.state.params["layers"]["moe"]["up_proj"]["kernel"]
     assert np.abs(np.asarray(trained.b)).max() > 0  # expert adapters moved off zero
+
+
+def test_untargeted_experts_warn():
+    cfg = models.preset("mixtral", **MODEL)
+    shapes = models.param_shapes(cfg)
+    with pytest.warns(UserWarning, match="EXPERT_TARGETS"):
+        jax.eval_shape(lambda p: lora.apply_lora(p, jax.random.PRNGKey(0)), shapes)
 
 
 @pytest.mark.slow

@@ -122,12 +122,12 @@ class ModelConfig:
         errors = []
         if self.num_experts < 0:
             errors.append(f"num_experts={self.num_experts} must be >= 0 (0 = dense MLP)")
-        if self.num_experts <= 0:
-            return errors
         if self.router not in ROUTERS:
             errors.append(f"router={self.router!r} (allowed: {ROUTERS})")
         if self.moe_dispatch not in MOE_DISPATCHES:
             errors.append(f"moe_dispatch={self.moe_dispatch!r} (allowed: {MOE_DISPATCHES})")
+        if self.num_experts <= 0:  # the numeric MoE fields are unused by dense models
+            return errors
         if not 1 <= self.num_experts_per_tok <= self.num_experts:
             errors.append(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
                           f"1..num_experts={self.num_experts}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from typing import Any, Optional, Sequence
 
 import flax.struct
@@ -112,6 +113,8 @@ def lora_scale(rank: int, alpha: float, rslora: bool = False) -> float:
 
 # The attention and MLP projections; "lm_head" and "embed" can be added explicitly.
 DEFAULT_TARGETS = (r"layers/attn/(q|k|v|o)_proj/kernel", r"layers/mlp/(gate|up|down)_proj/kernel")
+# The stacked expert kernels [L, E, in, out] of MoE models (every expert gets its own factors).
+EXPERT_TARGETS = (r"layers/moe/(gate|up|down)_proj/kernel",)
 
 
 def _rank_for(path: str, rank: int, pattern_values: Sequence[tuple[re.Pattern, Any]]):
@@ -209,6 +212,11 @@ def wrap_targets(params: Any, key: jax.Array, name: str, targets: Sequence[str],
     if not hits:
         raise ValueError(f"{name} targets {list(targets)} match no weight; weight paths are: "
                          f"{paths}")
+    experts = [p for p in paths if re.fullmatch(EXPERT_TARGETS[0], p)]
+    if experts and not set(experts) & set(hits):
+        warnings.warn(f"{name}: this MoE model's expert kernels ({experts}) are not targeted, so "
+                      "its experts stay frozen; add lora.EXPERT_TARGETS to the targets to adapt "
+                      "them", stacklevel=3)
     return out
 
 
