@@ -70,6 +70,14 @@ def test_malformed_lines_and_missing_fields(tmp_path):
         prepare(data_cfg(str(one), format="instruction"), TOK, str(tmp_path / "c"), seq_len=48)
 
 
+def test_everything_truncated_away_is_explained(tmp_path):
+    # The alpaca preamble alone is ~100 tokens: right truncation to 33 leaves no completion.
+    with pytest.raises(DataError, match=r"(?s)kept no examples \(300 left with nothing to train.*"
+                                        r"max_len=33.*no_targets: 300"):
+        prepare(data_cfg(sample("chat.jsonl"), template="alpaca"), TOK, str(tmp_path),
+                seq_len=32)
+
+
 def test_classification_splits_are_stratified_and_resampled(tmp_path):
     d = data_cfg(sample("classification.csv"), imbalance=dict(oversample="balanced"))
     p = prepare(d, TOK, str(tmp_path), seq_len=32)

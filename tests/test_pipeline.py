@@ -148,8 +148,14 @@ def test_packed_batches_hold_the_documents():
 
 
 @pytest.mark.slow
-def test_worker_processes_give_the_same_batches():
-    p = sft_prepared(pack_window=16)
+def test_worker_processes_give_the_same_batches(tmp_path):
+    # File-backed records (ArrayRecord through TFDS), pickled into the worker processes.
+    from configs import common
+    from ftjax.data.pipeline import prepare
+    src = tmp_path / "chat.jsonl"
+    src.write_text("".join(json.dumps(e) + "\n" for e in sft_examples(120)))
+    p = prepare(common.data_file(f"jsonl:{src}", template=PLAIN, pack_window=16), TOK,
+                str(tmp_path), seq_len=64, verbose=False)
     zero = make_loader(p, "train", TOK, 4, 64, seed=2, num_workers=0)
     two = make_loader(p, "train", TOK, 4, 64, seed=2, num_workers=2)
     try:

@@ -808,6 +808,7 @@ def prepare(dcfg: Any, tok: Any, workdir: str, *, seq_len: Optional[int] = None,
     encode = _Encoder(kind, tok, opts.template, max_len, opts.truncation,
                       tuple(opts.labels))
     per_source = []  # (record ids, token lengths, labels) of the kept examples of each source
+    no_targets = [0] * len(sources)
     for s, (src, fmt, spec) in enumerate(zip(sources, formats, opts.sources)):
         name, split = names[s], spec.split
         fm = dict(spec.field_map)
@@ -842,6 +843,7 @@ def prepare(dcfg: Any, tok: Any, workdir: str, *, seq_len: Optional[int] = None,
             reason = lengths_filter.check_tokens(n_tok)
             if reason is None and not _has_targets(kind, el):
                 reason = "no_targets"
+                no_targets[s] += 1
             if reason:
                 report.dropped(name, split, reason)
                 continue
@@ -874,8 +876,14 @@ def prepare(dcfg: Any, tok: Any, workdir: str, *, seq_len: Optional[int] = None,
     parts: dict[str, list[tuple[int, np.ndarray]]] = {k: [] for k in split_names}
     for s, (keep, _, labs) in enumerate(per_source):
         if len(keep) == 0:
-            raise DataError(f"source {names[s]!r} kept no examples (see the data report "
-                            f"below):\n{report.to_text()}")
+            hint = ""
+            if no_targets[s]:
+                hint = (f" ({no_targets[s]} left with nothing to train: truncation to "
+                        f"max_len={max_len} tokens cut their completions; raise "
+                        "train.seq_len or data.max_len, use a shorter template, or cut the "
+                        "prompt first with data.truncation='prompt=left,completion=right')")
+            raise DataError(f"source {names[s]!r} kept no examples{hint}. The data report:"
+                            f"\n{report.to_text()}")
         idx = _split_source(len(keep), labs if labeled else None, opts, salt=s)
         for name, part in zip(split_names, idx):
             parts[name].append((s, np.asarray(part, np.int64)))
