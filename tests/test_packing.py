@@ -33,7 +33,8 @@ def token_nll(params, cfg, rows):
                              positions=jnp.asarray(rows["positions"]),
                              segment_ids=jnp.asarray(rows["segment_ids"]))
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-    return -np.asarray(jnp.take_along_axis(logp, jnp.asarray(rows["targets"])[..., None], -1)[..., 0])
+    targets = jnp.asarray(rows["targets"])[..., None]
+    return -np.asarray(jnp.take_along_axis(logp, targets, -1)[..., 0])
 
 
 @pytest.mark.parametrize("family,kv", [("llama", 2), ("gpt2", 4)])
@@ -48,7 +49,8 @@ def test_packed_loss_equals_unpacked(family, kv):
     loss = sft_loss(cfg)
     p_sum, p_stats = loss(params, packed.rows, None)
     u_sum, u_stats = loss(params, alone.rows, None)
-    assert float(p_stats["tokens"]) == float(u_stats["tokens"]) == sum(d["loss_mask"][1:].sum() for d in docs)
+    trained = sum(d["loss_mask"][1:].sum() for d in docs)
+    assert float(p_stats["tokens"]) == float(u_stats["tokens"]) == trained
     np.testing.assert_allclose(float(p_sum), float(u_sum), rtol=1e-5)
 
     # Per document, token by token: each packed segment sees exactly what it sees alone.
@@ -98,12 +100,13 @@ def test_every_token_exactly_once(method, decreasing):
         used = sum(len(docs[d]["tokens"]) - 1 for d in members)
         assert used <= seq
         # Documents are contiguous, in order, and padding only follows them.
-        np.testing.assert_array_equal(seg[:used], np.repeat(np.arange(1, len(members) + 1),
-                                                            [len(docs[d]["tokens"]) - 1 for d in members]))
+        sizes = [len(docs[d]["tokens"]) - 1 for d in members]
+        np.testing.assert_array_equal(seg[:used], np.repeat(np.arange(1, len(members) + 1), sizes))
         assert not seg[used:].any() and not out.rows["loss_mask"][r][used:].any()
         for s, d in enumerate(members, start=1):
             np.testing.assert_array_equal(unpack(out.rows, r, s), docs[d]["tokens"])
-            np.testing.assert_array_equal(out.rows["loss_mask"][r][seg == s], docs[d]["loss_mask"][1:])
+            np.testing.assert_array_equal(out.rows["loss_mask"][r][seg == s],
+                                          docs[d]["loss_mask"][1:])
             np.testing.assert_array_equal(out.rows["positions"][r][seg == s],
                                           np.arange(len(docs[d]["tokens"]) - 1))
     st = out.stats
@@ -144,8 +147,8 @@ def test_best_fit_uses_no_more_rows_than_first_fit():
 
 
 def test_overflow_policies_are_counted():
-    docs = random_docs(3, 20, lo=2, hi=10) + [{"tokens": np.arange(3, 40), "loss_mask": np.ones(37)},
-                                              {"tokens": [5], "loss_mask": [1.0]}]
+    docs = random_docs(3, 20, lo=2, hi=10) + [
+        {"tokens": np.arange(3, 40), "loss_mask": np.ones(37)}, {"tokens": [5], "loss_mask": [1.0]}]
     t = packing.pack(docs, 16, overflow="truncate")
     assert t.stats.truncated == 1 and t.stats.dropped_too_short == 1 and t.stats.documents == 21
     long_row = next(r for r, b in enumerate(t.bins) if 20 in b)

@@ -156,8 +156,8 @@ def prepare_data(cfg: Any, tok, workdir: str):
     return prepared
 
 
-def file_exact_match(params, model_cfg: ModelConfig, tok, examples, *, template, max_new_tokens: int,
-                     apply_fn=None, batch_size: int = 64) -> dict:
+def file_exact_match(params, model_cfg: ModelConfig, tok, examples, *, template,
+                     max_new_tokens: int, apply_fn=None, batch_size: int = 64) -> dict:
     """Greedy generation after each conversation's last user turn, rendered with the training
     template (and its generation prompt), compared with the reference assistant reply."""
     import numpy as np
@@ -230,7 +230,8 @@ def run_files(cfg: Any, workdir: str, tok, model_cfg: ModelConfig) -> dict:
             from jax.experimental import multihost_utils
             params = multihost_utils.process_allgather(params, tiled=True)
         view = prepared.split(eval_split)
-        em = file_exact_match(params, model_cfg, tok, [view[i] for i in range(min(n_em, len(view)))],
+        held_out = [view[i] for i in range(min(n_em, len(view)))]
+        em = file_exact_match(params, model_cfg, tok, held_out,
                               template=prepared.options.template,
                               max_new_tokens=int(d.get("max_new_tokens", 16)),
                               apply_fn=method.apply_fn)
