@@ -28,7 +28,6 @@ def dpo_section(loss: str = "sigmoid", weights: str = "", beta: float = 0.1,
         simpo_gamma=0.5,                    # SimPO target margin γ
         discopop_tau=0.05,                  # DiscoPOP temperature
         reference=reference,                # auto | strip | precompute | copy
-        ref_batch_size=0,                   # batch of the precompute pass (0: train.batch_size)
         eval_before=True,                   # evaluate the starting model too (summary "before")
     ))
 

@@ -295,12 +295,29 @@ def test_reference_mode_resolution():
     assert resolve("full", "auto") == "precompute"
     assert resolve("lora", "auto", init="pissa") == "precompute"
     assert resolve("lora", "auto", train_patterns=("lm_head/.*",)) == "precompute"
+    assert resolve("adapter", "auto", bottleneck=8) == "precompute"  # folded bias (frozen)
     with pytest.raises(ValueError, match="plain params train"):
         resolve("full", "strip")
     with pytest.raises(ValueError, match="pissa"):
         resolve("lora", "strip", init="pissa")
     with pytest.raises(ValueError, match="choose one of"):
         resolve("lora", "stripped")
+
+
+def test_pissa_reference_is_the_starting_policy_not_the_residual(pairs):
+    """PiSSA moves W's top singular part into the adapter: the starting policy (precompute's
+    reference) equals the original model, the stripped residual does not."""
+    c = tiny_cfg(peft="lora")
+    c.peft.init = "pissa"
+    mcfg, m, params = policy_params(c)
+    batch = one_batch(pairs[0])
+    fn = reference.make_ref_logps_fn(mcfg)
+    orig = fn(models.init(mcfg, jax.random.PRNGKey(0)), batch)[0]
+    start = fn(params, batch)[0]
+    residual = fn(reference.strip_adapters(params), batch)[0]
+    gap = lambda x: float(np.max(np.abs(np.asarray(x) - np.asarray(orig))))
+    assert gap(start) < 1e-3          # rounding of W_res + s·A·B
+    assert gap(residual) > 0.02       # 0.07 on this random model (near-uniform outputs)
 
 
 def test_reference_term_sends_no_gradient(pairs):
@@ -333,7 +350,7 @@ def test_precomputed_columns_follow_shuffled_pairs(pairs):
     c = tiny_cfg(peft="full")
     mcfg = mcfg_of(c)
     placement = loop.Placement(c, mcfg, devices=jax.devices()[:1])
-    ref = reference.starting_reference(lambda: models.init(mcfg, jax.random.PRNGKey(0)), mcfg,
+    ref = reference.starting_policy(lambda: models.init(mcfg, jax.random.PRNGKey(0)), mcfg,
                                        placement)
     train = pairs[0][:37]
     table = precompute.compute_table(ref, mcfg, every_pair_once(train, 16), placement)
@@ -464,7 +481,7 @@ def test_eight_devices_equal_one(peft, pairs, tmp_path):
         c = tiny_cfg(peft="full")
         mcfg = mcfg_of(c)
         pl = loop.Placement(c, mcfg, devices=jax.devices()[:1])
-        ref = reference.starting_reference(lambda: models.init(mcfg, jax.random.PRNGKey(0)),
+        ref = reference.starting_policy(lambda: models.init(mcfg, jax.random.PRNGKey(0)),
                                            mcfg, pl)
         table = precompute.compute_table(ref, mcfg, every_pair_once(train), pl)
     results = []

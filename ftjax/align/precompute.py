@@ -5,7 +5,7 @@ captures as a compile-time constant) a second model.
               "every example once" batches), keyed by the content of the pair's rows; the
               table is cached in the workdir and `Precomputed` attaches the values to each
               batch of any loader (in-memory or the Grain pipeline) by looking the rows up.
-  copy        `WithReference` runs a frozen dense copy on each batch as the loader yields it.
+  copy        `WithReference` runs a frozen copy on each batch as the loader yields it.
 
 Both run the reference as an explicit, sharded argument of a separate jitted forward, and add
 `ref_chosen_logps` / `ref_rejected_logps` [B, 1] to the batch.
@@ -57,10 +57,11 @@ def _global_host(x: Any) -> np.ndarray:
 
 
 def compute_table(ref_params: Any, model_cfg: ModelConfig, batches: Iterable[dict],
-                  placement) -> dict[str, np.ndarray]:
+                  placement, apply_fn=None) -> dict[str, np.ndarray]:
     """{"keys": S16 [n], "chosen": [n], "rejected": [n]} over the real rows of `batches`
-    (this process's rows of each global batch; every process gets the whole table)."""
-    fn = make_ref_logps_fn(model_cfg)
+    (this process's rows of each global batch; every process gets the whole table).
+    apply_fn: the PEFT method's forward (prompt/prefix tuning), if any."""
+    fn = make_ref_logps_fn(model_cfg, apply_fn)
     keys, chosen, rejected = [], [], []
     for b in batches:
         c, r = fn(ref_params, placement.put_batch(b))
@@ -163,11 +164,12 @@ class WithReference(_Passthrough):
     """Scores each batch with a frozen reference copy as the loader yields it (the "copy"
     mode); costs one dense model of device memory and a host sync per batch."""
 
-    def __init__(self, inner: Iterator[dict], ref_params: Any, model_cfg: ModelConfig, placement):
+    def __init__(self, inner: Iterator[dict], ref_params: Any, model_cfg: ModelConfig, placement,
+                 apply_fn=None):
         super().__init__(inner)
         self.ref_params = ref_params
         self.placement = placement
-        self.fn = make_ref_logps_fn(model_cfg)
+        self.fn = make_ref_logps_fn(model_cfg, apply_fn)
 
     def attach(self, batch: dict) -> dict:
         c, r = self.fn(self.ref_params, self.placement.put_batch(batch))

@@ -7,12 +7,13 @@ Three ways to get reference log-probs (`dpo.reference`):
               adapters start as a no-op (LoRA/QLoRA/DoRA/IA3/VeRA/bottleneck adapters with
               their default inits). Prompt and prefix tuning get the base model without the
               virtual tokens, as TRL's adapter-disabled reference.
-  precompute  once, before training: the starting model (`starting_reference`, dense) scores
-              every training and validation pair, the table is cached in the workdir and the
+  precompute  once, before training: the starting policy (`starting_policy`: the params of
+              step 0, adapters included, through the method's forward) scores every
+              training and validation pair, the table is cached in the workdir and the
               values are attached to each batch (`ref_chosen_logps`, `ref_rejected_logps`) by
               the rows' content; no reference weights are kept during training.
-  copy        a frozen dense copy of the starting model scores each batch as the loader yields
-              it (a separate jitted forward with the copy as an explicit sharded argument);
+  copy        a frozen copy of the starting policy scores each batch as the loader yields it
+              (a separate jitted forward with the copy as an explicit sharded argument);
               costs one model of memory and a host sync per step.
   auto        strip when every trainable leaf is an adapter field of a structured weight
               whose removal restores the starting model, else precompute.
@@ -56,17 +57,31 @@ def strip_safe(abstract_params: Any, train_patterns, peft_cfg: Any = None) -> tu
     """(whether `strip` reproduces the starting model, why not).
 
     Plain leaves that train (full or partial fine-tuning, `peft.train_patterns`) change the
-    stripped model; LoRA with init="pissa" moves the principal part of W into the adapter.
+    stripped model; so do adapters that keep frozen arrays besides their base (a serial
+    bottleneck adapter holds the projection's folded-in bias); LoRA with init="pissa" moves
+    the principal part of W into the adapter.
     """
     mask = peft_core.trainable_mask(abstract_params, train_patterns)
     plain: list[str] = []
+    extra: list[str] = []
 
     def visit(path, w, m):
-        if not peft_core.is_structured(w) and m:
-            plain.append(peft_core.path_str(path))
+        name = peft_core.path_str(path)
+        if not peft_core.is_structured(w):
+            if m:
+                plain.append(name)
+            return
+        while peft_core.is_structured(w) and w.trainable_fields():
+            kept = [f for f in w.array_fields() if f != "base" and f not in w.trainable_fields()
+                    and getattr(w, f) is not None]
+            if kept:
+                extra.append(f"{name} ({type(w).__name__} keeps {kept})")
+            w = getattr(w, "base", None)
     jax.tree_util.tree_map_with_path(visit, abstract_params, mask, is_leaf=peft_core.is_structured)
     if plain:
         return False, f"plain params train ({', '.join(plain[:3])}{', ...' if len(plain) > 3 else ''})"
+    if extra:
+        return False, f"adapters hold frozen state besides their base: {extra[0]}"
     init = (peft_cfg.get("init", "default") if peft_cfg is not None else "default")
     if init == "pissa":
         return False, "LoRA init='pissa' moves W's principal part into the adapter"
@@ -101,17 +116,6 @@ def starting_policy(init_params: Callable[[], Any], model_cfg: ModelConfig, plac
     return jax.jit(transform, out_shardings=placement.params)(base, transform_key)
 
 
-def starting_reference(init_params: Callable[[], Any], model_cfg: ModelConfig, placement,
-                       transform=None, transform_key=None) -> Any:
-    """The dense starting model (`peft.core.merge` of `starting_policy`), placed with the base
-    param shardings: the function the policy computes through its weights at step 0 (virtual
-    tokens and prefixes are not weights, so they are not part of it)."""
-    full = starting_policy(init_params, model_cfg, placement, transform, transform_key)
-    if transform is None:
-        return full
-    return jax.jit(peft_core.merge, out_shardings=placement.base_params)(full)
-
-
 def pair_rows(batch: dict, key: str) -> jax.Array:
     """[B, T] chosen and rejected halves interleaved into [2B, T] (row 2i chosen i, 2i+1
     rejected i), keeping each pair's rows on the devices that hold the pair."""
@@ -134,10 +138,12 @@ def pair_logps(params: Any, model_cfg: ModelConfig, batch: dict, apply_fn=None,
             "aux": aux}
 
 
-def make_ref_logps_fn(model_cfg: ModelConfig) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:
+def make_ref_logps_fn(model_cfg: ModelConfig, apply_fn=None
+                      ) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:
     """Jitted `(ref_params, batch) -> (chosen [B, 1], rejected [B, 1])` reference log-probs
-    (`[B, 1]` so that they travel in the batch with the 2-D batch sharding)."""
+    (`[B, 1]` so that they travel in the batch with the 2-D batch sharding). apply_fn: the
+    PEFT method's forward when the reference is the starting policy."""
     def fn(ref_params, batch):
-        s = pair_logps(ref_params, model_cfg, batch)
+        s = pair_logps(ref_params, model_cfg, batch, apply_fn)
         return s["chosen"][:, None], s["rejected"][:, None]
     return jax.jit(fn)

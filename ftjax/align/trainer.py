@@ -153,8 +153,8 @@ def run(cfg: Any, workdir: str) -> dict:
           f"{data.n_train} train / {data.n_eval} validation pairs")
 
     train_iter, eval_batches = data.train, data.evals
-    starting = lambda: reference.starting_reference(init_params, model_cfg, placement,
-                                                    method.transform, tkey)
+    starting = lambda: reference.starting_policy(init_params, model_cfg, placement,
+                                                 method.transform, tkey)
     if mode == "precompute":
         key = precompute.cache_key(cfg.model.to_dict(), cfg.get("peft").to_dict(),
                                    int(cfg.seed), data.fingerprint)
@@ -162,7 +162,7 @@ def run(cfg: Any, workdir: str) -> dict:
         table = precompute.load_cache(path)
         if table is None:
             ref = starting()
-            parts = [precompute.compute_table(ref, model_cfg, batches, placement)
+            parts = [precompute.compute_table(ref, model_cfg, batches, placement, method.apply_fn)
                      for batches in (data.every_train_pair(), eval_batches)]
             del ref
             table = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -174,7 +174,8 @@ def run(cfg: Any, workdir: str) -> dict:
         train_iter = precompute.Precomputed(train_iter, table)
         eval_batches = [train_iter.attach(b) for b in eval_batches]
     elif mode == "copy":
-        train_iter = precompute.WithReference(train_iter, starting(), model_cfg, placement)
+        train_iter = precompute.WithReference(train_iter, starting(), model_cfg, placement,
+                                              method.apply_fn)
         eval_batches = [train_iter.attach(b) for b in eval_batches]
 
     loss_fn = objective.preference_loss(model_cfg, settings, method.apply_fn, method.bind_rng)
