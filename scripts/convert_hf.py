@@ -12,7 +12,9 @@
 Options for --to hf: --dtype (storage: float32, bfloat16, float16; default the params' dtype),
 --shard-size-mb (default 5000), --tokenizer DIR (copy tokenizer files, e.g. from the HF
 directory the run started from; for a workdir started with model.init_from=hf:DIR that
-directory is the default). See docs/checkpoints.md.
+directory is the default). Every family of ftjax.io.hf converts, Mixtral included (its
+experts are written per expert, the Hub layout; both the Hub and transformers 5's fused layout
+are read). See docs/checkpoints.md.
 """
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ The checkpoints of a PEFT run hold only the trained leaves; the frozen base is r
 run built it (the config's `model.init_from`, or the seeded random init) and the run's PEFT
 transform (`ftjax.peft.get_method(cfg.peft)`) is re-applied with the run's key, then the
 trained leaves of the latest (or --step N) checkpoint replace their initial values.
---format peft supports LoRA, rsLoRA, DoRA and IA3 runs; runs with `peft.init=pissa` are
+--format peft supports LoRA, rsLoRA, DoRA and IA3 runs (LoRA on Mixtral's router and
+experts is written as PEFT `target_parameters`); runs with `peft.init=pissa` are
 converted to a plain rank-2r adapter on the original base (as PEFT's
 path_initial_model_for_weight_conversion does), and plain leaves that trained too (e.g.
 `peft.train_patterns=("lm_head/.*",)`) are written as PEFT `modules_to_save`. --format

@@ -155,7 +155,8 @@ def test_load_lists_every_problem(torch_mixtral, tmp_path):
     fused = tmp_path / "fused"
     _save_fused(torch_mixtral, fused)
     t = load_file(fused / "model.safetensors")
-    t["model.layers.0.mlp.experts.gate_up_proj"] = t["model.layers.0.mlp.experts.gate_up_proj"][:, 1:]
+    key = "model.layers.0.mlp.experts.gate_up_proj"
+    t[key] = t[key][:, 1:]
     save_file(t, fused / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(hf.HFCheckpointError) as e:
         hf.load_pretrained(fused)

@@ -277,3 +277,39 @@ def test_expert_adapter_errors(mixtral, tmp_path):
                    f"has shape [{E * 4 + 1}, {D}], expected [{E * 4}, {D}] (r=4 from the "
                    f"config, {E} experts)"):
         assert needle in msg, (needle, msg)
+
+
+# --------------------------------------------------------------------------------------------
+# scripts/export_peft.py on a short LoRA run over the experts of a Hugging Face Mixtral
+
+
+@pytest.mark.slow
+def test_export_script_on_an_expert_lora_run(mixtral, tmp_path):
+    from ftjax import main as ftmain
+    from tests.test_peft_format import _export, _hf_base
+    path, cfg, base = mixtral
+    wd = tmp_path / "wd"
+    ftmain.main(["--config", "configs/lora_sft.py:rank=4,alpha=8.0,steps=2",
+                 "--workdir", str(wd), f"--config.model.init_from=hf:{path}",
+                 "--config.peft.targets=('layers/attn/(q|v)_proj/kernel',"
+                 "'layers/moe/(gate|up|down)_proj/kernel')",
+                 "--config.data.n_per_task=40", "--config.data.eval_examples=0",
+                 "--config.train.batch_size=8", "--config.train.progress=False",
+                 "--config.train.tensorboard=False", "--config.optimizer.warmup_steps=1",
+                 "--config.optimizer.learning_rate=0.01"])
+    mod = _export()
+    mod.main(["--workdir", str(wd), "--out", str(tmp_path / "adapter")])
+    mod.main(["--workdir", str(wd), "--out", str(tmp_path / "merged"), "--format", "merged"])
+    conf = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert conf["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    assert conf["target_modules"] == ["q_proj", "v_proj"]
+    _, trained, _, _, _, step, used = mod.restore_peft_run(str(wd))
+    assert step == 2 and "layers/moe/up_proj/kernel/b" in used
+    up = trained["layers"]["moe"]["up_proj"]["kernel"]
+    assert isinstance(up, LoRAWeight) and np.abs(np.asarray(up.b)).max() > 0  # it trained
+    ids, mask, pos = _batch()
+    ours = _logits(trained, cfg)
+    _check_close(ours, _peft_logits(path, tmp_path / "adapter")[0], mask,
+                 "expert LoRA run -> PEFT adapter")
+    _check_close(ours, _hf_logits(_hf_base(tmp_path / "merged"), ids, mask, pos), mask,
+                 "expert LoRA run -> merged HF model")
