@@ -80,6 +80,17 @@ def cache_key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def weights_stamp(init_from: str) -> list:
+    """(name, size, mtime) of the starting weights' files, so a table is not reused after the
+    checkpoint at the same path was replaced."""
+    path = init_from[3:] if init_from.startswith("hf:") else init_from
+    if not path or not os.path.exists(path):
+        return []
+    files = ([os.path.join(path, f) for f in sorted(os.listdir(path))
+              if f.endswith((".safetensors", ".json"))] if os.path.isdir(path) else [path])
+    return [(os.path.basename(f), os.path.getsize(f), int(os.path.getmtime(f))) for f in files]
+
+
 def load_cache(path: str) -> Optional[dict[str, np.ndarray]]:
     """The cached table when `path` exists on every process (they must agree: computing it
     is a collective forward), else None."""

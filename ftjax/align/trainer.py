@@ -157,7 +157,8 @@ def run(cfg: Any, workdir: str) -> dict:
                                                  method.transform, tkey)
     if mode == "precompute":
         key = precompute.cache_key(cfg.model.to_dict(), cfg.get("peft").to_dict(),
-                                   int(cfg.seed), data.fingerprint)
+                                   int(cfg.seed), data.fingerprint,
+                                   precompute.weights_stamp(cfg.model.get("init_from", "")))
         path = os.path.join(workdir, f"ref_logps_{key}.npz")
         table = precompute.load_cache(path)
         if table is None:
