@@ -180,9 +180,12 @@ def test_save_rejects_what_mixtral_cannot_express(tmp_path):
     with pytest.raises(hf.HFCheckpointError) as e:
         hf.save_pretrained(tmp_path / "a", cfg, params, moe_layout="stacked")
     msg = str(e.value)
-    for needle in ("num_shared_experts=1", "router='softmax_topk'", "router_jitter=0.01",
-                   "qkv_bias=True", "moe_layout='stacked'"):
+    for needle in ("num_shared_experts=1", "router='softmax_topk'", "qkv_bias=True",
+                   "moe_layout='stacked'"):
         assert needle in msg, (needle, msg)
+    assert "router_jitter" not in msg  # training-only, written as router_jitter_noise=0
+    assert hf.config_to_hf(cfg.replace(num_shared_experts=0, router="topk_softmax",
+                                       qkv_bias=False))["router_jitter_noise"] == 0.0
     dense_moe = preset("llama", **SMALL)  # an MoE config cannot be written as Llama
     with pytest.raises(hf.HFCheckpointError, match="num_experts=4"):
         hf.config_to_hf(dense_moe)
@@ -204,3 +207,20 @@ def test_convert_script_round_trip(torch_mixtral, tmp_path):
     _check_close(_hf_logits(model, ids, mask, pos), ref, mask, "convert_hf round trip")
     _check_close(_ftjax_logits(jax.tree.map(jnp.asarray, params), cfg, ids, mask, pos), ref, mask,
                  "convert_hf params file")
+
+
+def test_run_config_from_a_mixtral_directory(torch_mixtral, tmp_path):
+    """init_from=hf:DIR: the architecture is the checkpoint's, the MoE training choices the
+    run's (a MixtralConfig has no dispatch, capacity or z-loss)."""
+    torch_mixtral.save_pretrained(tmp_path)
+    logged = []
+    section = dict(preset("llama", **SMALL).to_dict(), moe_dispatch="capacity",
+                   capacity_factor=1.0, router_z_loss_coef=1e-3, router_jitter=0.01,
+                   router_aux_loss_coef=0.5, dtype="bfloat16")
+    cfg = hf.model_config_from_section(section, str(tmp_path), log=logged.append)
+    assert (cfg.family, cfg.num_experts, cfg.router_aux_loss_coef) == ("mixtral", E, 0.02)
+    assert (cfg.moe_dispatch, cfg.capacity_factor, cfg.router_z_loss_coef) == ("capacity", 1.0,
+                                                                               1e-3)
+    assert cfg.router_jitter == 0.01 and cfg.dtype == "bfloat16"
+    assert "router_aux_loss_coef=0.5 (checkpoint: 0.02)" in logged[0]
+    assert "moe_dispatch" not in logged[0]

@@ -408,8 +408,10 @@ def hf_problems(cfg: ModelConfig, family: Optional[str] = None) -> list[str]:
 
 
 def _moe_problems(cfg: ModelConfig, arch: str) -> list[str]:
-    """Why cfg's MoE is not a MixtralConfig (dropless/capacity dispatch, the capacity factor
-    and the loss weights are run-time choices and not checked)."""
+    """Why cfg's MoE is not a MixtralConfig. Training-only choices are not checked and not
+    written: dispatch, capacity factor, z-loss weight, and router_jitter (transformers'
+    router_jitter_noise jitters router and expert inputs, ftjax's the router's only, so it
+    is written as 0)."""
     problems = []
     if cfg.num_experts <= 0:
         problems.append(f"num_experts={cfg.num_experts}: {arch} is a sparse MoE (num_experts > 0)")
@@ -420,11 +422,6 @@ def _moe_problems(cfg: ModelConfig, arch: str) -> list[str]:
         problems.append(f"router={cfg.router!r} with router_renormalize=False: {arch} "
                         "renormalises the top-k probabilities (router='topk_softmax', or "
                         "'softmax_topk' with router_renormalize=True)")
-    if cfg.router_jitter:
-        problems.append(f"router_jitter={cfg.router_jitter}: {arch}'s router_jitter_noise "
-                        "multiplies the hidden states of router and experts, ftjax's only the "
-                        "router input; export cfg.replace(router_jitter=0.0) (jitter acts only "
-                        "in training; the weights do not depend on it)")
     return problems
 
 
@@ -904,7 +901,10 @@ def _write_json(path: str, data: dict) -> None:
 # --------------------------------------------------------------------------------------------
 # Config sections with model.init_from="hf:DIR"
 
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat")
+# Execution choices, and MoE training choices a config.json does not carry (Mixtral's is
+# dropless, without z-loss; its router_jitter_noise must be 0, see _parse_moe).
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "moe_dispatch",
+                   "capacity_factor", "router_jitter", "router_z_loss_coef")
 
 
 def model_config_from_section(fields: dict[str, Any], hf_dir: str,
@@ -912,8 +912,10 @@ def model_config_from_section(fields: dict[str, Any], hf_dir: str,
     """The ModelConfig of a run initialised from a Hugging Face directory.
 
     The architecture comes from the checkpoint's config.json; only the run-time fields
-    (dtype, param_dtype, scan_layers, remat) come from the config's model section. Section
-    fields that disagree with the checkpoint are overwritten, and each is reported via `log`.
+    (dtype, param_dtype, scan_layers, remat, and the MoE choices moe_dispatch,
+    capacity_factor, router_jitter, router_z_loss_coef) come from the config's model section.
+    Section fields that disagree with the checkpoint are overwritten, and each is reported via
+    `log`.
     """
     ckpt = load_config(hf_dir)
     runtime = {k: fields[k] for k in _RUNTIME_FIELDS if k in fields}
