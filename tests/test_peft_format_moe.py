@@ -313,3 +313,20 @@ def test_export_script_on_an_expert_lora_run(mixtral, tmp_path):
                  "expert LoRA run -> PEFT adapter")
     _check_close(ours, _hf_logits(_hf_base(tmp_path / "merged"), ids, mask, pos), mask,
                  "expert LoRA run -> merged HF model")
+
+
+def test_target_parameters_on_a_dense_family(tmp_path):
+    from ftjax import models
+    from ftjax.models.config import preset
+    cfg = preset("llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1,
+                 num_heads=2, num_kv_heads=2)
+    base = models.init(cfg, jax.random.PRNGKey(0))
+    save_file({"base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight":
+               np.zeros((2, 32), np.float32)}, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(dict(
+        peft_type="LORA", r=2, lora_alpha=4, target_modules=[],
+        target_parameters=["mlp.gate_proj.weight"])))
+    with pytest.raises(pf.PeftFormatError) as e:
+        pf.load_peft_adapter(tmp_path, cfg, base)
+    assert "'mlp.gate_proj.weight' selects no parameter ftjax can adapt in LlamaForCausalLM" \
+        in str(e.value) and "mixture-of-experts weights only" in str(e.value)
