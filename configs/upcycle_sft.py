@@ -8,7 +8,7 @@
 The shipped dense base (`experiments/quickstart_base/model.safetensors`) is loaded, each MLP is
 copied into `experts` experts with a fresh router (`model.upcycle`, ftjax/models/upcycle.py),
 and the whole MoE is fine-tuned with the sft trainer. The upcycled model starts with exactly the
-base's eval loss (docs/upcycling.md has the measured figures).
+base's eval loss (measured figures: docs/moe.md, "Sparse upcycling").
 """
 import os
 

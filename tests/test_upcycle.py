@@ -285,3 +285,21 @@ def test_upcycled_base_fine_tunes_through_the_sft_trainer(arg, tmp_path):
     assert ev["eval_loss"] < 0.8 * start, (start, ev["eval_loss"])
     np.testing.assert_allclose(np.sum(ev["eval_moe_load"], axis=-1), 1.0, atol=1e-5)
     assert summary["final_loss"] < start
+
+
+def test_upcycled_llama_exports_as_hf_mixtral(tmp_path):
+    """A Llama's upcycled config is family 'mixtral', so the Hugging Face writer saves it as
+    MixtralForCausalLM, and transformers computes the same logits."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from ftjax.io.hf import save_pretrained
+    cfg, params = dense_model("llama")
+    new, mcfg = up.upcycle(params, cfg, num_experts=4, key=jax.random.PRNGKey(1),
+                           router_init_std=1.0, noise_std=0.05)
+    save_pretrained(str(tmp_path), mcfg, jax.device_get(new))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+    assert type(hf).__name__ == "MixtralForCausalLM"
+    toks = np.asarray(tokens(cfg))
+    with torch.no_grad():
+        got = hf.eval()(torch.tensor(toks)).logits.numpy()
+    np.testing.assert_allclose(got, logits(new, mcfg, toks), atol=1e-5, rtol=0)

@@ -8,9 +8,9 @@ function: sum_j w_j * MLP(x) = MLP(x). In capacity dispatch this holds only whil
 is dropped (enough capacity). Training then lets the experts diverge.
 
 Config section (`model.upcycle`, applied after loading `model.init_from` and before PEFT; see
-`section` and docs/upcycling.md): num_experts (0 = off), top_k, noise_std, router_init_std,
-router, router_renormalize, router_jitter, dispatch, capacity_factor, aux_loss_coef,
-z_loss_coef, num_shared_experts.
+`section` and docs/moe.md, "Sparse upcycling"): num_experts (0 = off), top_k, noise_std,
+router_init_std, router, router_renormalize, router_jitter, dispatch, capacity_factor,
+aux_loss_coef, z_loss_coef, num_shared_experts.
 """
 from __future__ import annotations
 
