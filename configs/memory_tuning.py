@@ -57,7 +57,7 @@ def get_config(arg=None):
         replay_tasks=("add", "reverse", "sort", "format"),
         other_tasks=("add", "reverse", "sort", "format"),  # held-out loss before/after
         other_loss_examples=128,          # test prompts per other task for the loss
-        other_eval_examples=0,            # of those, scored by exact match too (0: none)
+        other_eval_examples=64,           # of those, scored by exact match too (0: none)
         max_new_tokens=16,
         eval_batch_size=64,
     ))
