@@ -13,12 +13,11 @@ with exactly one empty half is a data error, counted in `stats["broken_pairs"]`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 
-from ftjax import models
 from ftjax.align import dpo
 from ftjax.align.reference import pair_logps, strip_adapters
 from ftjax.models.config import ModelConfig

@@ -4,9 +4,10 @@ Three ways to get reference log-probs (`dpo.reference`):
 
   strip       in the step: the policy's own params with every adapter removed
               (`strip_adapters`), under stop_gradient. No extra memory; exact whenever the
-              adapters start as a no-op (LoRA/QLoRA/DoRA/IA3/VeRA/bottleneck adapters with
-              their default inits). Prompt and prefix tuning get the base model without the
-              virtual tokens, as TRL's adapter-disabled reference.
+              adapters start as a no-op and hold nothing but their base besides what trains
+              (LoRA/QLoRA/DoRA/IA3/VeRA with their default inits). Prompt and prefix tuning
+              get the base model without the virtual tokens, as TRL's adapter-disabled
+              reference.
   precompute  once, before training: the starting policy (`starting_policy`: the params of
               step 0, adapters included, through the method's forward) scores every
               training and validation pair, the table is cached in the workdir and the
@@ -20,8 +21,7 @@ Three ways to get reference log-probs (`dpo.reference`):
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
