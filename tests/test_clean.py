@@ -263,3 +263,14 @@ def test_histogram_percentiles():
     h = histogram({i: 1 for i in range(1, 101)}, num_bins=10)
     assert (h["p50"], h["p90"], h["p99"], h["mean"]) == (50, 90, 99, 50.5)
     assert h["counts"] == [10] * 10 and h["bin_edges"][0] == 1
+
+
+def test_near_dup_ignores_chat_structure():
+    """Short, different conversations share roles and field names, not content: kept."""
+    c = Cleaner(CleanConfig(near_dup_threshold=0.2, ngram=1))  # structure alone: J=4/12
+    a = _sft("hi there", "hello friend")
+    b = _sft("what time", "noon today")
+    assert c.process(a)[1] is None and c.process(b)[1] is None
+    assert clean.content_text(a) == "hi there\nhello friend"
+    assert c.process(_sft("Hi  there", "hello friend"))[1] == "exact_duplicate"
+    assert c.process(_sft("hi there", "hello friend!"))[1] == "near_duplicate"

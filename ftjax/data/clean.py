@@ -8,7 +8,8 @@ time, in source order):
     mask_pii(text, kinds) -> (text, counts)   <EMAIL> <PHONE> <IPV4> <IPV6> placeholders
     clean_text(text, ...) -> (text, counts)   both of the above
     map_text(example, fn)              applies fn to every text field of a canonical example
-    example_text(example)              all text fields joined (the dedup key's source)
+    example_text(example)              all text fields and roles joined (exact-dedup key)
+    content_text(example)              the contents only (what MinHash shingles)
     ExactDedup / MinHashDedup          `.add(text) -> index of the earlier kept duplicate | None`
     LengthFilter                       `.check_chars(text)` / `.check_tokens(n)` -> reason | None
 
@@ -31,7 +32,7 @@ from ftjax.data.errors import DataError
 
 __all__ = [
     "REASONS", "PII_KINDS", "PLACEHOLDERS", "WHITESPACE_MODES", "normalize_text", "mask_pii",
-    "clean_text", "map_text", "example_text", "dedup_key", "ExactDedup", "MinHashDedup",
+    "clean_text", "map_text", "example_text", "content_text", "dedup_key", "ExactDedup", "MinHashDedup",
     "shingles", "lsh_params", "LengthFilter", "CleanConfig", "Cleaner",
 ]
 
@@ -218,6 +219,26 @@ def example_text(example: Any) -> str:
                 walk(v, key)
     walk(example)
     return "\x1e".join(parts)
+
+
+def content_text(example: Any) -> str:
+    """The text fields' contents alone (no field names or roles), newline-joined in the
+    order of `example_text`: what MinHash shingles, so that the shared structure of chat
+    examples does not make short, different conversations look alike."""
+    parts: list[str] = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, str):
+            parts.append(x)
+        elif isinstance(x, Mapping):
+            for k in sorted(x):
+                if k not in _NON_TEXT_KEYS:
+                    walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+    walk(example)
+    return "\n".join(parts)
 
 
 def _text_chars(example: Any) -> int:
@@ -529,7 +550,7 @@ class Cleaner:
         if j is not None:
             self.duplicate_of[i] = j
             return None, "exact_duplicate"
-        j = self.near.add(text, i) if self.near is not None else None
+        j = self.near.add(content_text(ex), i) if self.near is not None else None
         if j is not None:
             self.duplicate_of[i] = j
             return None, "near_duplicate"
