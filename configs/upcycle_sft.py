@@ -10,7 +10,6 @@ copied into `experts` experts with a fresh router (`model.upcycle`, ftjax/models
 and the whole MoE is fine-tuned with the sft trainer. The upcycled model starts with exactly the
 base's eval loss (measured figures: docs/moe.md, "Sparse upcycling").
 """
-import os
 
 import ml_collections
 
@@ -18,7 +17,6 @@ from configs import common
 from configs.quickstart import SHIPPED_BASE, base_model
 from ftjax.models import upcycle
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The attention projections and the stacked expert kernels (LoRA on experts).
 LORA_TARGETS = (r"layers/attn/(q|k|v|o)_proj/kernel", r"layers/moe/(gate|up|down)_proj/kernel")
 
@@ -28,7 +26,7 @@ def get_config(arg=None):
                            task="dmy2iso", steps=150, peft="full", lr=0.0)
     c = common.base(trainer="sft")
     c.model = base_model()
-    c.model.init_from = os.path.join(REPO_ROOT, SHIPPED_BASE)
+    c.model.init_from = SHIPPED_BASE  # relative paths resolve against the repository root
     c.model.upcycle = upcycle.section(
         num_experts=arg.experts,     # 0 = train the dense base as it is (baseline)
         top_k=arg.top_k,

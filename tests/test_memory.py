@@ -295,3 +295,16 @@ def test_config_runs_end_to_end(tmp_path):
     with pytest.raises(ValueError, match="no merged"):
         ftmain.main(["--config", os.path.join(ROOT, "configs", "memory_tuning.py"),
                      "--workdir", str(tmp_path / "x"), "--config.export.hf_dir=/tmp/nowhere"])
+
+
+def test_merged_export_refused_before_training():
+    """sft's early export check knows memory experts have no merged form (Method.mergeable)."""
+    from ftjax.train import sft
+    cfg = common.base(trainer="sft")
+    cfg.peft = ml_collections.ConfigDict(dict(method="memory"))
+    cfg.export = ml_collections.ConfigDict(dict(hf_dir="/tmp/never_written"))
+    assert get_method(cfg.peft).mergeable is False
+    with pytest.raises(ValueError, match="no merged Hugging Face form"):
+        sft.check_exportable(cfg)
+    cfg.export.hf_dir = ""
+    sft.check_exportable(cfg)  # nothing to export: fine

@@ -32,6 +32,9 @@ class Method:
     # LoRA dropout binding fresh keys into the adapters.
     bind_rng: Optional[Callable[[Any, Any], Any]] = None
     wrap_optimizer: Optional[Callable[[Any], Any]] = None
+    # False for methods whose weights have no dense form (token-routed memory experts), so
+    # merged exports are refused before training rather than after it.
+    mergeable: bool = True
 
 
 # name -> module path; each module defines `method(pcfg) -> Method`.

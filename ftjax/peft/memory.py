@@ -214,4 +214,4 @@ def method(pcfg):
         layers=tuple(int(i) for i in layers), null_expert=bool(pcfg.get("null_expert", True)),
         router_std=float(pcfg.get("router_std", 1.0)))
     return Method(name="memory", transform=transform,
-                  train_patterns=tuple(pcfg.get("train_patterns", ())))
+                  train_patterns=tuple(pcfg.get("train_patterns", ())), mergeable=False)

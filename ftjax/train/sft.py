@@ -81,10 +81,27 @@ def dense_initial_params(cfg: Any, model_cfg: ModelConfig):
             return params
         return loop.host_params(load_hf)
 
+    path = resolve_path(src)
+
     def load_file():
-        _, params = load_params(src, expected_cfg=model_cfg)
+        _, params = load_params(path, expected_cfg=model_cfg)
         return params
     return loop.host_params(load_file)
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def resolve_path(src: str) -> str:
+    """`src` if it exists; a relative path that does not exist under the current directory is
+    taken relative to the repository root (so configs can name shipped files portably)."""
+    if os.path.exists(src) or os.path.isabs(src):
+        return src
+    alt = os.path.join(REPO_ROOT, src)
+    if os.path.exists(alt):
+        return alt
+    raise FileNotFoundError(f"model.init_from={src!r} not found (looked under {os.getcwd()!r} "
+                            f"and the repository root {REPO_ROOT!r})")
 
 
 def eval_batches(examples, tok, batch_size: int, seq_len: int) -> list[dict]:
@@ -112,6 +129,10 @@ def check_exportable(cfg: Any) -> None:
         raise ValueError(f"export.hf_dir: peft.method={method.name!r} changes the model's inputs "
                          "(virtual tokens / prefixes) and has no merged Hugging Face form; "
                          "unset export.hf_dir and keep the ftjax checkpoint")
+    if cfg.get("export", {}).get("hf_dir", "") and not method.mergeable:
+        raise ValueError(f"export.hf_dir: peft.method={method.name!r} has no merged Hugging Face "
+                         "form (its weights depend on each token's routing); unset "
+                         "export.hf_dir and keep the ftjax checkpoint")
 
 
 def export_hf(cfg: Any, model_cfg: ModelConfig, params: Any) -> str | None:
