@@ -334,7 +334,8 @@ def test_unsupported_config_lists_every_problem(llama_dir, tmp_path):
 
 
 @pytest.mark.parametrize("arch,model_type,needle", [
-    ("MixtralForCausalLM", "mixtral", "mixture-of-experts"),
+    # A dense checkpoint whose config.json claims Mixtral: the dense MLP tensors are named.
+    ("MixtralForCausalLM", "mixtral", "holds dense MLP weights"),
     ("FalconForCausalLM", "falcon", "unsupported architecture"),
     ("LlamaForSequenceClassification", "llama", "not a causal LM"),
 ])
