@@ -262,7 +262,6 @@ MODEL = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, 
 apply = jax.jit(models.apply, static_argnums=1)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("dispatch,shared", [("dropless", 1), ("capacity", 0)])
 def test_model_scan_equals_unrolled_with_stats(dispatch, shared):
     cfg = models.preset("mixtral", **MODEL, moe_dispatch=dispatch, num_shared_experts=shared)
@@ -283,7 +282,6 @@ def test_model_scan_equals_unrolled_with_stats(dispatch, shared):
                               models.preset("llama", **{**MODEL, "num_experts": 0}), toks)[1]
 
 
-@pytest.mark.slow
 def test_kv_cache_decoding_equals_full_forward():
     cfg = models.preset("mixtral", **MODEL, router="softmax_topk", num_shared_experts=1)
     params = models.init(cfg, jax.random.PRNGKey(0))
@@ -298,7 +296,6 @@ def test_kv_cache_decoding_equals_full_forward():
     assert aux["moe"]["load"].shape == (2, 4)
 
 
-@pytest.mark.slow
 def test_router_jitter_only_with_rng():
     cfg = models.preset("mixtral", **MODEL, router_jitter=0.3)
     params = models.init(cfg, jax.random.PRNGKey(0))
@@ -338,7 +335,6 @@ def moe_config(steps=4, **model_kw):
     return c
 
 
-@pytest.mark.slow
 def test_objective_adds_weighted_router_losses():
     from ftjax.train.sft import model_config
     mcfg = model_config(moe_config().model)

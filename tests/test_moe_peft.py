@@ -65,7 +65,6 @@ def perturb(w, key):
     return out
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["lora", "dora", "qlora"])
 def test_identity_at_init_merge_and_axes(name):
     cfg = models.preset("mixtral", **MODEL, num_shared_experts=1)
@@ -102,7 +101,6 @@ def test_identity_at_init_merge_and_axes(name):
         assert np.abs(np.asarray(unmerged_out - apply(q, c, toks)[0])).max() > 1e-3
 
 
-@pytest.mark.slow
 def test_pissa_init_on_experts_keeps_the_model():
     cfg = models.preset("mixtral", **MODEL)
     params = models.init(cfg, jax.random.PRNGKey(0))
@@ -170,7 +168,6 @@ def test_untargeted_experts_warn():
         jax.eval_shape(lambda p: lora.apply_lora(p, jax.random.PRNGKey(0)), shapes)
 
 
-@pytest.mark.slow
 def test_lora_dropout_on_experts():
     cfg = models.preset("mixtral", **MODEL)
     params = models.init(cfg, jax.random.PRNGKey(0))
