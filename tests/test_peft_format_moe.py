@@ -330,3 +330,23 @@ def test_target_parameters_on_a_dense_family(tmp_path):
         pf.load_peft_adapter(tmp_path, cfg, base)
     assert "'mlp.gate_proj.weight' selects no parameter ftjax can adapt in LlamaForCausalLM" \
         in str(e.value) and "mixture-of-experts weights only" in str(e.value)
+
+
+def test_qlora_expert_adapter_loads_in_peft_over_the_dequantized_base(mixtral, tmp_path):
+    """QLoRA on the experts: the adapter factors export as for LoRA, and PEFT over a
+    transformers Mixtral holding the dequantized NF4 experts reproduces ftjax's logits."""
+    from ftjax.peft.qlora import apply_qlora
+    path, cfg, base = mixtral
+    q = _randomise_adapters(apply_qlora(base, jax.random.PRNGKey(2), rank=4, alpha=8.0,
+                                        targets=(EXPERTS,)))
+    kernel = q["layers"]["moe"]["down_proj"]["kernel"]
+    assert core.is_structured(kernel.base)  # LoRA over a quantized base, not over a dense one
+    deq_dir = tmp_path / "dequantized"
+    dequantized = core.map_weights(
+        lambda _, w: core.materialize(w.base) if isinstance(w, LoRAWeight) else w, q)
+    hf.save_pretrained(deq_dir, cfg, jax.device_get(dequantized))
+    out = tmp_path / "adapter"
+    pf.save_peft_adapter(out, cfg, q, base_model_name_or_path=str(deq_dir))
+    ours = _logits(q, cfg)
+    ref, _ = _peft_logits(deq_dir, out)
+    _check_close(ours, ref, _batch()[1], "QLoRA experts ftjax->PEFT")
