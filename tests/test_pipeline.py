@@ -12,6 +12,7 @@ from ftjax.data.errors import DataError
 from ftjax.data.pipeline import Prepared, eval_batches, make_loader
 from ftjax.train import loop
 from ftjax.train.step import sft_loss
+from tests.test_train import _CrashAfter
 
 TOK = ftdata.CharTokenizer()
 # The synthetic suite's own layout: [bos] prompt "\n" answer [eos], answer + eos trained.
@@ -238,25 +239,6 @@ def test_classification_batches_and_padding():
 
 TINY = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
             num_kv_heads=2, max_position_embeddings=64)
-
-
-class _CrashAfter:
-    """Wraps a loader and raises after `n` batches, like a preempted job."""
-
-    def __init__(self, it, n):
-        self.it, self.n = it, n
-
-    def __next__(self):
-        if self.n == 0:
-            raise KeyboardInterrupt("simulated preemption")
-        self.n -= 1
-        return next(self.it)
-
-    def get_state(self):
-        return self.it.get_state()
-
-    def set_state(self, s):
-        self.it.set_state(s)
 
 
 class _Recorder:

@@ -251,15 +251,20 @@ def _json_elements(text: str, path: str) -> list[tuple[int, Any]]:
                     + ". Convert it, or use jsonl: for one object per line")
 
 
-def _read_json(path: str, bad: _Bad) -> Iterator[tuple[int, dict]]:
+def _read_utf8(path: str) -> str:
+    """The whole file as text (a BOM dropped); undecodable bytes raise naming the line."""
     with open(path, "rb") as f:
         raw = f.read()
     try:
-        text = raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start}); re-encode the file "
                         "as UTF-8") from None
+
+
+def _read_json(path: str, bad: _Bad) -> Iterator[tuple[int, dict]]:
+    text = _read_utf8(path)
     if not text.strip():
         return
     try:
@@ -351,14 +356,7 @@ def _read_parquet(path: str, bad: _Bad) -> Iterator[tuple[int, dict]]:
 
 
 def _read_text(path: str, bad: _Bad, unit: str) -> Iterator[tuple[int, dict]]:
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start}); re-encode the file "
-                        "as UTF-8") from None
+    text = _read_utf8(path)
     if unit == "file":
         if text.strip():
             yield 1, {"text": text}
