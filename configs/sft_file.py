@@ -16,6 +16,7 @@ import os
 
 from configs import common
 from configs.quickstart import SHIPPED_BASE, base_model
+from ftjax.data.sources import SOURCE_KINDS
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PATH = "experiments/data_samples/instruction.jsonl"
@@ -31,7 +32,7 @@ PLAIN_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'use
 def repo_path(path: str) -> str:
     """`path` as given when it exists (or is a spec), else relative to the repository root."""
     kind, sep, rest = path.partition(":")
-    if sep and kind in ("jsonl", "json", "csv", "parquet", "text", "tfds"):
+    if sep and kind in SOURCE_KINDS:
         if kind == "tfds" or os.path.exists(rest):
             return path
         return f"{kind}:{repo_path(rest)}"

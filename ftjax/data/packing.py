@@ -36,7 +36,6 @@ __all__ = ["METHODS", "OVERFLOW", "PackStats", "Packed", "assign_bins", "fit_doc
 
 METHODS = ("first_fit", "best_fit")
 OVERFLOW = ("truncate", "drop", "error")
-ROW_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
 @dataclasses.dataclass

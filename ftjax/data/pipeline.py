@@ -47,7 +47,9 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import numpy as np
 
 from ftjax.data import packing as packing_lib
+from ftjax.data import templates
 from ftjax.data.errors import DataError
+from ftjax.data.formats import canonical_kind, detect_format, to_canonical
 
 __all__ = ["KINDS", "PACKING", "DataOptions", "Prepared", "Loader", "prepare", "make_loader",
            "eval_batches", "encode_fn", "parse_field_map"]
@@ -57,7 +59,6 @@ PACKING = ("best_fit", "first_fit", "none")
 SPLIT_NAMES = {1: ("train",), 2: ("train", "validation"), 3: ("train", "validation", "test")}
 CACHE_FILE = "data_splits.npz"
 CACHE_META = "data_splits.json"
-_SEQ_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,7 +239,6 @@ class ExampleView:
         return len(self.refs)
 
     def __getitem__(self, i: int) -> dict:
-        from ftjax.data.formats import to_canonical
         s, r = (int(x) for x in self.refs[int(i)])
         record = self.sources[s][r]
         try:
@@ -282,7 +282,6 @@ class _Encoder:
     labels: tuple = ()
 
     def __call__(self, ex: Mapping, counters: Optional[dict] = None) -> dict:
-        from ftjax.data import templates
         kw = dict(template=self.template, max_len=self.max_len, truncation=self.truncation,
                   counters=counters)
         if self.kind in ("sft", "text"):
@@ -733,7 +732,6 @@ def _fingerprint(opts: DataOptions, sources: Sequence[Any], tok: Any, max_len: i
 
 
 def _open(opts: DataOptions, data_dir: str) -> tuple[list, list[str]]:
-    from ftjax.data.formats import detect_format
     from ftjax.data.sources import open_source
     sources, formats = [], []
     for spec in opts.sources:
@@ -770,7 +768,6 @@ def prepare(dcfg: Any, tok: Any, workdir: str, *, seq_len: Optional[int] = None,
     """Sources -> canonical -> cleaned/deduplicated/filtered -> tokenized (lengths) -> splits
     -> mixture/resampling of train; prints and saves the report; caches the splits."""
     from ftjax.data.clean import CleanConfig, Cleaner
-    from ftjax.data.formats import canonical_kind
     from ftjax.data.report import DataReport
 
     opts = DataOptions.from_config(dcfg)
@@ -817,7 +814,6 @@ def prepare(dcfg: Any, tok: Any, workdir: str, *, seq_len: Optional[int] = None,
             report.dropped(name, split, "malformed", len(src.skipped))
         keep, lens, labs = [], [], []
         counters: dict = {}
-        from ftjax.data.formats import to_canonical
         for r in range(len(src)):
             report.seen(name, split)
             record = src[r]

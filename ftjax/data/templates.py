@@ -35,6 +35,7 @@ the longer completion). Classification truncates the text only; bos/eos are kept
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, MutableMapping, Optional, Sequence, Union
 
 import numpy as np
@@ -86,12 +87,29 @@ def _special_affixes(tok: Any) -> tuple[list[int], list[int]]:
     return ([] if tok.bos_id is None else [int(tok.bos_id)]), []
 
 
-def encode_document(tok: Any, text: str, *, origin: str = "") -> list[int]:
-    """A plain-text document: the tokenizer's leading specials, the text, then eos."""
+def _affixes_uncached(tok: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
     prefix, suffix = _special_affixes(tok)
     eos = getattr(tok, "eos_id", None)
     tail = [] if eos is None or (suffix and suffix[-1] == eos) else [int(eos)]
-    return prefix + _encode(tok, text, origin) + suffix + tail
+    return tuple(prefix), tuple(suffix + tail)
+
+
+_affixes_cached = functools.lru_cache(maxsize=8)(_affixes_uncached)
+
+
+def _document_affixes(tok: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(leading ids, trailing ids ending in eos) of a document, found once per tokenizer
+    rather than per example (an HF tokenizer encodes a probe text twice to find them)."""
+    try:
+        return _affixes_cached(tok)
+    except TypeError:  # an unhashable duck-typed tokenizer
+        return _affixes_uncached(tok)
+
+
+def encode_document(tok: Any, text: str, *, origin: str = "") -> list[int]:
+    """A plain-text document: the tokenizer's leading specials, the text, then eos."""
+    prefix, suffix = _document_affixes(tok)
+    return [*prefix, *_encode(tok, text, origin), *suffix]
 
 
 def _check_policy(truncation: Truncation) -> tuple[str, str, str]:
@@ -294,9 +312,7 @@ def tokenize_classification(ex: Mapping[str, Any], tok: Any, label_to_id: Mappin
     if label not in label_to_id:
         raise DataError(f"{_where(origin)}label {label!r} is not among the classes "
                         f"{sorted(label_to_id)}; add it to the class list or fix the record")
-    prefix, suffix = _special_affixes(tok)
-    eos = getattr(tok, "eos_id", None)
-    suffix = suffix + ([] if eos is None or (suffix and suffix[-1] == eos) else [int(eos)])
+    prefix, suffix = (list(a) for a in _document_affixes(tok))
     text = _encode(tok, ex["text"], origin)
     room = max_len - len(prefix) - len(suffix)
     if room < 1:
