@@ -16,6 +16,7 @@ from ftjax.eval.classification import (average_precision, classification_metrics
                                        confusion_matrix, format_metrics)
 from ftjax.train import classify
 from ftjax.train.losses import classification_cross_entropy, focal_loss
+from tests.test_train import _CrashAfter
 
 
 # ------------------------------------------------------------------------------------------
@@ -228,25 +229,6 @@ def _task_data(n, seed=0):
                                  np.int32))
             labels.append(k)
     return toks, np.array(labels)
-
-
-class _CrashAfter:
-    """Raises after n batches (a simulated preemption); forwards the resume state."""
-
-    def __init__(self, it, n):
-        self.it, self.n = it, n
-
-    def __next__(self):
-        if self.n == 0:
-            raise KeyboardInterrupt("simulated preemption")
-        self.n -= 1
-        return next(self.it)
-
-    def get_state(self):
-        return self.it.get_state()
-
-    def set_state(self, s):
-        self.it.set_state(s)
 
 
 def _train(c, tmp_path, loss="ce", class_weight=None, gamma=2.0, crash_after=None):

@@ -23,6 +23,7 @@ import numpy as np
 from ftjax import sharding
 from ftjax.align.reference import make_ref_logps_fn
 from ftjax.models.config import ModelConfig
+from ftjax.train.classify import PassthroughIterator
 
 _ROW_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -119,34 +120,7 @@ def save_cache(path: str, table: Mapping[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
-class _Passthrough:
-    """Iterator wrapper that forwards the loader's resumable state."""
-
-    def __init__(self, inner: Iterator[dict]):
-        self.inner = inner
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        return self.attach(next(self.inner))
-
-    def attach(self, batch: dict) -> dict:
-        raise NotImplementedError
-
-    def get_state(self) -> dict:
-        return self.inner.get_state() if hasattr(self.inner, "get_state") else {}
-
-    def set_state(self, state: Mapping) -> None:
-        if hasattr(self.inner, "set_state"):
-            self.inner.set_state(state)
-
-    def close(self) -> None:
-        if hasattr(self.inner, "close"):
-            self.inner.close()
-
-
-class Precomputed(_Passthrough):
+class Precomputed(PassthroughIterator):
     """Attaches the precomputed reference log-probs of each row (the "precompute" mode)."""
 
     def __init__(self, inner: Iterator[dict], table: Mapping[str, np.ndarray]):
@@ -171,7 +145,7 @@ class Precomputed(_Passthrough):
         return out
 
 
-class WithReference(_Passthrough):
+class WithReference(PassthroughIterator):
     """Scores each batch with a frozen reference copy as the loader yields it (the "copy"
     mode); costs one dense model of device memory and a host sync per batch."""
 

@@ -142,24 +142,40 @@ def as_rank2(batch: dict) -> dict:
     return {k: (v[:, None] if np.ndim(v) == 1 else v) for k, v in batch.items()}
 
 
-class Rank2Iterator:
-    """Wraps a resumable batch iterator, applying `as_rank2`; forwards get/set_state."""
+class PassthroughIterator:
+    """Wraps a resumable batch iterator, passing each batch through `attach`; forwards
+    get_state/set_state/close to the wrapped iterator (so the loop's resume state is the
+    inner loader's). Subclasses override `attach`."""
 
-    def __init__(self, it: Iterator[dict]):
-        self.it = it
+    def __init__(self, inner: Iterator[dict]):
+        self.inner = inner
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        return as_rank2(next(self.it))
+        return self.attach(next(self.inner))
+
+    def attach(self, batch: dict) -> dict:
+        raise NotImplementedError
 
     def get_state(self) -> dict:
-        return self.it.get_state() if hasattr(self.it, "get_state") else {}
+        return self.inner.get_state() if hasattr(self.inner, "get_state") else {}
 
     def set_state(self, state: dict) -> None:
-        if hasattr(self.it, "set_state"):
-            self.it.set_state(state)
+        if hasattr(self.inner, "set_state"):
+            self.inner.set_state(state)
+
+    def close(self) -> None:
+        if hasattr(self.inner, "close"):
+            self.inner.close()
+
+
+class Rank2Iterator(PassthroughIterator):
+    """Applies `as_rank2` to every batch of the wrapped iterator."""
+
+    def attach(self, batch: dict) -> dict:
+        return as_rank2(batch)
 
 
 def encode_rows(token_lists: Sequence[np.ndarray], labels: Sequence[int], seq_len: int,
