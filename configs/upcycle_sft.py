@@ -16,9 +16,10 @@ import ml_collections
 from configs import common
 from configs.quickstart import SHIPPED_BASE, base_model
 from ftjax.models import upcycle
+from ftjax.peft.lora import EXPERT_TARGETS
 
 # The attention projections and the stacked expert kernels (LoRA on experts).
-LORA_TARGETS = (r"layers/attn/(q|k|v|o)_proj/kernel", r"layers/moe/(gate|up|down)_proj/kernel")
+LORA_TARGETS = (r"layers/attn/(q|k|v|o)_proj/kernel",) + EXPERT_TARGETS
 
 
 def get_config(arg=None):

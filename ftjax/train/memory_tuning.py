@@ -24,7 +24,7 @@ import jax
 
 from ftjax import config_utils, monitor
 from ftjax import data as ftdata
-from ftjax.eval.harness import loglik_eval
+from ftjax.eval.harness import exact_match_eval, loglik_eval
 from ftjax.infer.generate import generate_text
 from ftjax.peft import core as peft_core
 from ftjax.peft import get_method
@@ -34,12 +34,12 @@ from ftjax.train.sft import eval_batches, initial_params, model_config
 from ftjax.train.step import sft_loss
 
 
-def recall(params: Any, model_cfg, tok, facts: Sequence[dict], seen: Sequence[bool], d: Any,
-           apply_fn=None) -> dict:
+def recall(params: Any, model_cfg, tok, facts: Sequence[dict], seen: Sequence[bool],
+           d: Any) -> dict:
     """Exact recall over `facts` (greedy), overall and on the seen / unseen ones."""
     preds = generate_text(params, model_cfg, tok, [f["prompt"] for f in facts],
                           max_new_tokens=int(d.max_new_tokens),
-                          batch_size=int(d.eval_batch_size), apply_fn=apply_fn)
+                          batch_size=int(d.eval_batch_size))
     hits = [p.strip() == f["answer"] for p, f in zip(preds, facts)]
 
     def frac(sel):
@@ -64,14 +64,11 @@ def task_losses(params: Any, model_cfg, batches: dict) -> dict:
     return out
 
 
-def _exact_match(params, model_cfg, tok, sets: dict, d: Any, apply_fn=None) -> dict:
-    out = {}
-    for task, ex in sets.items():
-        preds = generate_text(params, model_cfg, tok, [e["prompt"] for e in ex],
-                              max_new_tokens=int(d.max_new_tokens),
-                              batch_size=int(d.eval_batch_size), apply_fn=apply_fn)
-        out[task] = round(ftdata.exact_match(preds, [e["answer"] for e in ex]), 4)
-    return out
+def _exact_match(params, model_cfg, tok, sets: dict, d: Any) -> dict:
+    return {task: round(exact_match_eval(params, model_cfg, tok, ex,
+                                         max_new_tokens=int(d.max_new_tokens),
+                                         batch_size=int(d.eval_batch_size))["exact_match"], 4)
+            for task, ex in sets.items()}
 
 
 def training_examples(facts: list[dict], d: Any, n_rows: int, test_frac: float
@@ -166,11 +163,10 @@ def run(cfg: Any, workdir: str) -> dict:
                         on_eval=on_eval, name="memory")
     params = result.params
     t0 = time.time()
-    after = {"facts": recall(params, model_cfg, tok, facts, seen, d, method.apply_fn),
+    after = {"facts": recall(params, model_cfg, tok, facts, seen, d),
              "fact_loss": task_losses(params, model_cfg, {"lookup": fact_batches})["all"],
              "other_loss": task_losses(params, model_cfg, other_batches),
-             "other_exact_match": _exact_match(params, model_cfg, tok, em_sets, d,
-                                               method.apply_fn)}
+             "other_exact_match": _exact_match(params, model_cfg, tok, em_sets, d)}
     eval_after_s = time.time() - t0
     change = {t: _rel(before["other_loss"][t], after["other_loss"][t])
               for t in before["other_loss"]}
