@@ -7,6 +7,9 @@ Modes:
   full     the real training step: `make_train_step` + `jit_train_step` (explicit shardings,
            donated state), AdamW in float32 params, random tokens, masked next-token loss.
   forward  `apply` + the same loss, jitted, no gradient (what evaluation costs).
+  lora     the training step on LoRA (rank 16, alpha 32) over the attention and MLP/expert
+           kernels; only the adapters train.
+  qlora    as lora over a quantized frozen base (`ftjax.peft.qlora.apply_qlora`).
 
 Timing: the step is compiled ahead of time (`compile_s` = lower + compile), run `--warmup`
 times untimed, then `--steps` times with `block_until_ready` after each; the median is the
@@ -318,14 +321,12 @@ def main(argv=None) -> dict:
         state_sh = sharding.state_shardings(abstract_state, abstract, placement.params,
                                             placement.mesh)
         state = jax.jit(make, out_shardings=state_sh)(trainable, frozen)
-        base_leaves = [getattr(w, "base", None) for w in jax.tree.leaves(
-            frozen, is_leaf=peft_core.is_structured) if peft_core.is_structured(w)]
         extra = {"trainable_params": peft_core.count(trainable),
                  "base_weight_bytes": int(sum(x.nbytes for x in jax.tree.leaves(frozen))),
                  "adapted_base_bits_per_param": (bits_per_param(frozen) if args.mode == "qlora"
                                                  else 32.0),
                  "lora_rank": LORA_RANK, "lora_alpha": LORA_ALPHA}
-        del trainable, frozen, base_leaves
+        del trainable, frozen
         fn = jit_train_step(make_train_step(loss_fn, tx, schedule=sched), state_sh,
                             placement.batch)
         carry = state

@@ -27,18 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from typing import Any, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
-                    "chat_template.jinja", "chat_template.json")
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -165,12 +159,10 @@ def main(argv=None) -> str:
     what = f"{args.workdir} step {step}"
 
     if args.format == "merged":
-        tok = tokenizer if tokenizer and any(
-            os.path.isfile(os.path.join(tokenizer, n)) for n in _TOKENIZER_FILES) else None
         import jax
         files = hf.save_pretrained(args.out, model_cfg, jax.device_get(merge(trained)),
                                    shard_size_mb=args.shard_size_mb, dtype=args.dtype,
-                                   tokenizer_dir=tok)
+                                   tokenizer_dir=tokenizer or None)
         print(f"wrote merged {model_cfg.family} model to {args.out} ({', '.join(files)}) "
               f"from {what}")
         return args.out
@@ -187,11 +179,7 @@ def main(argv=None) -> str:
         base_model_name_or_path=args.base_model if args.base_model is not None else (src_dir or ""),
         use_rslora=bool(pcfg.get("rslora", False)) or None, modules_to_save=plain_trained)
     if tokenizer:
-        for name in _TOKENIZER_FILES:
-            f = os.path.join(tokenizer, name)
-            if os.path.isfile(f):
-                shutil.copyfile(f, os.path.join(args.out, name))
-                files.append(name)
+        files += hf.copy_tokenizer_files(tokenizer, args.out)
     print(f"wrote PEFT adapter to {args.out} ({', '.join(files)}) from {what}")
     return args.out
 

@@ -882,12 +882,20 @@ def save_pretrained(path: str, cfg: ModelConfig, params: dict, *, shard_size_mb:
     _write_json(os.path.join(path, "generation_config.json"), gen)
     written += ["config.json", "generation_config.json"]
     if tokenizer_dir is not None:
-        for name in _TOKENIZER_FILES:
-            src = os.path.join(tokenizer_dir, name)
-            if os.path.isfile(src):
-                shutil.copyfile(src, os.path.join(path, name))
-                written.append(name)
+        written += copy_tokenizer_files(tokenizer_dir, path)
     return written
+
+
+def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
+    """Copies the tokenizer files (tokenizer.json, vocab.json, chat template, ...) that
+    `src_dir` has into `dst_dir`; returns their names (none when src_dir has none)."""
+    copied = []
+    for name in _TOKENIZER_FILES:
+        src = os.path.join(src_dir, name)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(dst_dir, name))
+            copied.append(name)
+    return copied
 
 
 def _write_json(path: str, data: dict) -> None:

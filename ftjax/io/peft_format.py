@@ -136,14 +136,6 @@ class Param:
         return sum(self.out_sizes)
 
 
-def _leaf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    import jax
-    from ftjax import models
-    shapes = jax.tree.map(lambda s: tuple(s.shape), models.param_shapes(cfg),
-                          is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
-    return flatten(shapes)
-
-
 _MOE = "layers/moe/"
 
 
@@ -163,7 +155,7 @@ def _per_slot(shape: tuple, index: Any) -> tuple:
 def param_table(cfg: ModelConfig) -> dict[str, Param]:
     """Every parameter of cfg's transformers class adapted via `target_parameters` (the MoE
     router and experts), by parameter path, in the module's parameter order."""
-    shapes = _leaf_shapes(cfg)
+    shapes = hf._leaf_shapes(cfg)
     out: dict[str, Param] = {}
     for e in _layout(cfg):
         if not _is_moe(e):
@@ -181,7 +173,7 @@ def module_table(cfg: ModelConfig, legacy_experts: bool = False) -> dict[str, Mo
     legacy_experts: also the per-expert Linear modules of transformers 4's Mixtral
     (`block_sparse_moe.experts.M.w1` ..., `block_sparse_moe.gate`), which ftjax reads only.
     """
-    shapes = _leaf_shapes(cfg)
+    shapes = hf._leaf_shapes(cfg)
     out: dict[str, Module] = {}
     entries = [e for e in _layout(cfg) if not _is_moe(e)]
     if legacy_experts:
@@ -655,7 +647,7 @@ def _write(path: str, tensors: dict[str, np.ndarray], conf: dict) -> None:
     tmp = os.path.join(path, WEIGHTS_NAME + ".tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(path, WEIGHTS_NAME))
-    _write_json(os.path.join(path, CONFIG_NAME), conf)
+    hf._write_json(os.path.join(path, CONFIG_NAME), conf)
 
 
 def _bias_path(kernel_path: str) -> str:
@@ -699,14 +691,6 @@ def _ia3_tensors_and_config(path: str, cfg: ModelConfig, table: dict, leaves: di
             "init_ia3_weights": True, "modules_to_save": None, "exclude_modules": None,
             "inference_mode": True}
     return tensors, conf
-
-
-def _write_json(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -815,7 +799,7 @@ def load_peft_adapter(path: str, cfg: ModelConfig, base_params: Any) -> Any:
     # transformers-4 Mixtral adapters sit on per-expert Linear modules (block_sparse_moe.*)
     table = module_table(cfg, legacy_experts=any(".block_sparse_moe." in k for k in tensors))
     full = {e.key: e for e in _layout(cfg)}
-    shapes = _leaf_shapes(cfg)
+    shapes = hf._leaf_shapes(cfg)
     ptable = param_table(cfg)
     targeted_params = _targeted_params(conf, ptable, cfg, problems)
     stems = _nested_keys(ptable, targeted_params)
