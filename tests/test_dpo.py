@@ -507,7 +507,8 @@ def test_short_dpo_run_learns_preferences_on_heldout_pairs(tmp_path):
     held-out pairs' reward accuracy and margin rise from 0, the policy prefers more correct
     answers than before, the loss falls, and the stripped reference is bit-identical."""
     from configs.quickstart import SHIPPED_BASE, base_model
-    from ftjax.align.trainer import REPO_ROOT, make_evaluator
+    from ftjax.align.trainer import make_evaluator
+    from ftjax.train.sft import REPO_ROOT
     from ftjax.train.sft import initial_params
     train, test = synthetic_pairs(("dmy2iso",), 640, seed=0, test_frac=0.2)
     c = tiny_cfg(steps=40, batch=16, peft="lora", lr=2e-3)

@@ -23,22 +23,18 @@ from ftjax.align.data import PreferenceLoader, synthetic_pairs
 from ftjax.peft import get_method
 from ftjax.train import loop, optim, sft
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
 def resolve_init_from(cfg: Any) -> Any:
-    """A copy of cfg whose `model.init_from` file path exists: relative paths that do not exist
-    under the current directory are taken relative to the repository root."""
+    """A copy of cfg whose `model.init_from` file path exists (`sft.resolve_path`: relative
+    paths that do not exist under the current directory are taken from the repository root)."""
     src = cfg.model.get("init_from", "") or ""
-    if not src or src.startswith("hf:") or os.path.exists(src):
+    if not src or src.startswith("hf:"):
         return cfg
-    alt = os.path.join(REPO_ROOT, src)
-    if not os.path.isabs(src) and os.path.exists(alt):
-        cfg = copy.deepcopy(cfg)
-        cfg.model.init_from = alt
+    path = sft.resolve_path(src)
+    if path == src:
         return cfg
-    raise FileNotFoundError(f"model.init_from={src!r} not found (looked under {os.getcwd()!r} "
-                            f"and the repository root {REPO_ROOT!r})")
+    cfg = copy.deepcopy(cfg)
+    cfg.model.init_from = path
+    return cfg
 
 
 def make_evaluator(loss_fn, placement: loop.Placement, batches: Sequence[dict],
