@@ -1,11 +1,12 @@
-"""Experiment configs: load `configs/<name>.py[:arg]`, apply CLI overrides, hash and record.
+"""Experiment configs: load `configs/<name>.py[:arg]`, typed config arguments, CLI overrides.
 
 An experiment is a config file defining `get_config(arg=None) -> ml_collections.ConfigDict`
 (DESIGN.md §1.5). The pieces here turn a command line such as
 
     --config configs/lora_sft.py:model=llama,rank=16 --config.optimizer.learning_rate=2e-4
 
-into a resolved, typed ConfigDict, and write it with its hash next to every result.
+into a resolved, typed ConfigDict. Hashing and recording it is `ftjax.config_record`; the argv
+parser and help text are `ftjax.cli` (both re-exported here).
 Every mistake (unknown key, wrong type, missing file) raises a ValueError that names the key,
 the value and what was expected.
 """
@@ -14,11 +15,8 @@ from __future__ import annotations
 
 import ast
 import difflib
-import enum
-import hashlib
 import importlib.util
 import inspect
-import json
 import logging
 import math
 import os
@@ -30,6 +28,11 @@ from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
+
+from ftjax import paths
+# Re-exported: the command line and the config record live in their own modules.
+from ftjax.cli import parse_cli
+from ftjax.config_record import config_hash, to_jsonable, write_resolved_config
 
 log = logging.getLogger(__name__)
 
@@ -176,16 +179,18 @@ def _split_spec(spec: str) -> tuple[str, str | None]:
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """Loads `path/to/file.py` or `path/to/file.py:arg string` and returns `get_config(arg)`.
 
-    The file is imported by path. If it lives in a package directory (e.g. `configs/` with an
+    A relative path is looked up in the current directory, then under the ftjax root
+    (`ftjax.paths`), so `configs/X.py` works from any directory. The file is imported by
+    path. If it lives in a package directory (e.g. `configs/` with an
     `__init__.py`), the directory above it is put on `sys.path` so that `from configs import
     common` works wherever the command is launched from.
     """
     path_str, arg = _split_spec(spec)
-    path = pathlib.Path(path_str).expanduser()
+    path = pathlib.Path(paths.resolve(path_str))  # a local file: cwd first, then the ftjax root
     if not path.is_file():
         raise FileNotFoundError(
-            f"config file {str(path)!r} (from --config {spec!r}) does not exist "
-            f"(cwd: {os.getcwd()})"
+            f"config file {path_str!r} (from --config {spec!r}) does not exist "
+            f"(looked in the current directory {os.getcwd()!r} and the ftjax root)"
         )
     path = path.resolve()
     if (path.parent / "__init__.py").is_file():
@@ -390,178 +395,3 @@ def apply_overrides(
         except (TypeError, ValueError) as e:
             raise ValueError(f"config key {key!r}: cannot set {text!r}: {e}") from None
     return out
-
-
-# ------------------------------------------------------------------------------------------
-# Command line.
-
-_SUPPORTED = ("--config FILE[.py[:ARG]]", "--workdir DIR", "--config.<key>=VALUE")
-
-
-def parse_cli(
-    argv: Sequence[str], *, extra_flags: Sequence[str] = (), require_config: bool = True
-) -> tuple[str | None, str | None, list[tuple[str, str]], dict[str, str]]:
-    """Parses `argv` (without the program name) into (config_spec, workdir, overrides, extra).
-
-    Understands `--config X`, `--config=X`, `--workdir D`, `--workdir=D`, `--config.a.b=v` and
-    `--config.a.b v`. Flags named in `extra_flags` (e.g. `"eval_only"`) are returned in `extra`
-    as strings; given bare (`--eval_only`) they read "true". Anything else is an error that
-    lists the supported flags.
-    """
-    supported = list(_SUPPORTED) + [f"--{f}[=VALUE]" for f in extra_flags]
-    config_spec: str | None = None
-    workdir: str | None = None
-    overrides: list[tuple[str, str]] = []
-    extra: dict[str, str] = {}
-    args = list(argv)
-    i = 0
-
-    def take_value(flag: str, inline: str | None, optional: bool = False) -> str:
-        nonlocal i
-        if inline is not None:
-            return inline
-        if i + 1 < len(args) and not args[i + 1].startswith("--"):
-            i += 1
-            return args[i]
-        if optional:
-            return "true"
-        raise ValueError(f"flag {flag} needs a value ({flag}=VALUE or {flag} VALUE)")
-
-    while i < len(args):
-        tok = args[i]
-        if not tok.startswith("--"):
-            raise ValueError(
-                f"unexpected argument {tok!r}; supported flags: {', '.join(supported)}"
-            )
-        name, eq, inline_val = tok[2:].partition("=")
-        inline = inline_val if eq else None
-        if name == "config":
-            if config_spec is not None:
-                raise ValueError("--config given twice")
-            config_spec = take_value("--config", inline)
-        elif name == "workdir":
-            if workdir is not None:
-                raise ValueError("--workdir given twice")
-            workdir = take_value("--workdir", inline)
-        elif name.startswith("config."):
-            key = name[len("config."):]
-            overrides.append((key, take_value(f"--{name}", inline)))
-        elif name in extra_flags:
-            extra[name] = take_value(f"--{name}", inline, optional=True)
-        else:
-            raise ValueError(f"unknown flag '--{name}'; supported flags: {', '.join(supported)}")
-        i += 1
-    if require_config and config_spec is None:
-        raise ValueError("missing --config FILE.py[:ARG]; supported flags: " + ", ".join(supported))
-    return config_spec, workdir, overrides, extra
-
-
-# ------------------------------------------------------------------------------------------
-# Canonical JSON, hashing and recording the resolved config.
-
-
-def to_jsonable(obj: Any, _path: str = "") -> Any:
-    """Converts a ConfigDict (or nested value) to plain JSON types, deterministically.
-
-    Tuples become lists, numpy/jax scalars Python numbers, dtypes their name, classes and
-    functions `module.qualname`, enums `Class.NAME`, paths strings. Other objects raise
-    TypeError naming the key, so a config never hashes something with a memory address in it.
-    """
-    if isinstance(obj, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
-        obj = obj.to_dict()
-    if isinstance(obj, config_dict.FieldReference):
-        obj = obj.get()
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, Mapping):
-        out = {}
-        for k, v in obj.items():
-            if not isinstance(k, str):
-                raise TypeError(f"config key {k!r} at {_path or '<root>'!r} is not a string")
-            out[k] = to_jsonable(v, f"{_path}.{k}" if _path else k)
-        return out
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v, f"{_path}[{i}]") for i, v in enumerate(obj)]
-    if isinstance(obj, (set, frozenset)):
-        return sorted(to_jsonable(v, _path) for v in obj)
-    if isinstance(obj, enum.Enum):
-        return f"{type(obj).__name__}.{obj.name}"
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    # numpy / jax scalars and dtypes, without importing numpy here.
-    if hasattr(obj, "dtype") and getattr(obj, "shape", None) == () and hasattr(obj, "item"):
-        return obj.item()
-    if type(obj).__name__.startswith("dtype") or type(obj).__module__ == "numpy.dtypes":
-        return str(obj)
-    if isinstance(obj, type) or inspect.isfunction(obj) or inspect.isbuiltin(obj):
-        name = getattr(obj, "__qualname__", getattr(obj, "__name__", None))
-        if name and "<" not in name:
-            return f"{obj.__module__}.{name}"
-    raise TypeError(
-        f"config value at {_path or '<root>'!r} of type {type(obj).__name__} is not "
-        f"JSON-serialisable; store a name or a number in the config instead"
-    )
-
-
-def _canonical_json(data: Any) -> str:
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-
-
-def config_hash(cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> str:
-    """First 12 hex chars of sha256 over the canonical JSON (sorted keys, tuples as lists)."""
-    data = to_jsonable(cfg)
-    if isinstance(data, dict):
-        data.pop("_hash", None)
-    return hashlib.sha256(_canonical_json(data).encode()).hexdigest()[:12]
-
-
-def _is_primary_process() -> bool:
-    try:
-        import jax  # pylint: disable=import-outside-toplevel
-
-        return jax.process_index() == 0
-    except Exception:  # pragma: no cover - jax missing or not initialisable
-        return True
-
-
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_resolved_config(
-    cfg: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
-) -> str:
-    """Writes `config.json` (resolved config + "_hash") and `config_hash.txt` into `workdir`.
-
-    Returns the hash. If `workdir/config.json` already holds a config with another hash (a run
-    resumed with a changed config), the old file is kept as `config.<oldhash>.json` and a
-    warning is logged. Only process 0 writes; every process gets the hash.
-    """
-    data = to_jsonable(cfg)
-    h = config_hash(data)
-    if not _is_primary_process():
-        return h
-    wd = pathlib.Path(workdir)
-    wd.mkdir(parents=True, exist_ok=True)
-    path = wd / "config.json"
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-            old_hash = old.get("_hash") or config_hash(old)
-        except (json.JSONDecodeError, AttributeError, TypeError) as e:
-            old_hash = "unreadable"
-            log.warning("existing %s is not valid config JSON (%s)", path, e)
-        if old_hash != h:
-            backup = wd / f"config.{old_hash}.json"
-            os.replace(path, backup)
-            log.warning(
-                "config changed in %s: previous config (hash %s) kept as %s; new hash %s",
-                wd, old_hash, backup.name, h,
-            )
-    payload = dict(data)
-    payload["_hash"] = h
-    _atomic_write(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    _atomic_write(wd / "config_hash.txt", h + "\n")
-    return h

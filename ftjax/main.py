@@ -1,27 +1,31 @@
-"""Command-line entry point: `python -m ftjax.main --config configs/NAME.py[:args] --workdir DIR`.
+"""Command-line entry point: `ftjax --config configs/NAME.py[:args] --workdir DIR`
+(or `python -m ftjax.main ...`; `--help` lists the flags and the shipped configs).
 
 Overrides: `--config.a.b=value` (typed by the existing field; unknown keys are rejected).
-The resolved config and its hash are written into the workdir before anything runs; an
-existing checkpoint in the workdir is resumed.
+The resolved config and its hash are written into the workdir (local or `gs://`) by process 0
+before anything runs; an existing checkpoint in the workdir is resumed.
 """
 from __future__ import annotations
 
 import importlib
 import sys
 
-TRAINERS = {
-    "sft": "ftjax.train.sft",
-    "quickstart": "ftjax.quickstart",
-    "classify": "ftjax.train.classify",
-    "dpo": "ftjax.align.trainer",
-    "memory_tuning": "ftjax.train.memory_tuning",
-}
+from ftjax.trainers import TRAINERS  # noqa: E402  config.trainer -> module
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
+    """Runs the experiment that `argv` names and returns the trainer's summary.
+
+    `-h`/`--help` prints the help text and returns None.
+    """
+    from ftjax import cli as cli_lib
     from ftjax import config_utils, sharding
     argv = sys.argv[1:] if argv is None else argv
-    spec, workdir, overrides, _ = config_utils.parse_cli(argv)
+    try:
+        spec, workdir, overrides, _ = config_utils.parse_cli(argv)
+    except cli_lib.HelpRequested:
+        cli_lib.print_help()
+        return None
     if not workdir:
         raise SystemExit("--workdir is required: the directory for checkpoints, metrics and results")
     cfg = config_utils.apply_overrides(config_utils.load_config(spec), overrides)
@@ -35,9 +39,14 @@ def main(argv: list[str] | None = None) -> dict:
     return importlib.import_module(TRAINERS[trainer]).run(cfg, workdir)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `ftjax` console script: configuration errors are one clear line and exit code 2."""
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:  # configuration errors: one clear line, exit 2
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

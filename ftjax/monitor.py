@@ -7,10 +7,10 @@ so the same loop code runs on one CPU and on a pod.
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import math
 import os
-import pathlib
 import resource
 import sys
 import time
@@ -19,6 +19,8 @@ from typing import Any, TextIO
 
 import jax
 import numpy as np
+
+from ftjax import workdir as workdir_lib
 
 __all__ = [
     "MetricWriter",
@@ -51,19 +53,37 @@ class MetricWriter:
     method is a no-op.
     """
 
-    def __init__(self, workdir: str | os.PathLike[str], *, tensorboard: bool = True):
-        self.workdir = pathlib.Path(workdir)
+    def __init__(self, workdir: str | os.PathLike[str], *, tensorboard: bool = True,
+                 upload_every_s: float = 30.0):
+        self.workdir = workdir_lib.path(workdir)
         self.enabled = _is_primary()
         self._file: TextIO | None = None
         self._tb = None
+        # Object stores (gs://) cannot append: the whole file is rewritten from memory at most
+        # every `upload_every_s` seconds and on flush/close.
+        self._remote = workdir_lib.is_remote(self.workdir)
+        self._lines: list[str] = []
+        self._upload_every_s = upload_every_s
+        self._uploaded_at = time.monotonic()
         if not self.enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
+        path = self.workdir / "metrics.jsonl"
+        if self._remote:
+            if path.exists():
+                self._lines = path.read_text().splitlines(keepends=True)
+            self._file = io.StringIO()  # a stand-in that marks the writer open
+        else:
+            self._file = path.open("a", encoding="utf-8")
         if tensorboard:
             import tensorboardX  # pylint: disable=import-outside-toplevel
 
-            self._tb = tensorboardX.SummaryWriter(str(self.workdir / "tb"))
+            _register_tensorboard_url_writers()
+            self._tb = tensorboardX.SummaryWriter(os.fspath(self.workdir / "tb"))
+
+    def _upload(self) -> None:
+        (self.workdir / "metrics.jsonl").write_text("".join(self._lines))
+        self._uploaded_at = time.monotonic()
 
     def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "train", *,
               vectors: Mapping[str, Any] | None = None) -> None:
@@ -103,8 +123,14 @@ class MetricWriter:
         step = int(step)
         record = {"step": step, "split": prefix, **values,
                   **{k: v.tolist() for k, v in arrays.items()}, "time": time.time()}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        line = json.dumps(record) + "\n"
+        if self._remote:
+            self._lines.append(line)
+            if time.monotonic() - self._uploaded_at >= self._upload_every_s:
+                self._upload()
+        else:
+            self._file.write(line)
+            self._file.flush()
         if self._tb is not None:
             for name, value in values.items():
                 self._tb.add_scalar(f"{prefix}/{name}", value, step)
@@ -113,9 +139,15 @@ class MetricWriter:
                     self._tb.add_histogram(f"{prefix}/{name}", value.reshape(-1), step)
 
     def flush(self) -> None:
-        """Flushes buffered TensorBoard events (the JSON file is flushed on every write)."""
+        """Flushes buffered TensorBoard events and, on object stores, uploads metrics.jsonl.
+
+        Locally the JSON file is flushed on every write, so a crash loses nothing.
+        """
         if self._file is not None:
-            self._file.flush()
+            if self._remote:
+                self._upload()
+            else:
+                self._file.flush()
         if self._tb is not None:
             self._tb.flush()
 
@@ -124,6 +156,8 @@ class MetricWriter:
             self._tb.close()
             self._tb = None
         if self._file is not None:
+            if self._remote:
+                self._upload()
             self._file.close()
             self._file = None
 
@@ -132,6 +166,43 @@ class MetricWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class _UrlRecordWriter:
+    """tensorboardX record writer for URLs (gs://, s3://) through `etils.epath`.
+
+    Object stores have no append: the event file is kept in memory and rewritten whole on
+    every flush (as tensorboardX's own S3 writer does).
+    """
+
+    def __init__(self, path: str):
+        self.path = workdir_lib.path(path)
+        self.buffer = io.BytesIO()
+
+    def write(self, data: bytes) -> None:
+        self.buffer.write(data)
+
+    def flush(self) -> None:
+        self.path.write_bytes(self.buffer.getvalue())
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _UrlWriterFactory:
+    def open(self, path: str) -> _UrlRecordWriter:  # noqa: A003 - tensorboardX's protocol
+        return _UrlRecordWriter(path)
+
+    def directory_check(self, path: str) -> None:
+        workdir_lib.path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _register_tensorboard_url_writers() -> None:
+    """Routes tensorboardX event files under gs:// (and other epath URLs) through epath."""
+    from tensorboardX import record_writer  # pylint: disable=import-outside-toplevel
+
+    for scheme in ("gs", "s3", "az", "hf"):
+        record_writer.register_writer_factory(scheme, _UrlWriterFactory())
 
 
 def moe_scalars(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:

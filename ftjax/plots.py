@@ -6,24 +6,27 @@
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 from typing import Mapping, Sequence
+
+from ftjax import workdir as workdir_lib
 
 Curve = tuple[list[int], list[float]]  # (steps, values)
 
 __all__ = ["Curve", "read_curve", "read_curves", "plot_loss_curves"]
 
 
-def read_curve(path: str, split: str, key: str) -> Curve:
+def read_curve(path: str | os.PathLike[str], split: str, key: str) -> Curve:
     """Steps and values of metric `key` in split `split` of a `metrics.jsonl` (MetricWriter).
 
     A resumed run appends to the same file, so a step may appear more than once: the last
     record of each step wins, and the curve is sorted by step.
     """
     by_step: dict[int, float] = {}
-    with open(path, encoding="utf-8") as f:
+    with workdir_lib.path(path).open("r", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -37,7 +40,7 @@ def read_curve(path: str, split: str, key: str) -> Curve:
     return steps, [by_step[s] for s in steps]
 
 
-def read_curves(path: str, wanted: Mapping[str, tuple[str, str]]) -> dict[str, Curve]:
+def read_curves(path: str | os.PathLike[str], wanted: Mapping[str, tuple[str, str]]) -> dict[str, Curve]:
     """`{label: (split, key)}` -> `{label: curve}`, leaving out curves with no points."""
     out = {}
     for label, (split, key) in wanted.items():
@@ -47,13 +50,13 @@ def read_curves(path: str, wanted: Mapping[str, tuple[str, str]]) -> dict[str, C
     return out
 
 
-def plot_loss_curves(path: str, panels: Mapping[str, Mapping[str, Curve | Sequence]],
+def plot_loss_curves(path: str | os.PathLike[str], panels: Mapping[str, Mapping[str, Curve | Sequence]],
                      title: str | None = None, log_y: bool | None = None) -> str:
     """Writes one panel per entry of `panels` (`{panel title: {label: (steps, values)}}`).
 
     Empty panels are skipped; short curves are drawn with markers; non-finite values are
     dropped. `log_y=None` uses a log scale in panels whose positive values span over 20x.
-    Returns `path`.
+    `path` may be local or a URL (gs://...). Returns `path`.
     """
     import matplotlib  # pylint: disable=import-outside-toplevel
     matplotlib.use("Agg")
@@ -85,9 +88,9 @@ def plot_loss_curves(path: str, panels: Mapping[str, Mapping[str, Curve | Sequen
     if title:
         fig.suptitle(title, wrap=True, fontsize=11)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
+    out = workdir_lib.path(path)
+    workdir_lib.write_bytes(out.parent, out.name, png.getvalue(), all_processes=True)
     return path

@@ -13,13 +13,17 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from ftjax import workdir as workdir_lib
+
 
 class Checkpointer:
     """Saves and restores {state, data} under `<workdir>/checkpoints/<step>`."""
 
-    def __init__(self, workdir: str, *, max_to_keep: Optional[int] = 3,
+    def __init__(self, workdir: str | os.PathLike[str], *, max_to_keep: Optional[int] = 3,
                  keep_period: Optional[int] = None, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        # An epath.Path: a `gs://` workdir reaches orbax (and its tensorstore driver) as a URL,
+        # so every process writes its shards into the same bucket.
+        self.directory = workdir_lib.path(workdir, "checkpoints")
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, keep_period=keep_period,
                                                create=True,
                                                enable_async_checkpointing=async_save)
