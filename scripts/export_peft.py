@@ -8,7 +8,7 @@
 
 The checkpoints of a PEFT run hold only the trained leaves; the frozen base is rebuilt as the
 run built it (the config's `model.init_from`, or the seeded random init) and the run's PEFT
-transform (`ftjax.peft.get_method(cfg.peft)`) is re-applied with the run's key, then the
+transform (`ftjax.peft.get_method(cfg.peft, apply_fn=models.apply)`) is re-applied with the run's key, then the
 trained leaves of the latest (or --step N) checkpoint replace their initial values.
 --format peft supports LoRA, rsLoRA, DoRA and IA3 runs (LoRA on Mixtral's router and
 experts is written as PEFT `target_parameters`); runs with `peft.init=pissa` are
@@ -102,9 +102,10 @@ def restore_peft_run(workdir: str, step: Optional[int] = None):
     import jax
     import ml_collections
     import numpy as np
+    from ftjax import models
     from ftjax.peft import get_method
     from ftjax.train import loop
-    from ftjax.train.sft import initial_params, model_config
+    from ftjax.train.run import initial_params, model_config
 
     cfg_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(cfg_path):
@@ -113,7 +114,7 @@ def restore_peft_run(workdir: str, step: Optional[int] = None):
         run_cfg = ml_collections.ConfigDict(json.load(f))
     model_cfg = model_config(run_cfg.model)
     saved, step = _checkpoint_params(workdir, step)
-    method = get_method(run_cfg.get("peft"))
+    method = get_method(run_cfg.get("peft"), apply_fn=models.apply)
     if method.apply_fn is not None:
         raise ValueError(f"peft.method={method.name!r} changes the model's inputs (apply_fn); "
                          "it has no merged or PEFT LoRA form")

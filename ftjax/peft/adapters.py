@@ -30,6 +30,7 @@ Adapters are nonlinear, so they cannot be merged into W: `materialize()` raises.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Sequence
 
@@ -37,7 +38,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ftjax.peft.core import StructuredWeight, compile_patterns, linear
+from ftjax.peft.core import StructuredWeight, linear, select_targets, unwrap
+from ftjax.peft.method import Method, register
 
 BOTTLENECK_AXIS = "lora_rank"  # an adapter rank axis: replicated by every sharding preset
 
@@ -103,6 +105,13 @@ class BottleneckAdapter(StructuredWeight):
     def trainable_fields(self):
         return ("down", "down_bias", "up", "up_bias")
 
+    def frozen_base(self):
+        return unwrap(self.base)
+
+    def frozen_base_exact(self):
+        # A serial adapter may hold the projection's bias (folded in, the plain leaf zeroed).
+        return self.mode != "serial"
+
     def field_axes(self, base_axes):
         lead, ax_in, ax_out = base_axes[:-2], base_axes[-2], base_axes[-1]
         base = base_axes
@@ -151,51 +160,48 @@ def apply_adapters(params: Any, key: jax.Array, *, bottleneck: int = 64, mode: s
                          f"{ACTIVATIONS}")
     if int(bottleneck) < 1:
         raise ValueError(f"adapter bottleneck must be >= 1, got {bottleneck}")
-    pats = compile_patterns(targets)
     adt = dtype or jnp.float32
-    hits: list[str] = []
-    paths: list[str] = []
+    folded: list[tuple[str, ...]] = []
 
-    def walk(node, prefix):
-        if not isinstance(node, dict):
-            return node
-        out = dict(node)
-        for name, value in node.items():
-            path = f"{prefix}{name}"
-            if isinstance(value, dict):
-                out[name] = walk(value, path + "/")
-                continue
-            paths.append(path)
-            if not any(p.fullmatch(path) for p in pats):
-                continue
-            if isinstance(value, StructuredWeight) or value.ndim < 2:
-                raise ValueError(f"adapter target {path!r} is not a dense matrix (shape "
-                                 f"{getattr(value, 'shape', None)}); narrow the target patterns")
-            bias = None
-            if mode == "serial" and fold_bias and "bias" in node and name != "bias":
-                bias = node["bias"]
-                out["bias"] = jnp.zeros_like(bias)
-            hits.append(path)
-            k = jax.random.fold_in(key, len(hits))
-            out[name] = _init_adapter(k, value, int(bottleneck), mode, bias, activation, scale,
-                                      adt)
-        return out
+    def make(path, w, k):
+        *parent, name = path.split("/")
+        node = params
+        for p in parent:
+            node = node[p]
+        bias = None
+        if mode == "serial" and fold_bias and "bias" in node and name != "bias":
+            bias = node["bias"]
+            folded.append(tuple(parent))
+        return _init_adapter(k, w, int(bottleneck), mode, bias, activation, scale, adt)
 
-    result = walk(params, "")
-    if not hits:
-        raise ValueError(f"adapter targets {list(targets)} match no weight; weight paths are: "
-                         f"{paths}")
-    return result
+    out = select_targets(params, targets, make, name="adapter", key=key)
+    for parent in folded:  # the folded-in bias leaves are zeroed (the adapter holds them)
+        node = out
+        for p in parent:
+            node = node[p]
+        node["bias"] = jnp.zeros_like(node["bias"])
+    return out
 
 
-def method(pcfg):
-    """Bottleneck adapters from a config's `peft` section (see configs/adapter_sft.py)."""
-    import functools
-    from ftjax.peft import Method
+DEFAULTS = dict(
+    bottleneck=64,             # r, the adapter's hidden width
+    mode="serial",             # serial (Houlsby) | parallel (He et al.)
+    activation="relu",         # one of ACTIVATIONS
+    scale=1.0,                 # s on the adapter's output
+    targets=DEFAULT_TARGETS,   # o_proj and down_proj
+    fold_bias=True,            # serial: move the projection's bias into the adapter
+    train_patterns=(),
+)
+
+
+def method(s, *, apply_fn=None, tokenizer=None) -> Method:
+    """Bottleneck adapters from a resolved `peft` section (see configs/adapter_sft.py)."""
+    del apply_fn, tokenizer
     transform = functools.partial(
-        apply_adapters, bottleneck=int(pcfg.get("bottleneck", 64)),
-        mode=pcfg.get("mode", "serial"), activation=pcfg.get("activation", "relu"),
-        scale=float(pcfg.get("scale", 1.0)), targets=tuple(pcfg.get("targets", DEFAULT_TARGETS)),
-        fold_bias=bool(pcfg.get("fold_bias", True)))
-    return Method(name="adapter", transform=transform,
-                  train_patterns=tuple(pcfg.get("train_patterns", ())))
+        apply_adapters, bottleneck=int(s.bottleneck), mode=str(s.mode),
+        activation=str(s.activation), scale=float(s.scale), targets=tuple(s.targets),
+        fold_bias=bool(s.fold_bias))
+    return Method(name="adapter", transform=transform, train_patterns=tuple(s.train_patterns))
+
+
+register("adapter", DEFAULTS, method)

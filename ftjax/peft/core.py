@@ -54,6 +54,29 @@ class StructuredWeight(abc.ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} does not define field_axes")
 
+    def frozen_base(self) -> Any:
+        """The frozen weight this adapter sits on, adapters below it unwrapped recursively: a
+        plain array or a non-adapter structured weight (e.g. a quantized NF4Weight, which stays
+        quantized). Removing every adapter (the DPO reference without a copy,
+        `ftjax.align.reference.strip_adapters`) replaces the leaf by this.
+
+        Adapters return `unwrap(self.base)`; weights that are bases themselves (quantized
+        weights) or have no separable base keep this default, which raises."""
+        raise ValueError(f"{type(self).__name__} is not an adapter over a frozen base (it defines "
+                         "no frozen_base()); it cannot be stripped off the model")
+
+    def lora_factors(self) -> Optional[tuple[jax.Array, jax.Array, float]]:
+        """(a [.., in, r], b [.., r, out], scale s) when this weight is its `base` field plus
+        s * a @ b (LoRA's layout, whichever of a and b train), else None (the default). PEFT
+        export writes such weights as lora_A / lora_B whatever their class."""
+        return None
+
+    def frozen_base_exact(self) -> bool:
+        """True (default) when `frozen_base()` is exactly the weight the model had before the
+        transform, so stripping restores the starting model; False when part of the original
+        weight moved into other fields (a serial adapter's folded-in projection bias)."""
+        return True
+
     def array_fields(self) -> tuple[str, ...]:
         """Names of the pytree (array or nested structured) fields."""
         return tuple(f.name for f in dataclasses.fields(self)
@@ -66,6 +89,18 @@ class StructuredWeight(abc.ABC):
 
 def is_structured(w: Any) -> bool:
     return isinstance(w, StructuredWeight)
+
+
+def is_adapter(w: Any) -> bool:
+    """True for structured weights that sit on a frozen base (they define `frozen_base`)."""
+    return (isinstance(w, StructuredWeight)
+            and type(w).frozen_base is not StructuredWeight.frozen_base)
+
+
+def unwrap(w: Any) -> Any:
+    """`w.frozen_base()` for adapters, `w` itself for plain arrays and bases (the protocol's
+    recursion: LoRA over DoRA over NF4 gives the NF4 weight)."""
+    return w.frozen_base() if is_adapter(w) else w
 
 
 def linear(x: jax.Array, w: Any, dtype=None) -> jax.Array:
@@ -166,6 +201,54 @@ def axes_like(params: Any, base_axes: Any) -> Any:
             raise ValueError(f"{type(p).__name__}.field_axes misses fields {sorted(missing)}")
         return dataclasses.replace(p, **fields)
     return jax.tree.map(one, base_axes, params, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def select_targets(params: Any, targets: Sequence[str], make: Callable[..., Any], *,
+                   name: str, key: Optional[jax.Array] = None,
+                   check: Optional[Callable[[str, Any], None]] = None) -> Any:
+    """The target walk every transform shares: replaces each weight whose path fully matches
+    a `targets` regex by `make(path, w, k)`.
+
+    Weights are visited in the canonical order of the tree (`map_weights`: sorted dict keys);
+    the i-th matching weight (1-based) gets `k = fold_in(key, i)`, or None without a key, so
+    a transform (and an export tool re-applying it) builds identical leaves from one key.
+    `check(path, w)` raises for a matched weight the method cannot adapt (default: it must be
+    a dense matrix, see `require_dense`). Raises if nothing matches, listing the weight paths.
+    """
+    pats = compile_patterns(targets)
+    check = require_dense(name) if check is None else check
+    hits: list[str] = []
+    paths: list[str] = []
+
+    def one(path, w):
+        paths.append(path)
+        if not matches(path, pats):
+            return w
+        check(path, w)
+        hits.append(path)
+        return make(path, w, None if key is None else jax.random.fold_in(key, len(hits)))
+
+    out = map_weights(one, params)
+    if not hits:
+        raise ValueError(f"{name} targets {list(targets)} match no weight; weight paths are: "
+                         f"{paths}")
+    return out
+
+
+def weight_paths(params: Any) -> list[str]:
+    """Paths of every weight leaf (plain arrays and whole structured weights), in walk order."""
+    paths: list[str] = []
+    map_weights(lambda p, w: paths.append(p), params)
+    return paths
+
+
+def require_dense(name: str, what: str = "the target patterns") -> Callable[[str, Any], None]:
+    """A `select_targets` check: the matched weight must be a plain array with >= 2 dims."""
+    def check(path: str, w: Any) -> None:
+        if isinstance(w, StructuredWeight) or w.ndim < 2:
+            raise ValueError(f"{name} target {path!r} is not a dense matrix (shape "
+                             f"{getattr(w, 'shape', None)}); narrow {what}")
+    return check
 
 
 def compile_patterns(patterns: Iterable[str]) -> list[re.Pattern]:

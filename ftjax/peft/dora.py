@@ -21,8 +21,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ftjax.peft.core import StructuredWeight, linear, materialize
+from ftjax.peft import lora
+from ftjax.peft.core import StructuredWeight, linear, materialize, unwrap
 from ftjax.peft.lora import DEFAULT_TARGETS, RANK_AXIS, init_factors, wrap_targets
+from ftjax.peft.method import Method, register
 
 
 @flax.struct.dataclass
@@ -66,6 +68,9 @@ class DoRAWeight(StructuredWeight):
     def trainable_fields(self):
         return ("a", "b", "m")
 
+    def frozen_base(self):
+        return unwrap(self.base)
+
     def field_axes(self, base_axes):
         lead, ax_in, ax_out = tuple(base_axes[:-2]), base_axes[-2], base_axes[-1]
         base = base_axes
@@ -106,16 +111,16 @@ def apply_dora(params: Any, key: jax.Array, *, rank: int = 8, alpha: float = 16.
                         rslora=rslora, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
 
 
-def method(pcfg):
-    """DoRA from a config's `peft` section. Defaults: rank 8, alpha 16 (s = alpha/rank),
-    rslora False, init "default" (A Kaiming-uniform, B = 0), targets = every attention and MLP
-    projection, no per-path patterns, no extra plain leaves training."""
-    from ftjax.peft import Method
-    transform = functools.partial(
-        apply_dora, rank=int(pcfg.get("rank", 8)), alpha=float(pcfg.get("alpha", 16.0)),
-        targets=tuple(pcfg.get("targets", DEFAULT_TARGETS)),
-        rslora=bool(pcfg.get("rslora", False)), init=pcfg.get("init", "default"),
-        rank_pattern=dict(pcfg.get("rank_pattern", {}) or {}),
-        alpha_pattern=dict(pcfg.get("alpha_pattern", {}) or {}))
-    return Method(name="dora", transform=transform,
-                  train_patterns=tuple(pcfg.get("train_patterns", ())))
+# The settings of LoRA without dropout (PEFT's DoRA has none either).
+DEFAULTS = {k: v for k, v in lora.DEFAULTS.items() if k != "dropout"}
+
+
+def method(s, *, apply_fn=None, tokenizer=None) -> Method:
+    """DoRA from a resolved `peft` section: LoRA's settings (init default | gaussian |
+    pissa), no dropout."""
+    del apply_fn, tokenizer
+    return Method(name="dora", transform=functools.partial(apply_dora, **lora.lowrank_kwargs(s)),
+                  train_patterns=tuple(s.train_patterns))
+
+
+register("dora", DEFAULTS, method)

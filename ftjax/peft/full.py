@@ -3,10 +3,16 @@
 Partial fine-tuning is a choice of patterns over param paths, e.g. the head only
 (`lm_head/.*`), norms only (`.*norm/.*`), or everything (`.*`, the default).
 """
-from ftjax.peft import Method
+from ftjax.peft.method import Method, register
+
+# train_patterns: regexes of the params that train; empty: every param trains.
+DEFAULTS = dict(train_patterns=())
 
 
-def method(pcfg) -> Method:
-    patterns = tuple(pcfg.get("train_patterns") or ()) if pcfg is not None else ()
-    patterns = patterns or (".*",)  # empty: every param trains
-    return Method(name="full", transform=None, train_patterns=patterns)
+def method(s, *, apply_fn=None, tokenizer=None) -> Method:
+    del apply_fn, tokenizer  # the forward pass is the model's own
+    return Method(name="full", transform=None,
+                  train_patterns=tuple(s.train_patterns or ()) or (".*",))
+
+
+register("full", DEFAULTS, method)

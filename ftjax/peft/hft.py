@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 from ftjax.peft.core import compile_patterns, path_str
+from ftjax.peft.method import Method, register
 
 # Each regex fully matches the paths of one category's leaves; group 1 names the unit.
 DEFAULT_CATEGORIES = (
@@ -158,14 +159,24 @@ def hft_optimizer(tx: optax.GradientTransformation, **kw) -> optax.GradientTrans
     return optax.GradientTransformation(init, update)
 
 
-def method(pcfg):
-    """HFT from a config's `peft` section: seed, steps_per_round, ratio, granularity,
-    categories, train_patterns (default: everything)."""
-    from ftjax.peft import Method
-    kw = dict(seed=int(pcfg.get("seed", 0)), steps_per_round=int(pcfg.get("steps_per_round", 0)),
-              ratio=float(pcfg.get("ratio", 0.5)),
-              granularity=str(pcfg.get("granularity", "category")),
-              categories=tuple(pcfg.get("categories", DEFAULT_CATEGORIES)))
+DEFAULTS = dict(
+    seed=0,                        # the round plans are a function of (seed, round)
+    steps_per_round=0,             # steps per round of masks; 0: one round for the whole run
+    ratio=0.5,                     # fraction of each category's units trained per round
+    granularity="category",        # category | layer | model
+    categories=DEFAULT_CATEGORIES,  # regexes, one per category of units
+    train_patterns=(),             # plain leaves that train; empty: everything
+)
+
+
+def method(s, *, apply_fn=None, tokenizer=None) -> Method:
+    """HFT from a resolved `peft` section (see DEFAULTS)."""
+    del apply_fn, tokenizer
+    kw = dict(seed=int(s.seed), steps_per_round=int(s.steps_per_round), ratio=float(s.ratio),
+              granularity=str(s.granularity), categories=tuple(s.categories))
     return Method(name="hft", transform=None,
-                  train_patterns=tuple(pcfg.get("train_patterns") or (".*",)),
+                  train_patterns=tuple(s.train_patterns or ()) or (".*",),
                   wrap_optimizer=functools.partial(hft_optimizer, **kw))
+
+
+register("hft", DEFAULTS, method)

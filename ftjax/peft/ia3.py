@@ -20,7 +20,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ftjax.peft.core import StructuredWeight, compile_patterns, linear, map_weights, materialize
+from ftjax.peft.core import (StructuredWeight, compile_patterns, linear, matches, materialize,
+                             select_targets, unwrap, weight_paths)
+from ftjax.peft.method import Method, register
 
 # PEFT's Llama defaults: target_modules k_proj, v_proj, down_proj; feedforward_modules down_proj.
 DEFAULT_TARGETS = (r"layers/attn/(k|v)_proj/kernel", r"layers/mlp/down_proj/kernel")
@@ -50,6 +52,9 @@ class IA3Weight(StructuredWeight):
     def trainable_fields(self):
         return ("ia3_l",)
 
+    def frozen_base(self):
+        return unwrap(self.base)
+
     def field_axes(self, base_axes):
         lead, ax_in, ax_out = tuple(base_axes[:-2]), base_axes[-2], base_axes[-1]
         base = base_axes
@@ -65,38 +70,37 @@ def apply_ia3(params: Any, key: jax.Array = None, *, targets: Sequence[str] = DE
     `key` is unused (IA3 is deterministic) and kept for the transform signature."""
     del key
     pats, ff_pats = compile_patterns(targets), compile_patterns(feedforward)
-    hits: list[str] = []
-    paths: list[str] = []
+    for path in weight_paths(params):
+        if matches(path, ff_pats) and not matches(path, pats):
+            raise ValueError(f"IA3 feedforward pattern matches {path!r}, which no target "
+                             "pattern matches; feedforward targets must be targets too")
 
-    def one(path, w):
-        paths.append(path)
-        if not any(p.fullmatch(path) for p in pats):
-            if any(p.fullmatch(path) for p in ff_pats):
-                raise ValueError(f"IA3 feedforward pattern matches {path!r}, which no target "
-                                 "pattern matches; feedforward targets must be targets too")
-            return w
+    def check(path, w):
         if path.endswith("embedding") or len(w.shape) < 2:
             raise ValueError(f"IA3 target {path!r} is not a kernel (shape {w.shape}); narrow "
                              "the target patterns")
-        hits.append(path)
-        ff = any(p.fullmatch(path) for p in ff_pats)
+
+    def make(path, w, k):
+        ff = matches(path, ff_pats)
         *lead, n_in, n_out = w.shape
         l = jnp.ones((*lead, n_in if ff else n_out), dtype or jnp.float32)  # noqa: E741
         return IA3Weight(base=w, ia3_l=l, feedforward=ff)
-
-    out = map_weights(one, params)
-    if not hits:
-        raise ValueError(f"IA3 targets {list(targets)} match no weight; weight paths are: "
-                         f"{paths}")
-    return out
+    return select_targets(params, targets, make, name="IA3", check=check)
 
 
-def method(pcfg):
-    """IA3 from a config's `peft` section. Defaults: targets k_proj, v_proj, down_proj;
-    feedforward (input-scaled) down_proj; no extra plain leaves training."""
-    from ftjax.peft import Method
-    transform = functools.partial(
-        apply_ia3, targets=tuple(pcfg.get("targets", DEFAULT_TARGETS)),
-        feedforward=tuple(pcfg.get("feedforward", DEFAULT_FEEDFORWARD)))
-    return Method(name="ia3", transform=transform,
-                  train_patterns=tuple(pcfg.get("train_patterns", ())))
+DEFAULTS = dict(
+    targets=DEFAULT_TARGETS,          # k_proj, v_proj, down_proj (PEFT's Llama defaults)
+    feedforward=DEFAULT_FEEDFORWARD,  # targets scaled on their input (l_ff)
+    train_patterns=(),
+)
+
+
+def method(s, *, apply_fn=None, tokenizer=None) -> Method:
+    """IA3 from a resolved `peft` section (see DEFAULTS)."""
+    del apply_fn, tokenizer
+    transform = functools.partial(apply_ia3, targets=tuple(s.targets),
+                                  feedforward=tuple(s.feedforward))
+    return Method(name="ia3", transform=transform, train_patterns=tuple(s.train_patterns))
+
+
+register("ia3", DEFAULTS, method)

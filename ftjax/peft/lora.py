@@ -7,6 +7,7 @@ W + s * a @ b. The scale s is alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdz
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import warnings
@@ -17,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax.peft.core import (StructuredWeight, compile_patterns, embed, expert_linear, linear,
-                             map_weights, materialize)
+from ftjax.peft.core import (StructuredWeight, embed, expert_linear, linear, map_weights,
+                             materialize, select_targets, unwrap, weight_paths)
+from ftjax.peft.method import Method, register
 
 RANK_AXIS = "lora_rank"
 
@@ -79,6 +81,12 @@ class LoRAWeight(StructuredWeight):
 
     def trainable_fields(self):
         return ("a", "b")
+
+    def frozen_base(self):
+        return unwrap(self.base)
+
+    def lora_factors(self):
+        return self.a, self.b, self.scale
 
     def field_axes(self, base_axes):
         lead, ax_in, ax_out = base_axes[:-2], base_axes[-2], base_axes[-1]
@@ -166,53 +174,34 @@ def apply_lora(params: Any, key: jax.Array, *, rank: int = 8, alpha: float = 16.
     rank_pattern / alpha_pattern: {regex: value} overrides per path (first `re.search` hit
     wins, as PEFT's patterns). Raises if no weight matches, listing the weight paths.
     """
-    def check(path, w):
-        if isinstance(w, StructuredWeight) or w.ndim < 2:
-            raise ValueError(f"LoRA target {path!r} is not a dense matrix (shape "
-                             f"{getattr(w, 'shape', None)}); narrow the target patterns")
-
     def make(path, w, r, s, k):
         a, b, base = init_factors(k, w, r, s, init, is_embedding=path.endswith("embedding"))
         adt = dtype or jnp.float32
         return LoRAWeight(base=base, a=a.astype(adt), b=b.astype(adt), scale=s,
                           dropout=float(dropout))
 
-    return wrap_targets(params, key, "LoRA", targets, check, make, rank=rank, alpha=alpha,
+    return wrap_targets(params, key, "LoRA", targets, None, make, rank=rank, alpha=alpha,
                         rslora=rslora, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
 
 
 def wrap_targets(params: Any, key: jax.Array, name: str, targets: Sequence[str], check, make, *,
                  rank: int, alpha: float, rslora: bool = False,
                  rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None):
-    """The target walk shared by the low-rank methods (LoRA, QLoRA, DoRA).
-
-    Every weight whose path fully matches a `targets` regex is checked (`check(path, w)` raises
-    for weights the method cannot adapt) and replaced by `make(path, w, rank, scale, key)`;
-    ranks and alphas follow the per-path patterns; the i-th hit gets `fold_in(key, i)`, so
-    methods (and export tools re-applying them) build identical adapters from one key.
-    Raises if nothing matches, listing the weight paths.
-    """
-    pats = compile_patterns(targets)
+    """`core.select_targets` for the low-rank methods (LoRA, QLoRA, DoRA, LoRA-FA): the i-th
+    matching weight is replaced by `make(path, w, rank, scale, fold_in(key, i))`, with the
+    rank and alpha of its per-path patterns; warns when a MoE model's experts stay frozen."""
     ranks = [(re.compile(k), v) for k, v in (rank_pattern or {}).items()]
     alphas = [(re.compile(k), v) for k, v in (alpha_pattern or {}).items()]
     hits: list[str] = []
-    paths: list[str] = []
 
-    def one(path, w):
-        paths.append(path)
-        if not any(p.fullmatch(path) for p in pats):
-            return w
-        check(path, w)
+    def one(path, w, k):
         hits.append(path)
         r = int(_rank_for(path, rank, ranks))
         s = lora_scale(r, float(_rank_for(path, alpha, alphas)), rslora)
-        return make(path, w, r, s, jax.random.fold_in(key, len(hits)))
+        return make(path, w, r, s, k)
 
-    out = map_weights(one, params)
-    if not hits:
-        raise ValueError(f"{name} targets {list(targets)} match no weight; weight paths are: "
-                         f"{paths}")
-    experts = [p for p in paths if re.fullmatch(EXPERT_TARGETS[0], p)]
+    out = select_targets(params, targets, one, name=name, key=key, check=check)
+    experts = [p for p in weight_paths(params) if re.fullmatch(EXPERT_TARGETS[0], p)]
     if experts and not set(experts) & set(hits):
         warnings.warn(f"{name}: this MoE model's expert kernels ({experts}) are not targeted, so "
                       "its experts stay frozen; add lora.EXPERT_TARGETS to the targets to adapt "
@@ -220,17 +209,34 @@ def wrap_targets(params: Any, key: jax.Array, name: str, targets: Sequence[str],
     return out
 
 
-def method(pcfg):
-    """LoRA from a config's `peft` section: rank, alpha, rslora, init, targets, patterns."""
-    import functools
-    from ftjax.peft import Method
-    transform = functools.partial(
-        apply_lora, rank=int(pcfg.get("rank", 8)), alpha=float(pcfg.get("alpha", 16.0)),
-        targets=tuple(pcfg.get("targets", DEFAULT_TARGETS)),
-        rslora=bool(pcfg.get("rslora", False)), init=pcfg.get("init", "default"),
-        rank_pattern=dict(pcfg.get("rank_pattern", {}) or {}),
-        alpha_pattern=dict(pcfg.get("alpha_pattern", {}) or {}),
-        dropout=float(pcfg.get("dropout", 0.0)))
-    return Method(name="lora", transform=transform,
-                  train_patterns=tuple(pcfg.get("train_patterns", ())),
-                  bind_rng=bind_dropout if float(pcfg.get("dropout", 0.0)) > 0 else None)
+# Every setting of the `lora` method and its default (configs/lora_sft.py overrides some).
+DEFAULTS = dict(
+    rank=8,                      # r
+    alpha=16.0,                  # scale = alpha / r (alpha / sqrt(r) with rslora)
+    targets=DEFAULT_TARGETS,     # regexes over weight paths (lora.EXPERT_TARGETS for MoE)
+    rslora=False,
+    init="default",              # default | gaussian | pissa
+    rank_pattern={},             # {regex: rank} per-path overrides (first re.search hit)
+    alpha_pattern={},            # {regex: alpha}
+    dropout=0.0,                 # LoRA dropout on the adapter's input (training only)
+    train_patterns=(),           # plain leaves that train too (e.g. "lm_head/.*")
+)
+
+
+def lowrank_kwargs(s) -> dict:
+    """The settings shared by the low-rank methods, from a resolved `peft` section."""
+    return dict(rank=int(s.rank), alpha=float(s.alpha), targets=tuple(s.targets),
+                rslora=bool(s.rslora), init=str(s.init),
+                rank_pattern=dict(s.rank_pattern or {}), alpha_pattern=dict(s.alpha_pattern or {}))
+
+
+def method(s, *, apply_fn=None, tokenizer=None) -> Method:
+    """LoRA from a resolved `peft` section (see DEFAULTS)."""
+    del apply_fn, tokenizer
+    dropout = float(s.dropout)
+    transform = functools.partial(apply_lora, **lowrank_kwargs(s), dropout=dropout)
+    return Method(name="lora", transform=transform, train_patterns=tuple(s.train_patterns),
+                  bind_rng=bind_dropout if dropout > 0 else None)
+
+
+register("lora", DEFAULTS, method)

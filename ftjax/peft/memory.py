@@ -27,6 +27,7 @@ export) raises.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -34,8 +35,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ftjax.peft.core import StructuredWeight, compile_patterns, linear, map_weights
+from ftjax.peft.core import StructuredWeight, linear, select_targets, unwrap
 from ftjax.peft.lora import RANK_AXIS
+from ftjax.peft.method import Method, register
 
 EXPERT_AXIS = "expert"  # the bank dim: sharded over the "expert" mesh axis by the ep preset
 DEFAULT_TARGETS = (r"layers/mlp/down_proj/kernel",)
@@ -109,6 +111,9 @@ class MemoryExpertsWeight(StructuredWeight):
     def trainable_fields(self):
         return ("a", "b", "router", "null_logit")
 
+    def frozen_base(self):
+        return unwrap(self.base)
+
     def field_axes(self, base_axes):
         lead, ax_in, ax_out = base_axes[:-2], base_axes[-2], base_axes[-1]
         base = base_axes
@@ -168,23 +173,18 @@ def apply_memory(params: Any, key: jax.Array, *, num_experts: int = 256, top_k: 
                          f"num_experts={num_experts})")
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"peft.top_k={top_k} must be in [1, num_experts={num_experts}]")
-    pats = compile_patterns(targets)
     scale = float(alpha) / rank
-    hits: list[str] = []
-    paths: list[str] = []
 
-    def one(path, w):
-        paths.append(path)
-        if not any(p.fullmatch(path) for p in pats):
-            return w
+    def check(path, w):
         if isinstance(w, StructuredWeight) or w.ndim < 2 or path.endswith("embedding"):
             raise ValueError(f"memory target {path!r} is not a dense kernel (shape "
                              f"{getattr(w, 'shape', None)}); narrow peft.targets")
-        hits.append(path)
+
+    def make(path, w, key_i):
         *lead, n_in, n_out = w.shape
         active = _layer_mask(lead, layers, path)
         on = active.reshape(tuple(lead) + (1, 1, 1))
-        ka, kr = jax.random.split(jax.random.fold_in(key, len(hits)))
+        ka, kr = jax.random.split(key_i)
         bound = 1.0 / math.sqrt(n_in)  # LoRA's A init (torch nn.Linear default)
         a = jax.random.uniform(ka, (*lead, num_experts, n_in, rank), jnp.float32, -bound, bound)
         router = jax.random.normal(kr, (*lead, n_in, num_experts), jnp.float32)
@@ -194,24 +194,32 @@ def apply_memory(params: Any, key: jax.Array, *, num_experts: int = 256, top_k: 
             router=router * on[..., 0], active=active,
             null_logit=jnp.zeros(tuple(lead), jnp.float32) if null_expert else None,
             top_k=top_k, scale=scale)
-
-    out = map_weights(one, params)
-    if not hits:
-        raise ValueError(f"memory targets {list(targets)} match no weight; weight paths are: "
-                         f"{paths}")
-    return out
+    return select_targets(params, targets, make, name="memory", key=key, check=check)
 
 
-def method(pcfg):
-    """Memory experts from a config's `peft` section (see configs/memory_tuning.py)."""
-    import functools
-    from ftjax.peft import Method
-    layers = pcfg.get("layers", ()) or ()
+DEFAULTS = dict(
+    num_experts=256,           # M memory experts per adapted kernel
+    top_k=4,                   # experts mixed per token
+    rank=4,                    # r of each expert
+    alpha=8.0,                 # scale s = alpha / r
+    targets=DEFAULT_TARGETS,   # the MLP down projection
+    layers=(),                 # stacked layer indices with memory; empty: all
+    null_expert=True,          # a learned "no memory" logit in the gate softmax
+    router_std=1.0,            # router ~ N(0, router_std^2 / in)
+    train_patterns=(),
+)
+
+
+def method(s, *, apply_fn=None, tokenizer=None) -> Method:
+    """Memory experts from a resolved `peft` section (see configs/memory_tuning.py)."""
+    del apply_fn, tokenizer
     transform = functools.partial(
-        apply_memory, num_experts=int(pcfg.get("num_experts", 256)),
-        top_k=int(pcfg.get("top_k", 4)), rank=int(pcfg.get("rank", 4)),
-        alpha=float(pcfg.get("alpha", 8.0)), targets=tuple(pcfg.get("targets", DEFAULT_TARGETS)),
-        layers=tuple(int(i) for i in layers), null_expert=bool(pcfg.get("null_expert", True)),
-        router_std=float(pcfg.get("router_std", 1.0)))
-    return Method(name="memory", transform=transform,
-                  train_patterns=tuple(pcfg.get("train_patterns", ())), mergeable=False)
+        apply_memory, num_experts=int(s.num_experts), top_k=int(s.top_k), rank=int(s.rank),
+        alpha=float(s.alpha), targets=tuple(s.targets),
+        layers=tuple(int(i) for i in (s.layers or ())), null_expert=bool(s.null_expert),
+        router_std=float(s.router_std))
+    return Method(name="memory", transform=transform, train_patterns=tuple(s.train_patterns),
+                  mergeable=False)
+
+
+register("memory", DEFAULTS, method)

@@ -3,9 +3,9 @@
 Serving: `stack_adapters([lora_params_0, .., lora_params_{N-1}])` turns every adapted weight into
 a `MultiLoRAWeight(base, a [.., N, in, r], b [.., N, r, out], scales)`. The adapter axis N sits
 right after the base's leading (stacked-layer) dims, so `lax.scan` over layers slices the layer
-axis as for any other weight. `multi_apply(params, cfg, tokens, adapter_ids=[B], ...)` binds the
-per-row adapter ids into the weights (an `ids` field broadcast over the layer dims, so scan
-slices it too) and runs `models.apply`; each weight then gathers its rows' factors and applies
+axis as for any other weight. `multi_apply(params, cfg, tokens, adapter_ids=[B], base_apply=...)`
+binds the per-row adapter ids into the weights (an `ids` field broadcast over the layer dims, so
+scan slices it too) and runs the model's apply function it wraps (`base_apply`); each weight then gathers its rows' factors and applies
 them with a per-row batched einsum. Id -1 selects no adapter (the base). Adapters may differ in
 rank (zero-padded to the largest, which leaves their products unchanged), scale and targets (a
 weight one adapter does not adapt gets zero factors there).
@@ -22,17 +22,17 @@ error ||dW - dW_k|| / ||dW|| of the truncation (0 for exact combinations).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import models
-from ftjax.models.config import ModelConfig
-from ftjax.peft.core import StructuredWeight, embed, linear, map_weights
+from ftjax.peft.core import StructuredWeight, embed, linear, map_weights, unwrap
 from ftjax.peft.lora import RANK_AXIS, LoRAWeight
+
+ModelConfig = Any  # ftjax.models.ModelConfig (peft does not import the model)
 
 COMBINATIONS = ("linear", "cat", "svd")
 
@@ -96,6 +96,9 @@ class MultiLoRAWeight(StructuredWeight):
 
     def trainable_fields(self):
         return ("a", "b")
+
+    def frozen_base(self):
+        return unwrap(self.base)
 
     def field_axes(self, base_axes):
         lead, ax_in, ax_out = base_axes[:-2], base_axes[-2], base_axes[-1]
@@ -200,14 +203,16 @@ def bind_adapters(params: Any, adapter_ids: jax.Array) -> Any:
 
 
 def multi_apply(params: Any, cfg: ModelConfig, tokens: jax.Array, *,
-                adapter_ids: Optional[jax.Array] = None, **kw):
-    """`models.apply` where row b uses adapter adapter_ids[b] (-1: the base alone)."""
+                base_apply: Callable[..., Any], adapter_ids: Optional[jax.Array] = None, **kw):
+    """`base_apply` (the model's apply, e.g. `ftjax.models.apply`) where row b uses adapter
+    adapter_ids[b] (-1: the base alone). Bind base_apply (and adapter_ids) with
+    `functools.partial` to get an apply function for generation."""
     if adapter_ids is None:
         raise ValueError("multi_apply needs adapter_ids [batch] (one adapter index per row)")
     if jnp.shape(adapter_ids) != tokens.shape[:1]:
         raise ValueError(f"adapter_ids has shape {jnp.shape(adapter_ids)}, tokens "
                          f"{tokens.shape}: one adapter id per row")
-    return models.apply(bind_adapters(params, adapter_ids), cfg, tokens, **kw)
+    return base_apply(bind_adapters(params, adapter_ids), cfg, tokens, **kw)
 
 
 def select_adapter(params: Any, index: int) -> Any:

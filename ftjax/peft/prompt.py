@@ -4,7 +4,7 @@ Prompt tuning trains n virtual-token embeddings prepended to every sequence. `mo
 takes token ids, so the vocabulary is extended instead: `embed/embedding` becomes a
 `PromptTable(base [V, D], prompt [n, D])` whose `lookup` returns prompt rows for ids >= V, and
 whose `materialize()` is the base (a tied LM head keeps V outputs). `prompt_apply` prepends ids
-V..V+n-1, runs `models.apply` and drops the first n logits.
+V..V+n-1, runs the wrapped apply function (`models.apply`) and drops the first n logits.
   Positions: the virtual tokens take positions 0..n-1 and real tokens continue after them
   (given positions + n), as in PEFT, where the prompt is concatenated to the input embeddings.
   Segments: the prompt gets the segment id of each row's first real (non-zero) token. A
@@ -33,24 +33,29 @@ kv_dim as PEFT does for GQA models).
 
 Generation: both apply functions understand a KV cache. Given a fresh cache (from
 `init_cache`) they grow it by the n (or K*n) prefix slots, write the prompt/prefix, and mark the
-returned cache (key `peft_prefix_slots`), so later decode calls only shift positions.
-`prompt_generate` is `ftjax.infer.generate.generate` with the apply function as a parameter.
+returned cache (key `peft_prefix_slots`), so later decode calls only shift positions; pass
+the method's apply_fn to `ftjax.infer.generate.generate(..., apply_fn=...)`.
+
+Neither function imports the model: each takes the apply function it wraps (`base_apply`, the
+model's `apply`), and `method()` binds the one given to `get_method` into `Method.apply_fn`.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import models
-from ftjax.models.config import ModelConfig
-from ftjax.peft.core import StructuredWeight, embed, linear, materialize
+from ftjax.peft.core import StructuredWeight, embed, linear, materialize, unwrap
+from ftjax.peft.method import Method, register, require_apply_fn
+
+ModelConfig = Any  # ftjax.models.ModelConfig (peft does not import the model)
+ApplyFn = Callable[..., Any]  # the signature of ftjax.models.apply
 
 CACHE_MARK = "peft_prefix_slots"  # cache key: number of prefix slots already written
 PROMPT_INITS = ("random", "text", "vocab")
@@ -128,6 +133,9 @@ class PromptTable(StructuredWeight):
     def trainable_fields(self):
         return ("prompt",)
 
+    def frozen_base(self):
+        return unwrap(self.base)
+
     def field_axes(self, base_axes):
         base = base_axes
         if isinstance(self.base, StructuredWeight):
@@ -186,10 +194,11 @@ def apply_prompt_tuning(params: Any, key: jax.Array, *, num_virtual_tokens: int 
     return out
 
 
-def prompt_apply(params: Any, cfg: ModelConfig, tokens: jax.Array, *,
+def prompt_apply(params: Any, cfg: ModelConfig, tokens: jax.Array, *, base_apply: ApplyFn,
                  positions: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None,
                  cache: Optional[dict] = None, segments: int = 1, **kw):
-    """`models.apply` with the trained prompt prepended to every row (see module doc).
+    """`base_apply` (the model's apply) with the trained prompt prepended to every row (see
+    module doc). Bind base_apply with `functools.partial` to get an apply function.
 
     Returns logits [B, T, V] for the real tokens only, and aux (with the cache, marked with
     the prompt's slots, when a cache was given).
@@ -203,8 +212,8 @@ def prompt_apply(params: Any, cfg: ModelConfig, tokens: jax.Array, *,
         slots = cache[CACHE_MARK]
         if positions is None:
             positions = jnp.broadcast_to(cache["index"] - slots + jnp.arange(t), (b, t))
-        logits, aux = models.apply(params, cfg, tokens, positions=positions + n,
-                                   segment_ids=seg, cache=_strip_mark(cache), **kw)
+        logits, aux = base_apply(params, cfg, tokens, positions=positions + n,
+                                 segment_ids=seg, cache=_strip_mark(cache), **kw)
         aux["cache"][CACHE_MARK] = slots
         return logits, aux
 
@@ -222,8 +231,8 @@ def prompt_apply(params: Any, cfg: ModelConfig, tokens: jax.Array, *,
                                positions.astype(jnp.int32) + n], axis=1)
     all_seg = jnp.concatenate([prefix_segment_ids(seg, n, k), seg], axis=1)
     grown = None if cache is None else _grow(cache, k * n)
-    logits, aux = models.apply(params, cfg, all_tokens, positions=all_pos, segment_ids=all_seg,
-                               cache=grown, **kw)
+    logits, aux = base_apply(params, cfg, all_tokens, positions=all_pos, segment_ids=all_seg,
+                             cache=grown, **kw)
     if "hidden" in aux:
         aux["hidden"] = aux["hidden"][:, k * n:]
     if cache is not None:
@@ -253,6 +262,9 @@ class _Prefix(StructuredWeight):
     @property
     def shape(self):
         return tuple(self.base.shape)
+
+    def frozen_base(self):
+        return unwrap(self.base)
 
     def _base_axes(self, base_axes):
         if isinstance(self.base, StructuredWeight):
@@ -384,7 +396,17 @@ def split_prefix(params: Any) -> tuple[Any, jax.Array, jax.Array]:
     return _set(params, PREFIX_PATH, w.base), k, v
 
 
-def prefix_from_tokens(params: Any, cfg: ModelConfig, token_ids: Sequence[int]) -> Any:
+def _empty_cache(cfg: ModelConfig, batch: int, slots: int, dtype) -> dict:
+    """An empty KV cache of `slots` slots, laid out as `ftjax.models.init_cache` makes it
+    (k, v [L, B, slots, kv_heads, head_dim]; segment ids [B, slots]; fill index)."""
+    shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.dim_per_head)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "segment_ids": jnp.zeros((batch, slots), jnp.int32),
+            "index": jnp.zeros((), jnp.int32)}
+
+
+def prefix_from_tokens(params: Any, cfg: ModelConfig, token_ids: Sequence[int], *,
+                       base_apply: ApplyFn) -> Any:
     """Sets a direct prefix to the keys/values the base model computes for `token_ids` (one
     slot per id, positions 0..n-1, RoPE already applied), i.e. the KV cache of a real prefill
     (Li & Liang's initialisation from real words; PEFT's Cartridge)."""
@@ -396,17 +418,18 @@ def prefix_from_tokens(params: Any, cfg: ModelConfig, token_ids: Sequence[int]) 
     n = ids.shape[1]
     if n != k0.shape[1]:
         raise ValueError(f"got {n} token ids for a prefix of {k0.shape[1]} slots")
-    cache = models.init_cache(cfg, 1, n)
-    _, aux = models.apply(base_params, cfg, ids, cache=cache)
+    cache = _empty_cache(cfg, 1, n, jnp.dtype(cfg.dtype))
+    _, aux = base_apply(base_params, cfg, ids, cache=cache)
     flat = lambda x: x[:, 0].reshape(cfg.num_layers, n, cfg.kv_size).astype(w.k.dtype)
     return _set(params, PREFIX_PATH, w.replace(k=flat(aux["cache"]["k"]),
                                                v=flat(aux["cache"]["v"])))
 
 
-def prefix_apply(params: Any, cfg: ModelConfig, tokens: jax.Array, *,
+def prefix_apply(params: Any, cfg: ModelConfig, tokens: jax.Array, *, base_apply: ApplyFn,
                  positions: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None,
                  cache: Optional[dict] = None, segments: int = 1, **kw):
-    """`models.apply` with every layer's keys/values preceded by the trained prefix.
+    """`base_apply` (the model's apply) with every layer's keys/values preceded by the
+    trained prefix. Bind base_apply with `functools.partial` to get an apply function.
 
     Real tokens keep positions 0.. (the prefix takes cache slots, not positions).
     """
@@ -420,8 +443,8 @@ def prefix_apply(params: Any, cfg: ModelConfig, tokens: jax.Array, *,
         slots = cache[CACHE_MARK]
         if positions is None:
             positions = jnp.broadcast_to(cache["index"] - slots + jnp.arange(t), (b, t))
-        logits, aux = models.apply(base_params, cfg, tokens, positions=positions,
-                                   segment_ids=seg, cache=_strip_mark(cache), **kw)
+        logits, aux = base_apply(base_params, cfg, tokens, positions=positions,
+                                 segment_ids=seg, cache=_strip_mark(cache), **kw)
         aux["cache"][CACHE_MARK] = slots
         return logits, aux
 
@@ -432,7 +455,7 @@ def prefix_apply(params: Any, cfg: ModelConfig, tokens: jax.Array, *,
 
     pseg = prefix_segment_ids(seg, n, kc)
     if cache is None:
-        empty = models.init_cache(cfg, b, t, dtype)
+        empty = _empty_cache(cfg, b, t, dtype)
         start = 0
     else:
         _check_fresh(cache)
@@ -443,8 +466,8 @@ def prefix_apply(params: Any, cfg: ModelConfig, tokens: jax.Array, *,
             "v": jnp.concatenate([slots_of(pv), empty["v"]], axis=2),
             "segment_ids": jnp.concatenate([pseg, empty["segment_ids"]], axis=1),
             "index": start + kc * n}
-    logits, aux = models.apply(base_params, cfg, tokens, positions=positions, segment_ids=seg,
-                               cache=full, **kw)
+    logits, aux = base_apply(base_params, cfg, tokens, positions=positions, segment_ids=seg,
+                             cache=full, **kw)
     if cache is None:
         aux.pop("cache")
     else:
@@ -453,68 +476,68 @@ def prefix_apply(params: Any, cfg: ModelConfig, tokens: jax.Array, *,
 
 
 # ------------------------------------------------------------------------------------------
-# Generation with an apply function (ftjax.infer.generate.generate, apply_fn as a parameter)
+# Config entry points
 # ------------------------------------------------------------------------------------------
 
-def prompt_generate(params: Any, cfg: ModelConfig, prompt_tokens, prompt_lengths, *,
-                    apply_fn=prompt_apply, max_new_tokens: int, eos_id: int, pad_id: int = 0,
-                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                    rng: Optional[jax.Array] = None) -> np.ndarray:
-    """`ftjax.infer.generate.generate` through `apply_fn` (prompt_apply, prefix_apply, or any
-    function with the signature of `models.apply` that handles a KV cache).
+PROMPT_DEFAULTS = dict(
+    num_virtual_tokens=20,     # n virtual tokens
+    init="random",             # random | text | vocab (see apply_prompt_tuning)
+    init_std=0.0,              # random: N(0, init_std); 0: the embedding table's std
+    init_text="",              # text: tokenized with the run's tokenizer (get_method's) ...
+    init_token_ids=(),         # ... or explicit ids instead
+    segments=1,                # prompt copies per packed row (see module doc)
+    train_patterns=(),
+)
+PREFIX_DEFAULTS = dict(
+    num_virtual_tokens=20,     # n prefix slots per layer
+    projection=False,          # re-parameterise through an MLP (PEFT's prefix_projection)
+    projection_hidden=0,       # its hidden size; 0: token_dim
+    token_dim=0,               # its embedding width; 0: kv_dim
+    init_std=1.0,              # k, v (or emb) ~ N(0, init_std)
+    segments=1,                # prefix copies per packed row (see module doc)
+    train_patterns=(),
+)
 
-    Same arguments and output as `generate`: left-padded prompts [B, P] with their lengths;
-    returns int32 [B, max_new_tokens], pad after eos. Greedy when temperature == 0.
-    """
-    from ftjax.infer.generate import generate
-    return generate(params, cfg, prompt_tokens, prompt_lengths, max_new_tokens=max_new_tokens,
-                    eos_id=eos_id, pad_id=pad_id, temperature=temperature, top_k=top_k,
-                    top_p=top_p, rng=rng, apply_fn=apply_fn)
 
-
-# ------------------------------------------------------------------------------------------
-# Config entry point
-# ------------------------------------------------------------------------------------------
-
-def _init_token_ids(pcfg) -> Optional[list[int]]:
-    ids = pcfg.get("init_token_ids", None)
-    if ids:
-        return [int(i) for i in ids]
-    text = pcfg.get("init_text", "")
-    if not text:
+def _init_token_ids(s, tokenizer) -> Optional[list[int]]:
+    """The ids a text init starts from: init_token_ids, else init_text tokenized."""
+    if s.init_token_ids:
+        return [int(i) for i in s.init_token_ids]
+    if s.init != "text":
         return None
-    from ftjax import data as ftdata
-    tok_dir = pcfg.get("tokenizer_dir", "")
-    tok = ftdata.HFTokenizer.from_dir(tok_dir) if tok_dir else ftdata.CharTokenizer()
-    return list(tok.encode(text))
+    if not s.init_text:
+        raise ValueError("peft.init='text' needs peft.init_text (or peft.init_token_ids)")
+    if tokenizer is None:
+        raise ValueError("peft.init='text' tokenizes peft.init_text with the run's tokenizer: "
+                         "call ftjax.peft.get_method(pcfg, apply_fn=..., tokenizer=tok) (or "
+                         "give peft.init_token_ids)")
+    return list(tokenizer.encode(str(s.init_text)))
 
 
-def method(pcfg):
-    """prompt_tuning or prefix_tuning from a config's `peft` section (configs/prompt_sft.py,
-    configs/prefix_sft.py)."""
-    from ftjax.peft import Method
-    name = pcfg.get("method")
-    n = int(pcfg.get("num_virtual_tokens", 20))
-    segments = int(pcfg.get("segments", 1))
-    if name == "prompt_tuning":
-        init_std = pcfg.get("init_std", None) or None  # 0 / None: the embedding table's std
-        transform = functools.partial(
-            apply_prompt_tuning, num_virtual_tokens=n, init=pcfg.get("init", "random"),
-            init_token_ids=_init_token_ids(pcfg),
-            init_std=None if init_std is None else float(init_std))
-        apply_fn = functools.partial(prompt_apply, segments=segments)
-    elif name == "prefix_tuning":
-        hidden = pcfg.get("projection_hidden", None)
-        token_dim = pcfg.get("token_dim", None)
-        transform = functools.partial(
-            apply_prefix_tuning, num_virtual_tokens=n,
-            projection=bool(pcfg.get("projection", False)),
-            projection_hidden=None if not hidden else int(hidden),
-            token_dim=None if not token_dim else int(token_dim),
-            init_std=float(pcfg.get("init_std", 1.0)))
-        apply_fn = functools.partial(prefix_apply, segments=segments)
-    else:
-        raise ValueError(f"ftjax.peft.prompt provides prompt_tuning and prefix_tuning, not "
-                         f"{name!r}")
-    return Method(name=name, transform=transform,
-                  train_patterns=tuple(pcfg.get("train_patterns", ())), apply_fn=apply_fn)
+def prompt_method(s, *, apply_fn=None, tokenizer=None) -> Method:
+    """prompt_tuning from a resolved `peft` section (configs/prompt_sft.py)."""
+    base_apply = require_apply_fn("prompt_tuning", apply_fn)
+    init_std = float(s.init_std) or None  # 0: the embedding table's std
+    transform = functools.partial(
+        apply_prompt_tuning, num_virtual_tokens=int(s.num_virtual_tokens), init=str(s.init),
+        init_token_ids=_init_token_ids(s, tokenizer), init_std=init_std)
+    fn = functools.partial(prompt_apply, base_apply=base_apply, segments=int(s.segments))
+    return Method(name="prompt_tuning", transform=transform,
+                  train_patterns=tuple(s.train_patterns), apply_fn=fn)
+
+
+def prefix_method(s, *, apply_fn=None, tokenizer=None) -> Method:
+    """prefix_tuning from a resolved `peft` section (configs/prefix_sft.py)."""
+    del tokenizer
+    base_apply = require_apply_fn("prefix_tuning", apply_fn)
+    transform = functools.partial(
+        apply_prefix_tuning, num_virtual_tokens=int(s.num_virtual_tokens),
+        projection=bool(s.projection), projection_hidden=int(s.projection_hidden) or None,
+        token_dim=int(s.token_dim) or None, init_std=float(s.init_std))
+    fn = functools.partial(prefix_apply, base_apply=base_apply, segments=int(s.segments))
+    return Method(name="prefix_tuning", transform=transform,
+                  train_patterns=tuple(s.train_patterns), apply_fn=fn)
+
+
+register("prompt_tuning", PROMPT_DEFAULTS, prompt_method)
+register("prefix_tuning", PREFIX_DEFAULTS, prefix_method)

@@ -20,9 +20,10 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from ftjax.peft import quant
+from ftjax.peft import lora, quant
 from ftjax.peft.core import StructuredWeight, compile_patterns, map_weights, materialize
 from ftjax.peft.lora import DEFAULT_TARGETS, LoRAWeight, init_factors, wrap_targets
+from ftjax.peft.method import Method, register
 
 
 def apply_qlora(params: Any, key: jax.Array, *, rank: int = 8, alpha: float = 16.0,
@@ -48,10 +49,6 @@ def apply_qlora(params: Any, key: jax.Array, *, rank: int = 8, alpha: float = 16
                                or not any(x.fullmatch(p) for x in q_pats)
                                or isinstance(w, StructuredWeight))
             else quant.quantize(w, quant_kind, **qkw), params)
-    def check(path, w):
-        if isinstance(w, StructuredWeight) or w.ndim < 2:
-            raise ValueError(f"QLoRA target {path!r} is not a dense matrix (shape "
-                             f"{getattr(w, 'shape', None)}); narrow the target patterns")
 
     def make(path, w, r, s, k):
         # The same factors as apply_lora for the same key; the base is quantized.
@@ -60,7 +57,7 @@ def apply_qlora(params: Any, key: jax.Array, *, rank: int = 8, alpha: float = 16
         return LoRAWeight(base=quant.quantize(w, quant_kind, **qkw), a=a.astype(adt),
                           b=b.astype(adt), scale=s)
 
-    return wrap_targets(params, key, "QLoRA", targets, check, make, rank=rank, alpha=alpha,
+    return wrap_targets(params, key, "QLoRA", targets, None, make, rank=rank, alpha=alpha,
                         rslora=rslora, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
 
 
@@ -121,20 +118,22 @@ def merge_qlora(params: Any, target: str = "dequantized",
     return merged, report
 
 
-def method(pcfg):
-    """QLoRA from a config's `peft` section. Defaults: rank 8, alpha 16, NF4 with blocks of
-    64 and double quantization, LoRA and quantization on every attention and MLP projection
-    (`quantize_targets` adds frozen quantized weights), init "default", rslora False."""
-    from ftjax.peft import Method
-    q_targets = pcfg.get("quantize_targets", None)
+# LoRA's settings without dropout, plus the quantization of the frozen base.
+DEFAULTS = dict({k: v for k, v in lora.DEFAULTS.items() if k != "dropout"},
+                quant="nf4",              # nf4 | int8
+                block_size=64,            # NF4 block size
+                double_quant=True,        # NF4: quantize the block scales too
+                quantize_targets=())      # more weights quantized (frozen) without an adapter
+
+
+def method(s, *, apply_fn=None, tokenizer=None) -> Method:
+    """QLoRA from a resolved `peft` section (see DEFAULTS)."""
+    del apply_fn, tokenizer
     transform = functools.partial(
-        apply_qlora, rank=int(pcfg.get("rank", 8)), alpha=float(pcfg.get("alpha", 16.0)),
-        targets=tuple(pcfg.get("targets", DEFAULT_TARGETS)),
-        quantize_targets=tuple(q_targets) if q_targets else None,
-        quant_kind=pcfg.get("quant", "nf4"), block_size=int(pcfg.get("block_size", 64)),
-        double_quant=bool(pcfg.get("double_quant", True)),
-        rslora=bool(pcfg.get("rslora", False)), init=pcfg.get("init", "default"),
-        rank_pattern=dict(pcfg.get("rank_pattern", {}) or {}),
-        alpha_pattern=dict(pcfg.get("alpha_pattern", {}) or {}))
-    return Method(name="qlora", transform=transform,
-                  train_patterns=tuple(pcfg.get("train_patterns", ())))
+        apply_qlora, **lora.lowrank_kwargs(s),
+        quantize_targets=tuple(s.quantize_targets) or None, quant_kind=str(s.quant),
+        block_size=int(s.block_size), double_quant=bool(s.double_quant))
+    return Method(name="qlora", transform=transform, train_patterns=tuple(s.train_patterns))
+
+
+register("qlora", DEFAULTS, method)

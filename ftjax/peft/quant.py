@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax.peft.core import StructuredWeight, compile_patterns, expert_linear, map_weights
+from ftjax.peft.core import StructuredWeight, expert_linear, select_targets
 
 # The 16 NormalFloat-4 levels, verbatim from bitsandbytes (`get_4bit_type("nf4")`, the table in
 # csrc/kernels.cu): quantiles of N(0, 1) (create_normal_map(offset=0.9677083)) scaled to
@@ -315,24 +315,8 @@ def quantize_params(params: Any, targets: Sequence[str] = DEFAULT_TARGETS, kind:
                     **kw) -> Any:
     """Replaces every dense weight whose path fully matches a `targets` regex by its
     quantized form. Raises if nothing matches (listing the weight paths)."""
-    pats = compile_patterns(targets)
-    hits, paths = [], []
-
-    def one(path, w):
-        paths.append(path)
-        if not any(p.fullmatch(path) for p in pats):
-            return w
-        if isinstance(w, StructuredWeight) or w.ndim < 2:
-            raise ValueError(f"quantization target {path!r} is not a dense matrix (shape "
-                             f"{getattr(w, 'shape', None)}); narrow the target patterns")
-        hits.append(path)
-        return quantize(w, kind, **kw)
-
-    out = map_weights(one, params)
-    if not hits:
-        raise ValueError(f"quantization targets {list(targets)} match no weight; weight paths "
-                         f"are: {paths}")
-    return out
+    return select_targets(params, targets, lambda path, w, k: quantize(w, kind, **kw),
+                          name="quantization")
 
 
 def _quantized_leaves(params: Any) -> list:

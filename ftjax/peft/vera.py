@@ -9,6 +9,7 @@ only base, d and b. b starts at zero (the model starts equal to the base), d at 
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -16,8 +17,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ftjax.peft.core import StructuredWeight, compile_patterns, linear, map_weights, materialize
+from ftjax.peft.core import StructuredWeight, linear, materialize, select_targets, unwrap
 from ftjax.peft.lora import DEFAULT_TARGETS, RANK_AXIS
+from ftjax.peft.method import Method, register
 
 
 def shared_matrices(seed: int, n_in: int, rank: int, n_out: int):
@@ -57,6 +59,9 @@ class VeRAWeight(StructuredWeight):
     def trainable_fields(self):
         return ("d", "b")
 
+    def frozen_base(self):
+        return unwrap(self.base)
+
     def field_axes(self, base_axes):
         lead, ax_out = base_axes[:-2], base_axes[-1]
         return {"base": base_axes, "d": lead + (RANK_AXIS,), "b": lead + (ax_out,)}
@@ -69,35 +74,29 @@ def apply_vera(params: Any, key: jax.Array = None, *, rank: int = 256, d_init: f
     `key` is unused: the init is deterministic and A, B come from the static `seed`.
     """
     del key
-    pats = compile_patterns(targets)
-    hits: list[str] = []
-    paths: list[str] = []
 
-    def one(path, w):
-        paths.append(path)
-        if not any(p.fullmatch(path) for p in pats):
-            return w
-        if isinstance(w, StructuredWeight) or w.ndim < 2:
-            raise ValueError(f"VeRA target {path!r} is not a dense matrix (shape "
-                             f"{getattr(w, 'shape', None)}); narrow the target patterns")
-        hits.append(path)
+    def make(path, w, k):
         *lead, _, n_out = w.shape
         return VeRAWeight(base=w, d=jnp.full((*lead, rank), d_init, jnp.float32),
                           b=jnp.zeros((*lead, n_out), jnp.float32), seed=seed)
-
-    out = map_weights(one, params)
-    if not hits:
-        raise ValueError(f"VeRA targets {list(targets)} match no weight; weight paths are: "
-                         f"{paths}")
-    return out
+    return select_targets(params, targets, make, name="VeRA")
 
 
-def method(pcfg):
-    """VeRA from a config's `peft` section: rank, d_init, seed, targets, train_patterns."""
-    import functools
-    from ftjax.peft import Method
-    transform = functools.partial(
-        apply_vera, rank=int(pcfg.get("rank", 256)), d_init=float(pcfg.get("d_init", 0.1)),
-        targets=tuple(pcfg.get("targets", DEFAULT_TARGETS)), seed=int(pcfg.get("seed", 0)))
-    return Method(name="vera", transform=transform,
-                  train_patterns=tuple(pcfg.get("train_patterns", ())))
+DEFAULTS = dict(
+    rank=256,                  # r of the shared random matrices
+    d_init=0.1,                # initial value of the d scalings (b starts at zero)
+    targets=DEFAULT_TARGETS,
+    seed=0,                    # the shared A, B are a function of (seed, shapes)
+    train_patterns=(),
+)
+
+
+def method(s, *, apply_fn=None, tokenizer=None) -> Method:
+    """VeRA from a resolved `peft` section (see DEFAULTS)."""
+    del apply_fn, tokenizer
+    transform = functools.partial(apply_vera, rank=int(s.rank), d_init=float(s.d_init),
+                                  targets=tuple(s.targets), seed=int(s.seed))
+    return Method(name="vera", transform=transform, train_patterns=tuple(s.train_patterns))
+
+
+register("vera", DEFAULTS, method)
