@@ -13,6 +13,7 @@ Both run the reference as an explicit, sharded argument of a separate jitted for
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from typing import Any, Iterable, Iterator, Mapping, Optional
@@ -20,10 +21,12 @@ from typing import Any, Iterable, Iterator, Mapping, Optional
 import jax
 import numpy as np
 
-from ftjax import sharding
+from etils import epath
+
+from ftjax import sharding, workdir
 from ftjax.align.reference import make_ref_logps_fn
 from ftjax.models.config import ModelConfig
-from ftjax.train.classify import PassthroughIterator
+from ftjax.train.batches import PassthroughIterator
 
 _ROW_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -95,13 +98,14 @@ def weights_stamp(init_from: str) -> list:
 def load_cache(path: str) -> Optional[dict[str, np.ndarray]]:
     """The cached table when `path` exists on every process (they must agree: computing it
     is a collective forward), else None."""
-    exists = os.path.exists(path)
+    path = epath.Path(path)
+    exists = path.exists()
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         exists = bool(np.all(multihost_utils.process_allgather(np.asarray(exists))))
     if not exists:
         return None
-    with np.load(path, allow_pickle=False) as f:
+    with path.open("rb") as fh, np.load(io.BytesIO(fh.read()), allow_pickle=False) as f:
         table = {k: np.asarray(f[k]) for k in f.files}
     if set(table) != {"keys", "chosen", "rejected"} or not (
             len(table["keys"]) == len(table["chosen"]) == len(table["rejected"])):
@@ -114,10 +118,9 @@ def save_cache(path: str, table: Mapping[str, np.ndarray]) -> None:
     """Writes the table atomically (process 0 only)."""
     if jax.process_index() != 0:
         return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **table)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.savez(buf, **table)
+    workdir.write_bytes(epath.Path(path).parent, epath.Path(path).name, buf.getvalue())
 
 
 class Precomputed(PassthroughIterator):

@@ -79,3 +79,32 @@ def loglik_eval(params: Params, cfg: ModelConfig,
     if total_tokens <= 0:
         raise ValueError("loglik_eval: no tokens to score (every loss_mask is zero, or no batches)")
     return {"loss": total_nll / total_tokens, "tokens": int(round(total_tokens))}
+
+
+def chat_exact_match(params: Params, cfg: ModelConfig, tokenizer, examples: Sequence[Mapping],
+                     *, template, max_new_tokens: int, apply_fn=None,
+                     batch_size: int = 64) -> dict:
+    """Exact match of greedy generation after each conversation's last user turn, rendered
+    with the training `template` (and its generation prompt), against the reference reply.
+
+    examples: canonical chat examples (`{"messages": [...]}`); those that do not end with an
+    assistant turn are skipped. Returns {"exact_match", "n", "samples"} like
+    `exact_match_eval` (exact_match None when nothing could be scored)."""
+    from ftjax.data.chat import apply_chat_template
+    from ftjax.infer.generate import generate_ids
+    prompts, answers = [], []
+    for ex in examples:
+        msgs = ex.get("messages") or []
+        if len(msgs) >= 2 and msgs[-1]["role"] == "assistant":
+            prompts.append(apply_chat_template(tokenizer, msgs[:-1], add_generation_prompt=True,
+                                               template=template))
+            answers.append(msgs[-1]["content"])
+    if not prompts:
+        return {"exact_match": None, "n": 0, "samples": []}
+    preds = [tokenizer.decode(ids) for ids in
+             generate_ids(params, cfg, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, apply_fn=apply_fn)]
+    hits = sum(p.strip() == a.strip() for p, a in zip(preds, answers))
+    return {"exact_match": hits / len(answers), "n": len(answers),
+            "samples": list(zip([tokenizer.decode(p) for p in prompts[:NUM_SAMPLES]],
+                                preds[:NUM_SAMPLES], answers[:NUM_SAMPLES]))}

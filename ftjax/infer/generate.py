@@ -188,16 +188,32 @@ def generate_text(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence
     if unknown:
         raise ValueError(f"generate_text got unknown sampling options {sorted(unknown)}; "
                          "allowed: temperature, top_k, top_p, rng")
+    encoded = [bos_prefix(tokenizer) + list(tokenizer.encode(p + "\n")) for p in prompts]
+    return [tokenizer.decode(ids) for ids in
+            generate_ids(params, cfg, tokenizer, encoded, max_new_tokens=max_new_tokens,
+                         batch_size=batch_size, **sampling)]
+
+
+def generate_ids(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence[Sequence[int]],
+                 *, max_new_tokens: int, batch_size: int = 64, **sampling) -> list[list[int]]:
+    """Generates a continuation of each prompt (token ids, already encoded with whatever
+    template the model was trained with); returns the new ids up to (not including) eos.
+
+    Batching as in `generate_text`: one shape per call, rows `batch_size` (or the next power
+    of two above the number of prompts), prompt length the longest rounded up to 16.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not prompts:
         return []
-    encoded = [bos_prefix(tokenizer) + list(tokenizer.encode(p + "\n")) for p in prompts]
+    encoded = [list(p) for p in prompts]
     longest = max(len(e) for e in encoded)
     prompt_len = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
     rows = _rows_for(len(encoded), batch_size)
     pad_id, eos_id = int(tokenizer.pad_id), int(tokenizer.eos_id)
     rng = sampling.pop("rng", None)
 
-    texts: list[str] = []
+    out_ids: list[list[int]] = []
     for batch_index, start in enumerate(range(0, len(encoded), rows)):
         chunk = encoded[start:start + rows]
         tokens = np.full((rows, prompt_len), pad_id, np.int32)
@@ -215,5 +231,5 @@ def generate_text(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence
             ids = row.tolist()
             if eos_id in ids:
                 ids = ids[:ids.index(eos_id)]
-            texts.append(tokenizer.decode(ids))
-    return texts
+            out_ids.append(ids)
+    return out_ids

@@ -1,16 +1,18 @@
-"""The training loop: placement, checkpoint/resume, periodic evaluation, early stopping, logging.
+"""The training loop: checkpoint/resume, periodic evaluation, early stopping, logging.
 
-`train(...)` is generic over the loss: SFT, preference and reward trainers pass their own
-`loss_fn` and data iterator. The data iterator yields this process's rows of each global
-batch (numpy dicts) and exposes `get_state()` / `set_state()`, saved with every checkpoint, so
-a resumed run sees exactly the batches an uninterrupted one would have.
+`train(run, loss_fn, batches)` is generic over the objective: every trainer passes the `Run`
+it built (`ftjax.train.run`), its `loss_fn` and its batch producer. The producer is an
+iterator of this process's rows of each global batch, or an on-policy producer that is handed
+the current params before each step (`ftjax.train.batches`); either exposes `get_state()` /
+`set_state()`, saved with every checkpoint, so a resumed run sees exactly the batches an
+uninterrupted one would have.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,9 @@ from ftjax.peft import core as peft_core
 from ftjax.io.checkpoint import Checkpointer, abstract_with_shardings
 from ftjax.models.config import ModelConfig
 from ftjax.train import optim, param_groups
+from ftjax.train.batches import draw
+from ftjax.train.placement import Placement
+from ftjax.train.run import Run, host_params, is_host, transform_key  # noqa: F401 (host_params, Placement: re-exported)
 from ftjax.train.state import TrainState, create_state
 from ftjax.train.step import LossFn, jit_train_step, make_eval_step, make_train_step
 
@@ -56,52 +61,10 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
         training=training)
 
 
-class Placement:
-    """Mesh, rules and the shardings of params, state and batches for one model config."""
-
-    def __init__(self, cfg: Any, model_cfg: ModelConfig, devices=None, abstract_params=None):
-        """abstract_params: the (possibly transformed, e.g. LoRA-wrapped) params tree as
-        ShapeDtypeStructs; defaults to the model's own params."""
-        self.mesh = sharding.make_mesh(cfg.mesh, devices)
-        self.rules = sharding.get_rules(cfg.sharding.rules)
-        base_axes = models.param_axes(model_cfg)
-        self.base_params = sharding.param_shardings(base_axes, self.mesh, self.rules)
-        if abstract_params is None:
-            abstract_params = models.param_shapes(model_cfg)
-        self.axes = peft_core.axes_like(abstract_params, base_axes)
-        sharding.check_divisible(abstract_params, self.axes, self.mesh, self.rules)
-        self.params = sharding.param_shardings(self.axes, self.mesh, self.rules)
-        self.batch = sharding.batch_sharding(self.mesh, self.rules)
-        self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-
-    def put_params(self, params: Any) -> Any:
-        return jax.device_put(params, self.params)
-
-    def put_batch(self, batch: dict) -> dict:
-        return sharding.shard_host_batch(batch, self.batch)
-
-
 def _tree_signature_hash(obj: Any) -> str:
     import hashlib
     import json
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def transform_key(seed: int) -> jax.Array:
-    """The key a run's PEFT transform is applied with (export tools rebuild adapters with it)."""
-    return jax.random.PRNGKey(seed + 1)
-
-
-def host_params(load_fn: Callable[[], Any]) -> Callable[[], Any]:
-    """Marks an init function that returns host arrays (a loaded checkpoint).
-
-    The loop then places its result with `device_put` onto the param shardings (each device
-    receives only its shard) instead of running it under jit, where loaded weights would
-    become compile-time constants. Its shapes come from the model config, so nothing is
-    loaded when the run resumes from a checkpoint.
-    """
-    load_fn.on_host = True
-    return load_fn
 
 
 def _mean_metrics(buf: Sequence[dict]) -> dict:
@@ -141,83 +104,67 @@ def evaluate(eval_fn, params, placement: Placement, batches: Sequence[dict]) -> 
     return out
 
 
-def train(cfg: Any, workdir: str, *, model_cfg: ModelConfig, init_params: Callable[[], Any],
-          loss_fn: LossFn, train_iter: Iterator[dict], eval_batches: Sequence[dict] = (),
-          name: str = "train", placement: Optional[Placement] = None,
-          on_eval: Optional[Callable[[int, Any], dict]] = None,
-          checkpointer: Optional[Checkpointer] = None,
-          transform: Optional[Callable[[Any, jax.Array], Any]] = None,
-          train_patterns: Sequence[str] = (".*",), devices=None,
-          wrap_optimizer: Optional[Callable[[Any], Any]] = None) -> TrainResult:
-    """Runs (or resumes) training as configured by `cfg.train` / `cfg.optimizer`.
+def place_initial_params(run: Run) -> Any:
+    """The run's starting params, transformed and placed with the param shardings: under jit
+    for a pure init function, by `device_put` (shard by shard) for loaded host arrays."""
+    placement, transform = run.placement, run.transform
+    tkey = transform_key(run.seed)
+    if is_host(run.init_params):
+        dtype = jnp.dtype(run.model_cfg.param_dtype)
+        base = jax.device_put(jax.tree.map(lambda x: np.asarray(x, dtype), run.init_params()),
+                              placement.base_params)
+        if transform is None:
+            return base
+        return jax.jit(transform, out_shardings=placement.params)(base, tkey)
+    init = run.init_params
+    fn = (lambda: transform(init(), tkey)) if transform else init
+    return jax.jit(fn, out_shardings=placement.params)()
 
-    init_params: returns the initial params (called only when there is no checkpoint, or to
-      rebuild frozen weights on resume); placed with the param shardings (under jit when it is
-      a pure init function, by `device_put` when marked with `host_params`).
-    transform: `(params, key) -> params'`, e.g. a PEFT method wrapping weights in structured
-      weights; applied under jit to the placed initial params.
-    train_patterns: regexes over param paths of the plain (untransformed) leaves that train;
-      fields of structured weights train as their method says (adapters yes, bases no).
-      Everything else is frozen: no gradients, no optimizer state, not checkpointed.
+
+def train(run: Run, loss_fn: LossFn, batches: Any, *, eval_batches: Sequence[dict] = (),
+          on_eval: Optional[Callable[[int, Any], dict]] = None,
+          checkpointer: Optional[Checkpointer] = None) -> TrainResult:
+    """Runs (or resumes) training as configured by `run.cfg.train` / `run.cfg.optimizer`.
+
+    run: the set-up (`ftjax.train.run.Run`): model config, starting params, transform,
+      train patterns, placement, workdir; nothing is re-derived here.
+    batches: an iterator of this process's rows of each global batch, or an on-policy
+      producer whose `next_batch(step, params)` sees the current params (`train.batches`).
     on_eval: optional extra evaluation `(step, full_params) -> metrics` run with each
       evaluation.
-    devices: the devices of the mesh (default: all).
-    wrap_optimizer: optional `tx -> tx'` applied to the configured optimizer (a PEFT method's
-      `Method.wrap_optimizer`, e.g. HFT's per-round update masks).
-    Leaves of frozen `optimizer.param_groups` (spec None) are frozen like unmatched
-    `train_patterns`; see `ftjax.train.param_groups`.
+    Leaves that match no train pattern, and leaves of frozen `optimizer.param_groups` (spec
+    None), are frozen: no gradients, no optimizer state, not checkpointed.
     """
     t_start = time.time()
+    cfg, name, model_cfg = run.cfg, run.name, run.model_cfg
     tcfg = cfg.train
     steps = int(tcfg.steps)
     accum = int(tcfg.get("accum_steps", 1))
-    seed = int(cfg.seed)
+    seed = run.seed
     tx, sched = optim.make_optimizer(cfg.optimizer, steps)
-    if wrap_optimizer is None and cfg.get("peft") is not None:
-        from ftjax.peft import get_method  # never fall back silently to plain fine-tuning
-        if get_method(cfg.peft).wrap_optimizer is not None:
-            raise ValueError(f"[{name}] peft.method={cfg.peft.method!r} acts on the optimizer; "
-                             "the trainer must pass wrap_optimizer=method.wrap_optimizer")
-    if wrap_optimizer is not None:
-        tx = wrap_optimizer(tx)
-
-    on_host = getattr(init_params, "on_host", False)
-    base_abstract = (models.param_shapes(model_cfg) if on_host
-                     else jax.eval_shape(init_params))
-    tkey = transform_key(seed)
-    full_abstract = (jax.eval_shape(transform, base_abstract, tkey) if transform
-                     else base_abstract)
-    placement = placement or Placement(cfg, model_cfg, devices, abstract_params=full_abstract)
+    if run.method.wrap_optimizer is not None:
+        tx = run.method.wrap_optimizer(tx)
+    full_abstract, placement = run.abstract_params, run.placement
     sharding.check_batch_divisible(int(tcfg.batch_size), placement.mesh, placement.rules, accum)
 
-    mask = peft_core.trainable_mask(full_abstract, train_patterns)
+    mask = peft_core.trainable_mask(full_abstract, run.train_patterns)
     mask = param_groups.freeze(mask, cfg.optimizer.get("param_groups", ()))
     train_abs, frozen_abs = peft_core.partition(full_abstract, mask)
     if not jax.tree.leaves(train_abs):
         raise ValueError(f"[{name}] nothing to train: no param matches train_patterns "
-                         f"{list(train_patterns)} and no adapter was added")
+                         f"{list(run.train_patterns)} and no adapter was added")
     has_frozen = bool(jax.tree.leaves(frozen_abs))
     # What a checkpoint must match to be resumed: the trainable leaves' paths and shapes.
     sig_leaves = jax.tree_util.tree_flatten_with_path(train_abs)[0]
     signature = {"n": len(sig_leaves), "size": int(sum(x.size for _, x in sig_leaves)),
                  "hash": _tree_signature_hash([(peft_core.path_str(p), list(x.shape))
                                             for p, x in sig_leaves])}
-    train_sh, frozen_sh = peft_core.partition(placement.params, mask)
     abstract_state = jax.eval_shape(
         lambda t, f: create_state(t, tx, seed, f if has_frozen else None), train_abs, frozen_abs)
     state_sh = sharding.state_shardings(abstract_state, full_abstract, placement.params,
                                         placement.mesh)
-
-    def initial_full_params():
-        if on_host:
-            dtype = jnp.dtype(model_cfg.param_dtype)
-            base = jax.device_put(jax.tree.map(lambda x: np.asarray(x, dtype), init_params()),
-                                  placement.base_params)
-            if transform is None:
-                return base
-            return jax.jit(transform, out_shardings=placement.params)(base, tkey)
-        fn = (lambda: transform(init_params(), tkey)) if transform else init_params
-        return jax.jit(fn, out_shardings=placement.params)()
+    initial_full_params = lambda: place_initial_params(run)
+    workdir, train_iter = run.workdir, batches
 
     ckpt = checkpointer or Checkpointer(workdir, max_to_keep=tcfg.get("keep_checkpoints", 3),
                                         async_save=bool(tcfg.get("async_checkpoint", True)))
@@ -272,7 +219,7 @@ def train(cfg: Any, workdir: str, *, model_cfg: ModelConfig, init_params: Callab
     thr.tick(start)
     step = start
     while step < steps:
-        batch = placement.put_batch(next(train_iter))
+        batch = placement.put_batch(draw(train_iter, step, state.full_params))
         state, m = step_fn(state, batch)
         step += 1
         pending.append(m)
