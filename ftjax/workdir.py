@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import uuid
 from typing import Any
 
@@ -49,10 +50,12 @@ def is_remote(p: str | os.PathLike[str]) -> bool:
 
 
 def is_primary() -> bool:
-    """True on JAX process 0 (and whenever JAX is not initialised across processes)."""
-    import jax  # pylint: disable=import-outside-toplevel
+    """True on JAX process 0 (and whenever JAX is not initialised across processes).
 
-    return jax.process_index() == 0
+    Does not import JAX: a program that has not imported it (data tools) is one process.
+    """
+    jax = sys.modules.get("jax")
+    return jax is None or jax.process_index() == 0
 
 
 def mkdir(workdir: str | os.PathLike[str], *parts: str) -> epath.Path:

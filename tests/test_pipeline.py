@@ -11,6 +11,7 @@ from ftjax import models
 from ftjax.data.errors import DataError
 from ftjax.data.pipeline import Prepared, eval_batches, make_loader
 from ftjax.train import loop
+from ftjax.train.run import Run
 from ftjax.train.step import sft_loss
 from tests.test_train import _CrashAfter
 
@@ -266,14 +267,13 @@ def test_resume_through_the_training_loop(tmp_path):
     c.optimizer = common.optimizer("adamw", learning_rate=3e-3, warmup_steps=2)
     c.train = common.train(steps=10, batch_size=8, seq_len=48, log_every=1, progress=False,
                            tensorboard=False, async_checkpoint=False, checkpoint_every=4)
-    from ftjax.train.sft import model_config
+    from ftjax.train.run import model_config
     mcfg = model_config(c.model)
     p = sft_prepared(n=200, pack_window=32)
 
     def run(workdir, it):
-        return loop.train(c, str(workdir), model_cfg=mcfg,
-                          init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
-                          loss_fn=sft_loss(mcfg), train_iter=it)
+        return loop.train(Run.of(c, str(workdir), model_cfg=mcfg, init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0))),
+                          sft_loss(mcfg), it)
 
     def loader():
         return make_loader(p, "train", TOK, 8, 48, seed=1)

@@ -27,6 +27,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 
+from ftjax import workdir as workdir_lib
 from ftjax.data.errors import DataError
 
 __all__ = ["DataReport", "histogram", "REPORT_JSON", "REPORT_TXT"]
@@ -235,16 +236,12 @@ class DataReport:
         print(self.to_text(), flush=True)
 
     def save(self, workdir: str) -> tuple[str, str]:
-        """Writes data_report.json and data_report.txt atomically; returns their paths."""
+        """Writes data_report.json and data_report.txt into `workdir` (local or gs://)
+        atomically, on every process that calls it; returns their paths."""
         self.check()
-        os.makedirs(workdir, exist_ok=True)
         paths = []
         for name, text in ((REPORT_JSON, json.dumps(self.to_dict(), indent=2)),
                            (REPORT_TXT, self.to_text() + "\n")):
-            path = os.path.join(workdir, name)
-            tmp = f"{path}.tmp.{os.getpid()}"
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
-            paths.append(path)
+            paths.append(os.fspath(workdir_lib.write_text(workdir, name, text,
+                                                          all_processes=True)))
         return paths[0], paths[1]

@@ -596,6 +596,10 @@ def open_source(spec: Union[str, Sequence[str]], *, data_dir: str, split: str = 
 
     import tensorflow_datasets as tfds
 
+    if "://" in data_dir:
+        raise DataError(f"data.data_dir={data_dir!r} is a URL; local files ({spec_text!r}) are "
+                        "built into a local ArrayRecord cache: set data.data_dir to a local "
+                        "directory (or leave it empty)")
     root = os.path.join(os.path.abspath(os.path.expanduser(data_dir)), "ftjax_sources",
                         f"{kind}-{key}")
     builder = _builder_class()(kind=kind, files=files, text_unit=text_unit, on_error=on_error,
