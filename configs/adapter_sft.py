@@ -6,26 +6,19 @@ built-in synthetic suite.
 
 Adapters are nonlinear and cannot be merged, so `export.hf_dir` must stay empty.
 """
-import ml_collections
-
 from configs import common
 from configs.sft_synthetic import get_config as sft_config
-from ftjax.peft.adapters import DEFAULT_TARGETS
+from ftjax.peft import method_defaults
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, bottleneck=16, mode="serial", activation="relu", scale=1.0,
-                           tasks="add+reverse", steps=300)
+    d = method_defaults("adapter")  # every setting, documented in ftjax/peft/adapters.py
+    # This config's bottleneck is 16 (the method's default is 64).
+    arg = common.parse_arg(arg, bottleneck=16, mode=d.mode, activation=d.activation,
+                           scale=d.scale, tasks="add+reverse", steps=300)
     c = sft_config(common.pack_arg(tasks=arg.tasks, steps=arg.steps))
-    c.peft = ml_collections.ConfigDict(dict(
-        method="adapter",
-        bottleneck=arg.bottleneck,      # r: adapter width (down: d -> r, up: r -> out)
-        mode=arg.mode,                  # serial: y + s*f(y) (Houlsby); parallel: y + s*f(x) (He)
-        activation=arg.activation,      # relu gelu gelu_tanh silu tanh identity
-        scale=arg.scale,                # s, the adapter output's multiplier (He et al. use 4)
-        targets=tuple(DEFAULT_TARGETS), # after attention (o_proj) and after the MLP (down_proj)
-        fold_bias=True,                 # serial: read W x + b when the projection has a bias
-        train_patterns=(),              # plain leaves that also train (e.g. ".*norm/scale")
-    ))
+    c.peft = d
+    c.peft.update(dict(bottleneck=arg.bottleneck, mode=arg.mode, activation=arg.activation,
+                       scale=arg.scale))
     c.optimizer.learning_rate = 3e-3
     return c

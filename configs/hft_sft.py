@@ -10,24 +10,20 @@ override --config.train.steps, override --config.peft.steps_per_round with it.
 """
 import math
 
-import ml_collections
-
 from configs import common
 from configs.sft_synthetic import get_config as sft_config
-from ftjax.peft.hft import DEFAULT_CATEGORIES
+from ftjax.peft import method_defaults
 
 
 def get_config(arg=None):
     arg = common.parse_arg(arg, rounds=3, granularity="category", seed=0, tasks="add+reverse",
                            steps=300)
     c = sft_config(common.pack_arg(tasks=arg.tasks, steps=arg.steps))
-    c.peft = ml_collections.ConfigDict(dict(
-        method="hft",
+    c.peft = method_defaults("hft")  # every HFT setting, documented in ftjax/peft/hft.py
+    c.peft.update(dict(
         seed=arg.seed,                              # the draw of each round is f(round, seed)
         steps_per_round=math.ceil(arg.steps / max(arg.rounds, 1)),  # 0 = one draw for the run
-        ratio=0.5,                                  # trained fraction of every category
         granularity=arg.granularity,                # category | layer | model
-        categories=tuple(DEFAULT_CATEGORIES),       # regexes; group 1 names the unit
         train_patterns=(".*",),                     # outside the categories everything trains
     ))
     c.optimizer.param_groups = ()                   # e.g. ((r"embed/.*", None),) to also freeze

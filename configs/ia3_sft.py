@@ -6,21 +6,14 @@ Defaults (ftjax/peft/ia3.py, PEFT's Llama defaults): scale the outputs of k_proj
 and the input of down_proj, initialised to ones (L·(2·kv_size + intermediate) parameters).
 IA3 trains few numbers and wants a larger learning rate than LoRA.
 """
-import ml_collections
-
 from configs import common
 from configs.sft_synthetic import get_config as sft_config
-from ftjax.peft.ia3 import DEFAULT_FEEDFORWARD, DEFAULT_TARGETS
+from ftjax.peft import method_defaults
 
 
 def get_config(arg=None):
     arg = common.parse_arg(arg, tasks="add+reverse", steps=300, learning_rate=1e-2)
     c = sft_config(common.pack_arg(tasks=arg.tasks, steps=arg.steps))
-    c.peft = ml_collections.ConfigDict(dict(
-        method="ia3",
-        targets=tuple(DEFAULT_TARGETS),          # regexes over param paths (full match)
-        feedforward=tuple(DEFAULT_FEEDFORWARD),  # targets scaled on their input
-        train_patterns=(),                       # plain leaves that also train
-    ))
+    c.peft = method_defaults("ia3")  # every IA3 setting, documented in ftjax/peft/ia3.py
     c.optimizer.learning_rate = arg.learning_rate
     return c

@@ -11,10 +11,10 @@ gate/up/down kernels), ep (expert-parallel degree: mesh.expert=ep with the "ep" 
 Routing metrics (per-layer expert load, dropped fraction, router entropy) land in
 metrics.jsonl and TensorBoard under moe/...; see docs/moe.md.
 """
-import ml_collections
 
 from configs import common
 from configs.sft_synthetic import get_config as sft_config
+from ftjax.peft import method_defaults
 from ftjax.peft.lora import EXPERT_TARGETS
 
 TARGETS = (r"layers/attn/(q|k|v|o)_proj/kernel",) + EXPERT_TARGETS
@@ -41,10 +41,9 @@ def get_config(arg=None):
         c.mesh.expert = arg.ep
         c.sharding.rules = "ep"
     if arg.peft == "lora":
-        c.peft = ml_collections.ConfigDict(dict(
-            method="lora", rank=8, alpha=16.0, rslora=False, init="default", dropout=0.0,
+        c.peft = method_defaults("lora")
+        c.peft.update(dict(
             targets=TARGETS,                    # attention + stacked experts [L, E, in, out]
-            rank_pattern={}, alpha_pattern={},
             train_patterns=(r"layers/moe/router/kernel",),  # the router trains in full
         ))
         c.optimizer.learning_rate = 3e-3

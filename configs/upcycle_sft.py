@@ -16,6 +16,7 @@ import ml_collections
 from configs import common
 from configs.quickstart import SHIPPED_BASE, base_model
 from ftjax.models import upcycle
+from ftjax.peft import method_defaults
 from ftjax.peft.lora import EXPERT_TARGETS
 
 # The attention projections and the stacked expert kernels (LoRA on experts).
@@ -45,9 +46,9 @@ def get_config(arg=None):
                                             test_frac=0.2, eval_examples=200,
                                             max_new_tokens=16))
     if arg.peft == "lora":
-        c.peft = ml_collections.ConfigDict(dict(
-            method="lora", rank=8, alpha=16.0, rslora=False, init="default", dropout=0.0,
-            targets=LORA_TARGETS, rank_pattern={}, alpha_pattern={},
+        c.peft = method_defaults("lora")
+        c.peft.update(dict(
+            targets=LORA_TARGETS,
             train_patterns=(r"layers/moe/router/kernel",),  # the new router trains in full
         ))
     elif arg.peft != "full":

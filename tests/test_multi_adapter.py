@@ -11,12 +11,13 @@ from ftjax import models
 from ftjax.infer.generate import generate
 from ftjax.peft import core
 from ftjax.peft.lora import LoRAWeight, apply_lora
-from ftjax.peft.multi import (MultiLoRAWeight, combine_adapters, multi_apply, select_adapter,
+from ftjax.peft import multi
+from ftjax.peft.multi import (MultiLoRAWeight, combine_adapters, select_adapter,
                               stack_adapters)
-from ftjax.peft.prompt import prompt_generate
 from tests.test_train import model_cfg_of, tiny_config
 
 apply = jax.jit(models.apply, static_argnums=1)
+multi_apply = functools.partial(multi.multi_apply, base_apply=models.apply)
 m_apply = jax.jit(multi_apply, static_argnums=1)
 
 
@@ -76,8 +77,8 @@ def test_axes_and_cached_generation():
     prompts = np.asarray([[0, 5, 6, 7], [8, 9, 10, 11], [0, 0, 12, 13]], np.int32)
     lengths = np.asarray([3, 4, 2])
     ids = [2, 0, 1]
-    out = prompt_generate(stacked, mcfg, prompts, lengths, max_new_tokens=3, eos_id=-1,
-                          apply_fn=functools.partial(multi_apply, adapter_ids=jnp.asarray(ids)))
+    out = generate(stacked, mcfg, prompts, lengths, max_new_tokens=3, eos_id=-1,
+                   apply_fn=functools.partial(multi_apply, adapter_ids=jnp.asarray(ids)))
     for row, i in enumerate(ids):
         want = generate(ads[i], mcfg, prompts[row:row + 1], lengths[row:row + 1],
                         max_new_tokens=3, eos_id=-1)

@@ -2,6 +2,8 @@
 extended-vocabulary model; a real prefill of the prefix), packed segments, counts, gradients,
 cached generation, training through the loop."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,15 +11,19 @@ import pytest
 
 from ftjax import models
 from ftjax.peft import core, get_method
+from ftjax.infer.generate import generate
+from ftjax.peft import prompt as prompt_mod
 from ftjax.peft.prompt import (PromptTable, apply_prefix_tuning, apply_prompt_tuning,
-                               prefix_apply, prefix_from_tokens, prefix_param_count,
-                               prompt_apply, prompt_generate, split_prefix)
+                               prefix_param_count, split_prefix)
 from ftjax.train import loop
 from ftjax.train.step import sft_loss
 from tests.test_train import _loader, model_cfg_of, tiny_config
 
 N = 3
 apply = jax.jit(models.apply, static_argnums=1)
+# The method's apply functions wrap the model's apply (peft never imports the model).
+prompt_apply = functools.partial(prompt_mod.prompt_apply, base_apply=models.apply)
+prefix_apply = functools.partial(prompt_mod.prefix_apply, base_apply=models.apply)
 p_apply = jax.jit(prompt_apply, static_argnums=1, static_argnames=("segments",))
 x_apply = jax.jit(prefix_apply, static_argnums=1, static_argnames=("segments",))
 
@@ -127,7 +133,7 @@ def test_cached_generation_equals_full_forward(which):
     tokens = np.zeros((2, 5), np.int32)
     for i, q in enumerate(prompts):
         tokens[i, 5 - len(q):] = q
-    out = prompt_generate(p, mcfg, tokens, [5, 2], apply_fn=fn, max_new_tokens=4, eos_id=-1)
+    out = generate(p, mcfg, tokens, [5, 2], apply_fn=fn, max_new_tokens=4, eos_id=-1)
     ref_fn = p_apply if which == "prompt" else x_apply
     np.testing.assert_array_equal(out, _greedy_reference(ref_fn, p, mcfg, prompts, 4))
 
@@ -144,7 +150,7 @@ def test_prefix_equals_a_real_prefill(scan):
     mcfg, params = _setup(scan=scan)
     pre = apply_prefix_tuning(params, jax.random.PRNGKey(1), num_virtual_tokens=N)
     ptoks = [5, 9, 11]
-    pre = prefix_from_tokens(pre, mcfg, ptoks)
+    pre = prompt_mod.prefix_from_tokens(pre, mcfg, ptoks, base_apply=models.apply)
     toks = _toks(mcfg)
     got, aux = x_apply(
         pre, mcfg, toks, positions=N + jnp.broadcast_to(jnp.arange(6), (2, 6)))
@@ -201,7 +207,7 @@ def test_training_lowers_loss_and_changes_only_the_prompt(tmp_path, config, lr):
         "num_virtual_tokens=4").peft
     c.optimizer.learning_rate = lr
     mcfg = model_cfg_of(c)
-    m = get_method(c.peft)
+    m = get_method(c.peft, apply_fn=models.apply)
     res = loop.train(c, str(tmp_path), model_cfg=mcfg,
                      init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
                      loss_fn=sft_loss(mcfg, 0.0, m.apply_fn),
