@@ -12,10 +12,13 @@ root when they do not exist under the current directory). With `base.path` empty
 cached in `<workdir>/base_<hash>/`. `train` and `optimizer` configure the fine-tuning phase,
 `base.train` and `base.optimizer` the pretraining phase.
 """
+import math
+
 import ml_collections
 
 from configs import common
 from ftjax.data import PRETRAIN_TASKS
+from ftjax.peft import method_defaults
 
 SHIPPED_BASE = "experiments/quickstart_base/model.safetensors"
 
@@ -43,22 +46,23 @@ def base_section(steps: int = 8000, path: str = SHIPPED_BASE) -> ml_collections.
     ))
 
 
-# The PEFT section of each method's own config, reused by `configs/quickstart.py:peft=NAME`.
-PEFT_CONFIGS = {"lora": "lora_sft", "dora": "dora_sft", "qlora": "qlora_sft", "ia3": "ia3_sft",
-                "adapter": "adapter_sft", "prompt_tuning": "prompt_sft",
-                "prefix_tuning": "prefix_sft", "hft": "hft_sft"}
+# Settings where the quickstart departs from a method's defaults (ftjax/peft/<method>.py), as
+# each method's own configs/<method>_sft.py does; any other method runs with its defaults.
+PEFT_OVERRIDES = {
+    "adapter": dict(bottleneck=16),
+    "prefix_tuning": dict(num_virtual_tokens=10),
+    "prompt_tuning": dict(init_text="Answer the task:"),
+    "hft": lambda steps: dict(steps_per_round=math.ceil(steps / 3), train_patterns=(".*",)),
+}
 
 
 def peft_section(name: str, steps: int) -> ml_collections.ConfigDict:
-    """Every field of a method's `peft` section (so each can be overridden on the CLI)."""
-    if name == "full":
-        return common.base().peft
-    if name not in PEFT_CONFIGS:
-        raise ValueError(f"peft={name!r}: choose full or one of {sorted(PEFT_CONFIGS)} "
-                         "(other methods: --config.peft.method=NAME with their defaults)")
-    import importlib
-    return importlib.import_module(f"configs.{PEFT_CONFIGS[name]}").get_config(
-        f"steps={steps}").peft
+    """Every field of a method's `peft` section (so each can be overridden on the CLI): the
+    method's defaults (`ftjax.peft.method_defaults`) and the quickstart's overrides."""
+    section = method_defaults(name)  # an unknown name is refused with the known ones
+    over = PEFT_OVERRIDES.get(name, {})
+    section.update(over(steps) if callable(over) else over)
+    return section
 
 
 def get_config(arg=None):
