@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import models
+from ftjax import models, peft
 from ftjax.align import logps as lp
 from ftjax.models.config import ModelConfig
 from ftjax.peft import core as peft_core
@@ -36,34 +36,52 @@ MODES = ("auto", "strip", "precompute", "copy")
 
 
 def _strip_one(path: str, w: Any) -> Any:
-    # Peel adapters off until a weight without trainable fields (a plain array or a frozen
-    # structured base such as NF4Weight, which stays quantized).
-    while peft_core.is_structured(w) and w.trainable_fields():
-        if "base" not in w.array_fields():
-            raise ValueError(f"{path}: {type(w).__name__} trains {w.trainable_fields()} but has "
-                             "no `base` field, so the model without it is undefined; use "
-                             "dpo.reference=precompute or copy")
-        w = w.base
-    return w
+    # Adapters give way to their frozen base (`StructuredWeight.frozen_base`, unwrapped
+    # recursively): a plain array or a structured base such as NF4Weight (stays quantized).
+    if not peft_core.is_structured(w) or not w.trainable_fields():
+        return w
+    if not peft_core.is_adapter(w):
+        raise ValueError(f"{path}: {type(w).__name__} trains {w.trainable_fields()} but defines "
+                         "no frozen_base(), so the model without it is undefined; use "
+                         "dpo.reference=precompute or copy")
+    return w.frozen_base()
 
 
 def strip_adapters(params: Any) -> Any:
-    """The params with every adapter replaced by the frozen weight it wraps (nested bases kept
-    as they are: LoRA over NF4 gives the NF4 weight)."""
+    """The params with every adapter replaced by the frozen weight it sits on
+    (`frozen_base()`: nested bases kept as they are, LoRA over NF4 gives the NF4 weight)."""
     return peft_core.map_weights(_strip_one, params)
+
+
+def _inexact(w: Any) -> str:
+    """Why stripping the structured weight `w` would not give the original weight ("" if it
+    would): an adapter with no frozen base, or one whose base is not the original weight."""
+    if not peft_core.is_structured(w):
+        return ""
+    if w.trainable_fields() and not peft_core.is_adapter(w):
+        return f"{type(w).__name__} trains but defines no frozen_base()"
+    if peft_core.is_adapter(w) and not w.frozen_base_exact():
+        return f"{type(w).__name__} holds part of the original weight"
+    for field in w.array_fields():  # adapters stacked on adapters
+        why = _inexact(getattr(w, field))
+        if why:
+            return why
+    return ""
 
 
 def strip_safe(abstract_params: Any, train_patterns, peft_cfg: Any = None) -> tuple[bool, str]:
     """(whether `strip` reproduces the starting model, why not).
 
     Plain leaves that train (full or partial fine-tuning, `peft.train_patterns`) change the
-    stripped model; so do adapters that keep frozen arrays besides their base (a serial
-    bottleneck adapter holds the projection's folded-in bias); LoRA with init="pissa" moves
-    the principal part of W into the adapter.
+    stripped model; so do adapters whose `frozen_base()` is not the original weight
+    (`frozen_base_exact()` False: a serial bottleneck adapter holds the projection's folded-in
+    bias), and LoRA with init="pissa", which moves the principal part of W into the adapter.
+    Frozen fields besides the base (LoRA-FA's frozen A, the memory experts' layer mask) go
+    with the adapter, so they do not matter. Adapters with no frozen base cannot be stripped.
     """
     mask = peft_core.trainable_mask(abstract_params, train_patterns)
     plain: list[str] = []
-    extra: list[str] = []
+    inexact: list[str] = []
 
     def visit(path, w, m):
         name = peft_core.path_str(path)
@@ -71,18 +89,15 @@ def strip_safe(abstract_params: Any, train_patterns, peft_cfg: Any = None) -> tu
             if m:
                 plain.append(name)
             return
-        while peft_core.is_structured(w) and w.trainable_fields():
-            kept = [f for f in w.array_fields() if f != "base" and f not in w.trainable_fields()
-                    and getattr(w, f) is not None]
-            if kept:
-                extra.append(f"{name} ({type(w).__name__} keeps {kept})")
-            w = getattr(w, "base", None)
+        why = _inexact(w)
+        if why:
+            inexact.append(f"{name} ({why})")
     jax.tree_util.tree_map_with_path(visit, abstract_params, mask, is_leaf=peft_core.is_structured)
     if plain:
         return False, f"plain params train ({', '.join(plain[:3])}{', ...' if len(plain) > 3 else ''})"
-    if extra:
-        return False, f"adapters hold frozen state besides their base: {extra[0]}"
-    init = (peft_cfg.get("init", "default") if peft_cfg is not None else "default")
+    if inexact:
+        return False, f"stripping the adapters does not give the original weights: {inexact[0]}"
+    init = peft.resolve(peft_cfg).get("init", "default") if peft_cfg is not None else "default"
     if init == "pissa":
         return False, "LoRA init='pissa' moves W's principal part into the adapter"
     return True, ""
