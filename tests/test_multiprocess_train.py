@@ -2,13 +2,16 @@
 
 Both runs go through the real entry point (`python -m ftjax.main`): distributed start-up from
 the config, each process loading only its rows of every global batch, the sharded step and
-multi-process checkpointing.
+multi-process checkpointing. The two processes share one workdir, as on a pod with a gs://
+workdir: orbax writes each checkpoint collectively, only process 0 writes the run files, and
+the 2-process run stops at step 3 and resumes from that shared checkpoint.
 """
 from __future__ import annotations
 
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -17,7 +20,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
-ARGS = ["--config", "configs/sft_synthetic.py:steps=6", "--config.train.batch_size=16",
+ARGS = ["--config.train.batch_size=16", "--config.optimizer.schedule=constant",
         "--config.train.log_every=1", "--config.train.checkpoint_every=3",
         "--config.train.progress=False", "--config.data.eval_examples=0",
         "--config.data.n_per_task=200", "--config.optimizer.warmup_steps=2", "--config.model.hidden_size=64",
@@ -60,16 +63,39 @@ def _losses(workdir: pathlib.Path) -> list[float]:
     return [r["loss"] for r in sorted(rows, key=lambda r: r["step"]) if r["split"] == "train"]
 
 
+def _hashes(outs: list[str]) -> list[str]:
+    return [re.search(r"hash=(\w+)", out).group(1) for out in outs]
+
+
 def test_two_processes_match_one_process(tmp_path):
-    base = [sys.executable, "-m", "ftjax.main"] + ARGS
-    _run([base + ["--workdir", str(tmp_path / "one")]], _env(8))
+    def cmd(steps, workdir):
+        return [sys.executable, "-m", "ftjax.main", "--config",
+                f"configs/sft_synthetic.py:steps={steps}", "--workdir", str(workdir)] + ARGS
+
+    _run([cmd(6, tmp_path / "one")], _env(8))
     port = _free_port()
     dist = ["--config.distributed.coordinator_address=127.0.0.1:%d" % port,
             "--config.distributed.num_processes=2"]
-    _run([base + ["--workdir", str(tmp_path / "two")] + dist +
-          [f"--config.distributed.process_id={i}"] for i in range(2)], _env(4))
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    shared = tmp_path / "two"  # one workdir for both processes
+    outs = _run([cmd(3, shared) + dist + [f"--config.distributed.process_id={i}"]
+                 for i in range(2)], _env(4))
+    first_hashes = _hashes(outs)
+    assert first_hashes[0] == first_hashes[1], outs[1][-2000:]  # the hash is the experiment's
+    assert sorted(p.name for p in shared.glob("config*")) == ["config.json", "config_hash.txt"]
+    assert (shared / "checkpoints" / "3").exists()
+
+    # Resume both processes from the shared step-3 checkpoint and train to step 6.
+    dist[0] = "--config.distributed.coordinator_address=127.0.0.1:%d" % _free_port()
+    outs = _run([cmd(6, shared) + dist + [f"--config.distributed.process_id={i}"]
+                 for i in range(2)], _env(4))
+    assert all("resumed from checkpoint step 3" in out for out in outs), outs[0][-2000:]
+    hashes = _hashes(outs)
+    assert hashes[0] == hashes[1] != first_hashes[0]
+    # Only process 0 kept the step-3 config (the run was resumed with more steps).
+    assert sorted(p.name for p in shared.glob("config*")) == [
+        f"config.{first_hashes[0]}.json", "config.json", "config_hash.txt"]
+    one, two = _losses(tmp_path / "one"), _losses(shared)
     assert len(one) == len(two) == 6
     # Same global batches, same math; only the reduction order across processes may differ.
     assert two == pytest.approx(one, rel=1e-5)
-    assert (tmp_path / "two" / "checkpoints" / "6").exists()
+    assert (shared / "checkpoints" / "6").exists()
