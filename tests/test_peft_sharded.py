@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ftjax import models
-from ftjax.peft import METHODS, get_method
+from ftjax.peft import get_method, method_names
 from ftjax.train import loop
 from ftjax.train.step import sft_loss
 from tests.test_train import _loader, model_cfg_of, tiny_config
@@ -20,7 +20,7 @@ def _run(method_name, tmp_path, devices, mesh):
     c.mesh.update(mesh)
     c.peft = ml_collections.ConfigDict(dict(method=method_name, **FIELDS.get(method_name, {})))
     mcfg = model_cfg_of(c)
-    m = get_method(c.peft)
+    m = get_method(c.peft, apply_fn=models.apply)
     res = loop.train(c, str(tmp_path), model_cfg=mcfg,
                      init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
                      loss_fn=sft_loss(mcfg, 0.0, m.apply_fn, m.bind_rng), train_iter=_loader(c),
@@ -30,7 +30,7 @@ def _run(method_name, tmp_path, devices, mesh):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(set(METHODS) - {"full", "lora", "dora", "qlora", "ia3",
+@pytest.mark.parametrize("name", sorted(set(method_names()) - {"full", "lora", "dora", "qlora", "ia3",
                                                          "adapter"}))
 def test_method_sharded_equals_single_device(name, tmp_path):
     """(lora, dora, qlora, ia3 and adapters have the same check in their own test files.)"""
