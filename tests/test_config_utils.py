@@ -317,7 +317,7 @@ def test_write_resolved_config_writes_and_backs_up(tmp_path, caplog):
 
     # Changed config: the old one is kept under its hash, with a warning.
     c2 = cu.apply_overrides(c, [("seed", "1")])
-    with caplog.at_level(logging.WARNING, logger="ftjax.config_utils"):
+    with caplog.at_level(logging.WARNING, logger="ftjax.config_record"):
         h2 = cu.write_resolved_config(c2, wd)
     assert h2 != h
     backup = wd / f"config.{h}.json"
@@ -325,3 +325,25 @@ def test_write_resolved_config_writes_and_backs_up(tmp_path, caplog):
     assert json.loads((wd / "config.json").read_text())["_hash"] == h2
     assert (wd / "config_hash.txt").read_text().strip() == h2
     assert any(h in r.getMessage() and h2 in r.getMessage() for r in caplog.records)
+
+
+def test_hash_is_the_same_on_every_process_of_a_run():
+    """Runtime placement (`distributed`) is recorded but does not enter the hash."""
+    c = _cfg()
+    c.distributed = ml_collections.ConfigDict(dict(coordinator_address=None, num_processes=None,
+                                                   process_id=None))
+    h = cu.config_hash(c)
+    for pid in ("0", "1"):
+        other = cu.apply_overrides(c, [("distributed.process_id", pid),
+                                       ("distributed.num_processes", "2"),
+                                       ("distributed.coordinator_address", "'10.0.0.1:1234'")])
+        assert cu.config_hash(other) == h
+        assert cu.to_jsonable(other)["distributed"]["process_id"] == int(pid)  # still recorded
+    assert cu.config_hash(cu.apply_overrides(c, [("seed", "1")])) != h
+
+
+def test_write_resolved_config_only_on_process_zero(tmp_path, monkeypatch):
+    from ftjax import workdir
+    monkeypatch.setattr(workdir, "is_primary", lambda: False)
+    h = cu.write_resolved_config(_cfg(), tmp_path / "run")
+    assert h == cu.config_hash(_cfg()) and not (tmp_path / "run").exists()

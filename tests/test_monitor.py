@@ -135,3 +135,23 @@ def test_throughput_mfu_arithmetic():
 def test_peak_rss_mb_is_plausible():
     rss = monitor.peak_rss_mb()
     assert 1.0 < rss < 1e6
+
+
+def test_metric_writer_on_a_bucket_rewrites_instead_of_appending(tmp_path, monkeypatch):
+    """Object stores cannot append: metrics.jsonl is rewritten whole, and a resumed writer
+    continues the file (emulated gs:// bucket, see tests/_fake_gcs.py)."""
+    from _fake_gcs import install, uninstall
+    spy = install(monkeypatch, str(tmp_path))
+    try:
+        with monitor.MetricWriter("gs://bkt/run", upload_every_s=0.0) as w:
+            w.write(1, {"loss": 2.0})
+            assert json.loads((tmp_path / "bkt/run/metrics.jsonl").read_text())["loss"] == 2.0
+        with monitor.MetricWriter("gs://bkt/run") as w:
+            w.write(2, {"loss": 1.0})
+        rows = [json.loads(l) for l in (tmp_path / "bkt/run/metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2]
+        assert list((tmp_path / "bkt/run/tb").glob("events.out.tfevents.*"))
+        assert not any("a" in mode for _, mode in spy["opened"])
+    finally:
+        monkeypatch.undo()
+        uninstall()
