@@ -14,7 +14,9 @@ from ftjax import data as ftdata
 from ftjax import models
 from ftjax.eval.classification import (average_precision, classification_metrics,
                                        confusion_matrix, format_metrics)
-from ftjax.train import classify
+from ftjax.data import classification as cdata
+from ftjax.train import classify_head
+from ftjax.trainers import classify
 from ftjax.train.losses import classification_cross_entropy, focal_loss
 from tests.test_train import _CrashAfter
 
@@ -198,16 +200,17 @@ def _cfg(steps=40, batch=16, peft=None, lr=3e-3):
 
 
 def test_last_token_and_padding_invariance():
-    from ftjax.train.sft import model_config
+    from ftjax.train.run import model_config
     mcfg = model_config(common.model("llama", **TINY))
-    params = jax.jit(lambda k: classify.with_head(None, mcfg.hidden_size, 3)(
-        models.init(mcfg, k), jax.random.PRNGKey(1)))(jax.random.PRNGKey(0))
+    add_head = classify_head.head_params(mcfg.hidden_size, 3)
+    params = jax.jit(lambda k: (lambda p: {**p, **add_head(p, jax.random.PRNGKey(1))})(
+        models.init(mcfg, k)))(jax.random.PRNGKey(0))
     assert params["cls_head"]["kernel"].shape == (32, 3)
     toks = [np.array([1, 5, 6, 7, 2], np.int32), np.array([1, 9, 2], np.int32)]
-    b16 = classify.encode_rows(toks, [0, 1], 16)
-    b8 = classify.encode_rows(toks[1:], [1], 8)
-    assert classify.last_token_index(jnp.array(b16["segment_ids"])).tolist() == [4, 2]
-    fwd = jax.jit(lambda p, b: classify.classify_logits(p, mcfg, b))
+    b16 = cdata.encode_rows(toks, [0, 1], 16)
+    b8 = cdata.encode_rows(toks[1:], [1], 8)
+    assert classify_head.last_token_index(jnp.array(b16["segment_ids"])).tolist() == [4, 2]
+    fwd = jax.jit(lambda p, b: classify_head.classify_logits(p, mcfg, b))
     l16, l8 = fwd(params, b16), fwd(params, b8)
     assert l16.shape == (2, 3)
     assert np.allclose(l16[1], l8[0], atol=1e-5)          # padding/batch mates do not matter
@@ -232,19 +235,18 @@ def _task_data(n, seed=0):
 
 
 def _train(c, tmp_path, loss="ce", class_weight=None, gamma=2.0, crash_after=None):
-    from ftjax.train.sft import initial_params, model_config
+    from ftjax.train.run import initial_params, model_config
     mcfg = model_config(c.model)
     toks, labels = _task_data(96)
-    it = classify.ArrayLoader(toks, labels, int(c.train.batch_size), int(c.train.seq_len),
+    it = cdata.ArrayLoader(toks, labels, int(c.train.batch_size), int(c.train.seq_len),
                               seed=0)
     if crash_after is not None:
         it = _CrashAfter(it, crash_after)
-    ev = classify.eval_rows(toks[::5], labels[::5], 16, int(c.train.seq_len))
-    return classify.train_classifier(c, str(tmp_path), model_cfg=mcfg,
-                                     init_params=initial_params(c, mcfg), num_classes=3,
-                                     train_iter=it, eval_batches=ev, loss=loss,
-                                     class_weight=class_weight, gamma=gamma,
-                                     class_names=["add", "reverse", "sort"]), mcfg, ev
+    ev = cdata.eval_rows(toks[::5], labels[::5], 16, int(c.train.seq_len))
+    run = classify.build(c, str(tmp_path), 3, model_cfg=mcfg,
+                         init_params=initial_params(c, mcfg))
+    return classify.train_classifier(run, it, ev, loss=loss, class_weight=class_weight,
+                                     gamma=gamma, class_names=["add", "reverse", "sort"]), mcfg, ev
 
 
 @pytest.mark.slow
@@ -272,7 +274,7 @@ def test_trainer_lora_trains_only_adapters_and_head(tmp_path):
                for p in paths), paths
     assert res.history[-1]["loss"] < res.history[0]["loss"]
     # the frozen backbone is bit-identical to its initialisation
-    from ftjax.train.sft import initial_params
+    from ftjax.train.run import initial_params
     init = initial_params(c, mcfg)()
     frozen = res.params["layers"]["mlp"]
     assert all(np.array_equal(np.asarray(core.materialize(a)), np.asarray(b))
@@ -311,7 +313,7 @@ def test_loss_weights_follow_class_list_order():
     k.loss, k.focal_alpha = "ce", "none"
     assert classify.loss_weights(k, counts, classes) == (None, None)
     with pytest.raises(ValueError, match="classify.loss='hinge'"):
-        classify.classify_loss(None, "hinge")
+        classify_head.classify_loss(None, "hinge")
 
 
 def test_config_typed_args():

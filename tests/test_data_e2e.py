@@ -170,7 +170,8 @@ def test_learning_check_exact_match_rises(tmp_path):
     """The quickstart base has 0% on dmy2iso; fine-tuning on the shipped JSONL lifts it."""
     from configs.sft_file import get_config
     from ftjax.io.params_file import load_params
-    from ftjax.train.sft import file_exact_match, model_config
+    from ftjax.eval.harness import chat_exact_match
+    from ftjax.train.run import model_config
     wd, summary, losses = _run(tmp_path, "instruction.jsonl", "--config.data.eval_examples=96",
                                steps=60)
     cfg = get_config()
@@ -178,7 +179,7 @@ def test_learning_check_exact_match_rises(tmp_path):
     _, base = load_params(cfg.model.init_from, expected_cfg=mcfg)
     p = prepare(data_cfg(sample("instruction.jsonl")), TOK, str(wd), seq_len=96, verbose=False)
     view = p.split("validation")
-    before = file_exact_match(base, mcfg, TOK, [view[i] for i in range(len(view))],
+    before = chat_exact_match(base, mcfg, TOK, [view[i] for i in range(len(view))],
                               template=PLAIN_TEMPLATE, max_new_tokens=16)
     assert before["n"] == summary["n_test"] == 96
     assert before["exact_match"] < 0.1 and summary["exact_match"] > 0.8

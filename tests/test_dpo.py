@@ -19,6 +19,7 @@ from ftjax.data.synthetic import DeterministicRng
 from ftjax.peft import core as peft_core
 from ftjax.peft import get_method, quant
 from ftjax.train import loop
+from ftjax.train.run import Run
 
 TINY = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
             num_kv_heads=2, max_position_embeddings=64)
@@ -200,7 +201,7 @@ def tiny_cfg(steps=3, batch=8, peft="lora", lr=3e-3, **dpo_kw):
 
 
 def mcfg_of(c):
-    from ftjax.train.sft import model_config
+    from ftjax.train.run import model_config
     return model_config(c.model)
 
 
@@ -350,9 +351,9 @@ def test_precomputed_columns_follow_shuffled_pairs(pairs):
     attaches the same numbers."""
     c = tiny_cfg(peft="full")
     mcfg = mcfg_of(c)
-    placement = loop.Placement(c, mcfg, devices=jax.devices()[:1])
-    ref = reference.starting_policy(lambda: models.init(mcfg, jax.random.PRNGKey(0)), mcfg,
-                                       placement)
+    run = Run.of(c, "", model_cfg=mcfg, init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
+                 devices=jax.devices()[:1])
+    placement, ref = run.placement, run.starting_params()
     train = pairs[0][:37]
     table = precompute.compute_table(ref, mcfg, every_pair_once(train, 16), placement)
     assert len(table["keys"]) == 37  # the padding rows of the last batch are not in it
@@ -464,11 +465,10 @@ def _train(c, train_pairs, workdir, devices=None, table=None):
     it = PreferenceLoader(train_pairs, TOK, int(c.train.batch_size), SEQ, 0)
     if table is not None:
         it = precompute.Precomputed(it, table)
-    return loop.train(c, str(workdir), model_cfg=mcfg,
-                      init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
-                      loss_fn=loss_fn, train_iter=it, transform=m.transform,
-                      train_patterns=m.train_patterns, wrap_optimizer=m.wrap_optimizer,
-                      devices=devices, name="dpo")
+    run = Run.build(c, str(workdir), name="dpo", tokenizer=TOK, model_cfg=mcfg, method=m,
+                    init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
+                    devices=devices)
+    return loop.train(run, loss_fn, it)
 
 
 @pytest.mark.slow
@@ -481,9 +481,9 @@ def test_eight_devices_equal_one(peft, pairs, tmp_path):
     if peft == "full":  # the reference log-probs travel in the batch ([B, 1] columns)
         c = tiny_cfg(peft="full")
         mcfg = mcfg_of(c)
-        pl = loop.Placement(c, mcfg, devices=jax.devices()[:1])
-        ref = reference.starting_policy(lambda: models.init(mcfg, jax.random.PRNGKey(0)),
-                                           mcfg, pl)
+        run = Run.of(c, "", model_cfg=mcfg, devices=jax.devices()[:1],
+                     init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)))
+        pl, ref = run.placement, run.starting_params()
         table = precompute.compute_table(ref, mcfg, every_pair_once(train), pl)
     results = []
     for devices, mesh in ((jax.devices()[:1], {"data": 1}), (None, {"data": 2, "fsdp": 4})):
@@ -507,9 +507,9 @@ def test_short_dpo_run_learns_preferences_on_heldout_pairs(tmp_path):
     held-out pairs' reward accuracy and margin rise from 0, the policy prefers more correct
     answers than before, the loss falls, and the stripped reference is bit-identical."""
     from configs.quickstart import SHIPPED_BASE, base_model
-    from ftjax.align.trainer import make_evaluator
-    from ftjax.train.sft import REPO_ROOT
-    from ftjax.train.sft import initial_params
+    from ftjax.trainers.dpo import make_evaluator
+    from ftjax.train.run import REPO_ROOT
+    from ftjax.train.run import initial_params
     train, test = synthetic_pairs(("dmy2iso",), 640, seed=0, test_frac=0.2)
     c = tiny_cfg(steps=40, batch=16, peft="lora", lr=2e-3)
     c.model = base_model()
@@ -520,16 +520,15 @@ def test_short_dpo_run_learns_preferences_on_heldout_pairs(tmp_path):
     init = initial_params(c, mcfg)
     loss_fn = objective.preference_loss(mcfg, objective.from_config(c.dpo, "strip"))
     it = PreferenceLoader(train, TOK, 16, SEQ, 0)
-    placement = loop.Placement(c, mcfg, devices=jax.devices()[:1], abstract_params=jax.eval_shape(
-        m.transform, models.param_shapes(mcfg), loop.transform_key(0)))
+    run = Run.build(c, str(tmp_path), name="dpo", tokenizer=TOK, model_cfg=mcfg, method=m,
+                    init_params=init, devices=jax.devices()[:1])
+    placement = run.placement
     evals = list(PreferenceLoader(test, TOK, 16, SEQ, 0, shuffle=False, drop_remainder=False,
                                   num_epochs=1))
     evaluate = make_evaluator(loss_fn, placement, evals)
-    p0 = reference.starting_policy(init, mcfg, placement, m.transform, loop.transform_key(0))
+    p0 = run.starting_params()
     before = evaluate(0, p0)
-    res = loop.train(c, str(tmp_path), model_cfg=mcfg, init_params=init, loss_fn=loss_fn,
-                     train_iter=it, transform=m.transform, train_patterns=m.train_patterns,
-                     placement=placement, name="dpo")
+    res = run.train(loss_fn, it)
     after = evaluate(40, res.params)
     print("before", before, "\nafter", after)
     assert before["eval_pairs"] == len(test) == 128

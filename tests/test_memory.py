@@ -29,7 +29,7 @@ TINY3 = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_layers=3,
 
 
 def _model(**kw):
-    from ftjax.train.sft import model_config
+    from ftjax.train.run import model_config
     mcfg = model_config(common.model("llama", **{**TINY3, **kw}))
     return mcfg, models.init(mcfg, jax.random.PRNGKey(0))
 
@@ -209,7 +209,7 @@ def _train_tiny(tmp_path, devices, mesh, rules="fsdp", layers=(), steps=3):
     c.sharding.rules = rules
     c.peft = ml_collections.ConfigDict(dict(method="memory", num_experts=8, top_k=2, rank=2,
                                             layers=layers))
-    from ftjax.train.sft import model_config
+    from ftjax.train.run import model_config
     mcfg = model_config(c.model)
     m = get_method(c.peft)
     res = loop.train(c, str(tmp_path), model_cfg=mcfg,
@@ -253,7 +253,7 @@ def test_short_training_learns_unseen_facts(tmp_path):
     from configs import quickstart as qs
     from ftjax.eval.harness import exact_match_eval
     from ftjax.io.params_file import load_params
-    from ftjax.train.sft import model_config
+    from ftjax.train.run import model_config
     facts = [f for f in ftdata.fact_examples()
              if ftdata.split_of("lookup", f["prompt"], 0.2) == "test"][:16]
     c = tiny_config(steps=80, batch=16, seq=48)
@@ -298,13 +298,16 @@ def test_config_runs_end_to_end(tmp_path):
 
 
 def test_merged_export_refused_before_training():
-    """sft's early export check knows memory experts have no merged form (Method.mergeable)."""
-    from ftjax.train import sft
+    """The run's early export check knows memory experts have no merged form
+    (Method.mergeable)."""
+    from ftjax.train.run import Run
     cfg = common.base(trainer="sft")
+    cfg.model = common.model("llama", **TINY3)
     cfg.peft = ml_collections.ConfigDict(dict(method="memory"))
     cfg.export = ml_collections.ConfigDict(dict(hf_dir="/tmp/never_written"))
     assert get_method(cfg.peft).mergeable is False
+    run = Run.build(cfg, "/tmp/never_written_workdir")
     with pytest.raises(ValueError, match="no merged Hugging Face form"):
-        sft.check_exportable(cfg)
+        run.check_exportable()
     cfg.export.hf_dir = ""
-    sft.check_exportable(cfg)  # nothing to export: fine
+    run.check_exportable()  # nothing to export: fine

@@ -13,6 +13,7 @@ from configs import common
 from ftjax import models, monitor
 from ftjax.models import moe
 from ftjax.train import loop, optim
+from ftjax.train.run import Run
 from ftjax.train.state import create_state
 from ftjax.train.step import jit_train_step, make_eval_step, make_train_step, sft_loss
 from tests.test_train import _loader, random_batch
@@ -336,7 +337,7 @@ def moe_config(steps=4, **model_kw):
 
 
 def test_objective_adds_weighted_router_losses():
-    from ftjax.train.sft import model_config
+    from ftjax.train.run import model_config
     mcfg = model_config(moe_config().model)
     params = models.init(mcfg, jax.random.PRNGKey(0))
     batch = jax.tree.map(jnp.asarray, random_batch(0))
@@ -371,7 +372,7 @@ def run_moe_steps(c, batches, devices=None, rules="fsdp", mesh=None):
     if mesh:
         c.mesh.update(mesh)
     from ftjax import sharding
-    from ftjax.train.sft import model_config
+    from ftjax.train.run import model_config
     mcfg = model_config(c.model)
     placement = loop.Placement(c, mcfg, devices=devices)
     tx, sched = optim.make_optimizer(c.optimizer, c.train.steps)
@@ -413,7 +414,7 @@ def test_ep_rules_shard_experts():
     c = moe_config()
     c.sharding.rules = "ep"
     c.mesh.update({"data": 2, "expert": 4})
-    from ftjax.train.sft import model_config
+    from ftjax.train.run import model_config
     placement = loop.Placement(c, model_config(c.model))
     spec = placement.params["layers"]["moe"]["up_proj"]["kernel"].spec
     assert tuple(spec)[:2] == (None, "expert")
@@ -425,14 +426,12 @@ def test_training_with_aux_loss_learns_and_logs_routing(tmp_path):
     c = moe_config(steps=14, router_aux_loss_coef=0.1)
     c.optimizer.learning_rate = 1e-2
     c.train.eval_every = 14
-    from ftjax.train.sft import eval_batches, model_config
+    from ftjax.train.run import fixed_batches as eval_batches, model_config
     from ftjax import data as ftdata
     mcfg = model_config(c.model)
     tr, te = ftdata.make_splits("reverse", 100, seed=0)
-    res = loop.train(c, str(tmp_path), model_cfg=mcfg,
-                     init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
-                     loss_fn=sft_loss(mcfg), train_iter=_loader(c),
-                     eval_batches=eval_batches(te[:16], ftdata.CharTokenizer(), 8, 32))
+    res = loop.train(Run.of(c, str(tmp_path), model_cfg=mcfg, init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0))),
+                     sft_loss(mcfg), _loader(c), eval_batches=eval_batches(te[:16], ftdata.CharTokenizer(), 8, 32))
     first, last = res.history[0], res.history[-1]
     assert last["loss"] < first["loss"] - 0.5
     assert len(last["moe_load"]) == 2 and len(last["moe_load"][0]) == 4

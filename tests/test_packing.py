@@ -9,7 +9,7 @@ from ftjax import models
 from ftjax.data import packing
 from ftjax.data.errors import DataError
 from ftjax.train.losses import token_cross_entropy
-from ftjax.train.sft import model_config
+from ftjax.train.run import model_config
 from ftjax.train.step import sft_loss
 
 # init_std 0.3: a random model that attends sharply, so leaking across documents shows.

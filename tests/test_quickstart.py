@@ -9,7 +9,7 @@ import os
 import pytest
 
 from ftjax import main as ftmain
-from ftjax import quickstart
+from ftjax.trainers import quickstart_base as quickstart
 from ftjax.io.params_file import load_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +26,7 @@ def _run(workdir, arg="", *overrides):
 
 def test_shipped_base_is_small_and_matches_the_config():
     from configs import quickstart as qs_config
-    from ftjax.train.sft import model_config
+    from ftjax.train.run import model_config
     assert os.path.getsize(SHIPPED) < 4 * 2**20
     cfg, _ = load_params(SHIPPED, expected_cfg=model_config(qs_config.base_model()))
     meta = quickstart.read_metadata(SHIPPED)

@@ -12,6 +12,7 @@ from configs import common
 from ftjax import data as ftdata
 from ftjax import models
 from ftjax.train import loop, optim
+from ftjax.train.run import Run
 from ftjax.train.state import create_state
 from ftjax.train.step import make_train_step, sft_loss, split_microbatches
 
@@ -31,7 +32,7 @@ def tiny_config(steps=8, batch=8, seq=32, **train_kw):
 
 
 def model_cfg_of(c):
-    from ftjax.train.sft import model_config
+    from ftjax.train.run import model_config
     return model_config(c.model)
 
 
@@ -130,9 +131,8 @@ def _loader(c):
 
 def _train(c, workdir, it):
     mcfg = model_cfg_of(c)
-    return loop.train(c, str(workdir), model_cfg=mcfg,
-                      init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
-                      loss_fn=sft_loss(mcfg), train_iter=it)
+    return loop.train(Run.of(c, str(workdir), model_cfg=mcfg, init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0))),
+                      sft_loss(mcfg), it)
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -169,12 +169,9 @@ def test_loss_falls_and_early_stopping(tmp_path):
     mcfg = model_cfg_of(c)
     tok = ftdata.CharTokenizer()
     tr, te = ftdata.make_splits("reverse", 300, seed=0)
-    from ftjax.train.sft import eval_batches
-    res = loop.train(c, str(tmp_path), model_cfg=mcfg,
-                     init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
-                     loss_fn=sft_loss(mcfg),
-                     train_iter=ftdata.SyntheticLoader(tr, tok, 8, 32, seed=0),
-                     eval_batches=eval_batches(te, tok, 8, 32))
+    from ftjax.train.run import fixed_batches as eval_batches
+    res = loop.train(Run.of(c, str(tmp_path), model_cfg=mcfg, init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0))),
+                     sft_loss(mcfg), ftdata.SyntheticLoader(tr, tok, 8, 32, seed=0), eval_batches=eval_batches(te, tok, 8, 32))
     assert res.stopped_early and res.state.step == 15  # first eval sets best; 2 more fail
     assert res.evals[-1]["eval_loss"] < res.evals[0]["eval_loss"]
     assert res.history[-1]["loss"] < res.history[0]["loss"] - 0.5

@@ -243,13 +243,13 @@ def _upcycle_run_config(arg="", **train):
 def _eval_loss(c, model_cfg, params, n=64):
     """Token-mean eval loss on the first n held-out examples, as the sft trainer computes it."""
     from ftjax import data as ftdata
-    from ftjax.train import sft
+    from ftjax.train import run as sft
     from ftjax.train.step import make_eval_step, sft_loss
     _, test = ftdata.make_splits(c.data.tasks[0], int(c.data.n_per_task), int(c.data.seed),
                                  float(c.data.test_frac))
     step = jax.jit(make_eval_step(sft_loss(model_cfg)))
     nll = tokens = 0.0
-    for b in sft.eval_batches(test[:n] if n else test, ftdata.CharTokenizer(), 32,
+    for b in sft.fixed_batches(test[:n] if n else test, ftdata.CharTokenizer(), 32,
                               int(c.train.seq_len)):
         s = step(params, b)
         nll, tokens = nll + float(s["nll"]), tokens + float(s["tokens"])
@@ -258,7 +258,7 @@ def _eval_loss(c, model_cfg, params, n=64):
 
 @pytest.mark.parametrize("arg", ["experts=4", "experts=4,dispatch=capacity"])
 def test_upcycled_quickstart_base_starts_at_the_dense_eval_loss(arg):
-    from ftjax.train import sft
+    from ftjax.train import run as sft
     c = _upcycle_run_config(arg)
     dense_cfg, moe_cfg = sft.model_config(c.model, dense=True), sft.model_config(c.model)
     assert dense_cfg.num_experts == 0 and moe_cfg.num_experts == 4
@@ -273,13 +273,14 @@ def test_upcycled_quickstart_base_starts_at_the_dense_eval_loss(arg):
 @pytest.mark.slow
 @pytest.mark.parametrize("arg", ["experts=4", "experts=4,peft=lora,dispatch=capacity"])
 def test_upcycled_base_fine_tunes_through_the_sft_trainer(arg, tmp_path):
-    from ftjax.train import sft
+    from ftjax.train import run as sft
     c = _upcycle_run_config(arg + ",steps=6", log_every=2, eval_every=6, batch_size=16)
     c.data.update(dict(n_per_task=200, eval_examples=0))
     c.optimizer.warmup_steps = 2
     dense_cfg = sft.model_config(c.model, dense=True)
     start = _eval_loss(c, dense_cfg, sft.dense_initial_params(c, dense_cfg)(), n=None)
-    summary = sft.run(c, str(tmp_path))
+    from ftjax.trainers import sft as sft_trainer
+    summary = sft_trainer.run(c, str(tmp_path))
     (ev,) = summary["evals"]
     assert ev["step"] == 6 and len(ev["eval_moe_load"]) == c.model.num_layers
     assert ev["eval_loss"] < 0.8 * start, (start, ev["eval_loss"])

@@ -8,7 +8,7 @@ Three ways to get reference log-probs (`dpo.reference`):
               (LoRA/QLoRA/DoRA/IA3/VeRA with their default inits). Prompt and prefix tuning
               get the base model without the virtual tokens, as TRL's adapter-disabled
               reference.
-  precompute  once, before training: the starting policy (`starting_policy`: the params of
+  precompute  once, before training: the starting policy (`Run.starting_params()`: the params of
               step 0, adapters included, through the method's forward) scores every
               training and validation pair, the table is cached in the workdir and the
               values are attached to each batch (`ref_chosen_logps`, `ref_rejected_logps`) by
@@ -25,7 +25,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ftjax import models, peft
 from ftjax.align import logps as lp
@@ -114,21 +113,6 @@ def resolve_mode(mode: str, abstract_params: Any, train_patterns, peft_cfg: Any)
     if mode != "auto":
         return mode
     return "strip" if safe else "precompute"
-
-
-def starting_policy(init_params: Callable[[], Any], model_cfg: ModelConfig, placement,
-                    transform=None, transform_key=None) -> Any:
-    """The policy's params at step 0, built as the training loop builds them (init or load,
-    then the PEFT transform with the run's key), placed with the run's param shardings."""
-    if getattr(init_params, "on_host", False):
-        dtype = jnp.dtype(model_cfg.param_dtype)
-        base = jax.device_put(jax.tree.map(lambda x: np.asarray(x, dtype), init_params()),
-                              placement.base_params)
-    else:
-        base = jax.jit(init_params, out_shardings=placement.base_params)()
-    if transform is None:
-        return base
-    return jax.jit(transform, out_shardings=placement.params)(base, transform_key)
 
 
 def pair_rows(batch: dict, key: str) -> jax.Array:

@@ -209,7 +209,26 @@ class Run:
         check_vocab(model_cfg, tok)
         if method is None:
             method = get_method(cfg.get("peft"), apply_fn=models.apply, tokenizer=tok)
-        init_params = init_params or initial_params(cfg, model_cfg)
+        return cls._assemble(cfg, workdir, name=name, model_cfg=model_cfg, method=method,
+                             init_params=init_params or initial_params(cfg, model_cfg),
+                             add_params=add_params, add_patterns=add_patterns,
+                             devices=devices, tokenizer=tok)
+
+    @classmethod
+    def of(cls, cfg: Any, workdir: str, *, model_cfg: ModelConfig,
+           init_params: Callable[[], Any], transform=None, train_patterns=(".*",),
+           wrap_optimizer=None, name: str = "train", devices=None) -> "Run":
+        """A run assembled from explicit parts and no tokenizer, for code that brings its own
+        model and batches (tests, benchmarks, notebooks): `cfg` supplies only the train,
+        optimizer, mesh and sharding sections and the seed."""
+        method = Method(name="custom", transform=transform, train_patterns=tuple(train_patterns),
+                        wrap_optimizer=wrap_optimizer)
+        return cls._assemble(cfg, workdir, name=name, model_cfg=model_cfg, method=method,
+                             init_params=init_params, devices=devices)
+
+    @classmethod
+    def _assemble(cls, cfg, workdir, *, name, model_cfg, method, init_params, add_params=None,
+                  add_patterns=(), devices=None, tokenizer=None) -> "Run":
         transform = method.transform
         patterns = tuple(method.train_patterns)
         if add_params is not None:
@@ -219,14 +238,14 @@ class Run:
         tkey = transform_key(int(cfg.seed))
         abstract = (jax.eval_shape(transform, base_abstract, tkey) if transform
                     else base_abstract)
-        extra = sorted(set(abstract) - set(base_abstract)) if isinstance(abstract, dict) else []
+        extra = sorted(set(abstract) - set(base_abstract)) if add_params is not None else []
         if add_params is not None:
             patterns += tuple(add_patterns) or tuple(f"{k}/.*" for k in extra)
         placement = Placement(cfg, model_cfg, devices, abstract_params=abstract,
                               replicated_keys=extra)
         return cls(cfg=cfg, workdir=str(workdir), name=name, model_cfg=model_cfg, method=method,
                    init_params=init_params, transform=transform, train_patterns=patterns,
-                   abstract_params=abstract, placement=placement, tokenizer=tok)
+                   abstract_params=abstract, placement=placement, tokenizer=tokenizer)
 
     def phase(self, *, cfg: Any = None, workdir: Optional[str] = None, name: Optional[str] = None,
               init_params: Optional[Callable[[], Any]] = None) -> "Run":
