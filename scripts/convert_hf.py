@@ -19,7 +19,6 @@ are read). See docs/checkpoints.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any, Optional
@@ -53,48 +52,20 @@ def restore_workdir(workdir: str, step: Optional[int] = None) -> tuple[Any, dict
     """(ModelConfig, host params, run config, step) from an orbax checkpoint of a training run.
 
     The model config is rebuilt from the workdir's resolved config.json exactly as the run
-    built it (`ftjax.train.sft.model_config`); only the params are read from the checkpoint.
+    built it (`ftjax.train.run.model_config`); only the params are read from the checkpoint.
     """
-    import jax
-    import ml_collections
-    import numpy as np
-    import orbax.checkpoint as ocp
-
     from ftjax import models
-    from ftjax.io.checkpoint import Checkpointer
-    from ftjax.train.sft import model_config
+    from ftjax.io.restore import read_run_config, restore_params
+    from ftjax.train.run import model_config
 
-    cfg_path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{workdir!r} has no config.json; is it an ftjax workdir?")
-    with open(cfg_path) as f:
-        run_cfg = ml_collections.ConfigDict(json.load(f))
+    run_cfg = read_run_config(workdir)
     method = run_cfg.get("peft", {}).get("method", "full")
     if method != "full":
         raise ValueError(f"{workdir!r} is a peft.method={method!r} run: its checkpoints hold only "
                          "the trained leaves. Export it with scripts/export_peft.py --workdir "
                          f"{workdir} --out DIR --format merged (or --format peft)")
     model_cfg = model_config(run_cfg.model)
-    ckpt = Checkpointer(workdir, async_save=False)
-    try:
-        steps = ckpt.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"no checkpoints under {ckpt.directory}")
-        step = max(steps) if step is None else step
-        if step not in steps:
-            raise ValueError(f"no checkpoint for step {step} in {ckpt.directory}; have {steps}")
-        device = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                                models.param_shapes(model_cfg))
-        # Only the params subtree of the saved TrainState is read (partial restore).
-        args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item={"params": abstract}, partial_restore=True,
-            restore_args=jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=device),
-                                      {"params": abstract})))
-        state = ckpt.manager.restore(step, args=args)["state"]
-    finally:
-        ckpt.close()
-    params = jax.tree.map(np.asarray, state["params"])
+    params, step = restore_params(workdir, step, models.param_shapes(model_cfg))
     return model_cfg, params, run_cfg, step
 
 

@@ -25,7 +25,6 @@ See docs/peft_format.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any, Optional
@@ -60,38 +59,6 @@ def _flat_with_fields(tree: Any) -> dict[str, Any]:
     return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _checkpoint_params(workdir: str, step: Optional[int]) -> tuple[dict, int]:
-    """The trainable params saved in a checkpoint, as nested dicts (None for frozen leaves),
-    read by partial restore (optimizer state is not read)."""
-    import jax
-    import numpy as np
-    import orbax.checkpoint as ocp
-    from etils import epath
-    from ftjax.io.checkpoint import Checkpointer
-
-    ckpt = Checkpointer(workdir, async_save=False)
-    try:
-        steps = ckpt.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"no checkpoints under {ckpt.directory}")
-        step = max(steps) if step is None else step
-        if step not in steps:
-            raise ValueError(f"no checkpoint for step {step} in {ckpt.directory}; have {steps}")
-        meta = ocp.PyTreeCheckpointHandler().metadata(
-            epath.Path(ckpt.directory) / str(step) / "state")
-        meta = getattr(meta, "tree", meta)
-        device = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                                {"params": meta["params"]})
-        args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=abstract, partial_restore=True,
-            restore_args=jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=device), abstract)))
-        state = ckpt.manager.restore(step, args=args)["state"]
-    finally:
-        ckpt.close()
-    return jax.tree.map(np.asarray, state["params"]), step
-
-
 def restore_peft_run(workdir: str, step: Optional[int] = None):
     """(ModelConfig, trained params, initial params, base params, run config, step, paths).
 
@@ -100,20 +67,16 @@ def restore_peft_run(workdir: str, step: Optional[int] = None):
     ones the untransformed model; paths lists the leaves read from the checkpoint.
     """
     import jax
-    import ml_collections
     import numpy as np
     from ftjax import models
+    from ftjax.io.restore import read_run_config, restore_params
     from ftjax.peft import get_method
     from ftjax.train import loop
     from ftjax.train.run import initial_params, model_config
 
-    cfg_path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{workdir!r} has no config.json; is it an ftjax workdir?")
-    with open(cfg_path) as f:
-        run_cfg = ml_collections.ConfigDict(json.load(f))
+    run_cfg = read_run_config(workdir)
     model_cfg = model_config(run_cfg.model)
-    saved, step = _checkpoint_params(workdir, step)
+    saved, step = restore_params(workdir, step)
     method = get_method(run_cfg.get("peft"), apply_fn=models.apply)
     if method.apply_fn is not None:
         raise ValueError(f"peft.method={method.name!r} changes the model's inputs (apply_fn); "
