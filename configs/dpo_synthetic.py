@@ -19,17 +19,13 @@ from configs.quickstart import SHIPPED_BASE, base_model, peft_section
 
 def dpo_section(loss: str = "sigmoid", weights: str = "", beta: float = 0.1,
                 reference: str = "auto") -> ml_collections.ConfigDict:
-    """The preference objective (every field can be overridden on the command line)."""
+    """The preference objective: the trainer's defaults (`ftjax/trainers/dpo.py:DEFAULTS`)
+    with the typed arguments; every field can be overridden on the command line."""
+    from ftjax.trainers.dpo import DEFAULTS
     return ml_collections.ConfigDict(dict(
-        loss_type=tuple(loss.split("+")),   # ftjax.align.dpo.LOSS_TYPES; a list is Σ w_k·mean(loss_k)
-        loss_weights=tuple(float(w) for w in weights.split("+")) if weights else (),  # () = all 1
-        beta=beta,                          # DPO β (ORPO: λ; IPO: τ)
-        label_smoothing=0.0,                # ε of cDPO (sigmoid), robust, exo_pair, simpo
-        simpo_gamma=0.5,                    # SimPO target margin γ
-        discopop_tau=0.05,                  # DiscoPOP temperature
-        reference=reference,                # auto | strip | precompute | copy
-        eval_before=True,                   # evaluate the starting model too (summary "before")
-    ))
+        DEFAULTS["dpo"], loss_type=tuple(loss.split("+")),
+        loss_weights=tuple(float(w) for w in weights.split("+")) if weights else (),
+        beta=beta, reference=reference))
 
 
 def get_config(arg=None):

@@ -9,13 +9,15 @@ text) or a TFDS dataset: the data stage end to end (docs/data.md).
 Typed arguments: `path` (a file, glob, or a full spec such as `tfds:NAME:SPLIT`), `format`
 (auto instruction chat sharegpt text), `steps`, `template` (`plain` = the layout the quickstart
 base was pretrained on, `[bos] prompt "\\n" answer [eos]`; or alpaca chatml llama3, or "" for the
-tokenizer's default), `init` (`base` = the shipped quickstart base, `scratch` = random init).
+tokenizer's default), `init` (`base` = the shipped quickstart base, `scratch` = random init), `peft` (full, lora,
+dora, qlora, ...: the method with its default settings, each overridable as
+`--config.peft.NAME=value`).
 Every other knob is in `config.data` (see `configs/common.py:data_file`).
 """
 import os
 
 from configs import common
-from configs.quickstart import SHIPPED_BASE, base_model
+from configs.quickstart import SHIPPED_BASE, base_model, peft_section
 from ftjax.data.sources import SOURCE_KINDS
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +46,7 @@ def repo_path(path: str) -> str:
 
 def get_config(arg=None):
     arg = common.parse_arg(arg, path=DEFAULT_PATH, format="auto", steps=150, template="plain",
-                           init="base", eval_examples=200)
+                           init="base", eval_examples=200, peft="full")
     if arg.init not in ("base", "scratch"):
         raise ValueError(f"init={arg.init!r}: use base (the shipped quickstart base) or scratch")
     c = common.base(trainer="sft")
@@ -59,4 +61,6 @@ def get_config(arg=None):
     c.data = common.data_file(repo_path(arg.path), arg.format,
                               template=PLAIN_TEMPLATE if arg.template == "plain" else arg.template,
                               eval_examples=arg.eval_examples)
+    if arg.peft != "full":  # the method's settings with the quickstart's choices for it
+        c.peft = peft_section(arg.peft, arg.steps)
     return c

@@ -3,8 +3,6 @@
     python -m ftjax.main --config configs/sft_synthetic.py --workdir /tmp/sft
     python -m ftjax.main --config configs/sft_synthetic.py:tasks=reverse+sort,steps=500 ...
 """
-import ml_collections
-
 from configs import common
 
 
@@ -17,7 +15,9 @@ def get_config(arg=None):
                                    weight_decay=0.01)
     c.train = common.train(steps=arg.steps, batch_size=32, seq_len=48, log_every=10,
                            eval_every=100, checkpoint_every=100)
-    c.data = ml_collections.ConfigDict(dict(tasks=tuple(arg.tasks.split("+")), n_per_task=2000,
-                                            seed=0, test_frac=0.2, eval_examples=200,
-                                            max_new_tokens=16))
+    # The synthetic tasks; the user's data instead with --config.data.source=jsonl:FILE (every
+    # knob of configs/common.py:data_file is here too, unused while `source` is empty).
+    c.data = common.data_file()
+    c.data.update(dict(tasks=tuple(arg.tasks.split("+")), n_per_task=2000, seed=0,
+                       test_frac=0.2, eval_examples=200, max_new_tokens=16))
     return c

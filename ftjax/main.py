@@ -28,13 +28,12 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     if not workdir:
         raise SystemExit("--workdir is required: the directory for checkpoints, metrics and results")
-    cfg = config_utils.apply_overrides(config_utils.load_config(spec), overrides)
+    from ftjax.trainers import resolve_config
+    cfg = resolve_config(config_utils.load_config(spec), overrides)
     # Multi-host set-up must precede any other JAX call.
     sharding.initialize_distributed(cfg.get("distributed"))
     cfg_hash = config_utils.write_resolved_config(cfg, workdir)
     trainer = cfg.get("trainer", "sft")
-    if trainer not in TRAINERS:
-        raise SystemExit(f"config.trainer={trainer!r} is not known; choose one of {sorted(TRAINERS)}")
     print(f"ftjax: trainer={trainer} config={spec} hash={cfg_hash} workdir={workdir}")
     return importlib.import_module(TRAINERS[trainer]).run(cfg, workdir)
 

@@ -25,3 +25,58 @@ def get(name: str) -> ModuleType:
     if name not in TRAINERS:
         raise ValueError(f"config.trainer={name!r} is not known; choose one of {sorted(TRAINERS)}")
     return importlib.import_module(TRAINERS[name])
+
+
+def resolve_config(cfg, overrides=()):
+    """The experiment's config with every declared default filled in, then the command-line
+    `overrides` ((key, text) pairs) applied: what config.json records and the hash covers.
+
+    - `peft`: the method's settings with their defaults (`ftjax.peft.resolve`); a
+      `peft.method` override switches the section to that method's defaults first, so its
+      settings (`--config.peft.rank=4`) can be set on the same command line.
+    - the trainer's own sections: `DEFAULTS = {section: {key: default}}` of its module.
+    Unknown or misspelled keys (in the file or on the command line) are refused, naming them.
+    """
+    import copy
+
+    import ml_collections
+
+    from ftjax import config_utils, peft
+
+    cfg = copy.deepcopy(cfg)
+    overrides = list(overrides.items() if isinstance(overrides, dict) else overrides)
+    switch = [v for k, v in overrides if k == "peft.method"]
+    if "trainer" in dict(overrides):
+        cfg.trainer = dict(overrides)["trainer"]
+    if switch and (cfg.get("peft") is None or switch[-1] != cfg.peft.get("method", "full")):
+        keep = {k: cfg.peft[k] for k in ("train_patterns",) if cfg.get("peft") is not None
+                and k in cfg.peft}
+        cfg.peft = ml_collections.ConfigDict(dict(method=switch[-1]))
+        cfg.peft = peft.resolve(cfg.peft)
+        for k, v in keep.items():
+            if k in cfg.peft:
+                cfg.peft[k] = v
+    cfg.peft = peft.resolve(cfg.get("peft"))
+    _fill_trainer_defaults(cfg)
+    cfg = config_utils.apply_overrides(cfg, [(k, v) for k, v in overrides
+                                             if k not in ("peft.method", "trainer")])
+    cfg.peft = peft.resolve(cfg.peft)  # types of the settings set on the command line
+    return cfg
+
+
+def _fill_trainer_defaults(cfg) -> None:
+    import difflib
+
+    import ml_collections
+
+    defaults = getattr(get(cfg.get("trainer", "sft")), "DEFAULTS", {})
+    for section, fields in defaults.items():
+        given = cfg.get(section)
+        given = {} if given is None else given.to_dict()
+        unknown = sorted(set(given) - set(fields))
+        if unknown:
+            hints = [f"{section}.{k}" + (f" (did you mean {', '.join(c)}?)" if (
+                c := difflib.get_close_matches(k, sorted(fields), n=3)) else "") for k in unknown]
+            raise ValueError(f"trainer {cfg.get('trainer')!r} has no setting {'; '.join(hints)}; "
+                             f"the {section!r} section's settings are {sorted(fields)}")
+        cfg[section] = ml_collections.ConfigDict({**fields, **given})

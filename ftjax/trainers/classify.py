@@ -19,6 +19,16 @@ from ftjax.train.classify_head import LOSSES, classify_loss, head_params, make_p
 from ftjax.train.run import Run, model_config, prepare_data, tokenizer_for
 
 
+# The trainer's own section, every setting with its default (`configs/classify_file.py`).
+DEFAULTS = {"classify": dict(
+    loss="ce",                  # ce | weighted | focal
+    class_weights="inverse",    # inverse | sqrt_inverse | effective_number
+    beta=0.999,                 # effective_number: (1 - beta) / (1 - beta^n_c)
+    gamma=2.0,                  # focal: (1 - p_t)^gamma
+    focal_alpha="none",         # focal: none | class_weights (alpha_t = w[y])
+)}
+
+
 def loss_weights(kcfg: Any, counts: np.ndarray, classes: Sequence[str]):
     """(class_weight, alpha) for the configured loss: class weights for "weighted", and for
     "focal" when classify.focal_alpha="class_weights"."""

@@ -22,6 +22,19 @@ from ftjax.train import optim
 from ftjax.train.placement import Placement
 from ftjax.train.run import Run, gather, prepare_data, resolve_path, uses_files
 
+# The trainer's own section, every setting with its default (`configs/dpo_*.py` set some).
+DEFAULTS = {"dpo": dict(
+    loss_type=("sigmoid",),   # ftjax.align.dpo.LOSS_TYPES; several = sum of w_k * mean(loss_k)
+    loss_weights=(),          # one weight per loss type; () = all 1
+    beta=0.1,                 # DPO beta (ORPO: lambda; IPO: tau)
+    label_smoothing=0.0,      # epsilon of cDPO (sigmoid), robust, exo_pair, simpo
+    simpo_gamma=0.5,          # SimPO target margin gamma
+    discopop_tau=0.05,        # DiscoPOP temperature
+    reference="auto",         # auto | strip | precompute | copy (ftjax/align/reference.py)
+    eval_before=True,         # evaluate the starting model too (summary "before")
+)}
+
+
 def make_evaluator(loss_fn, placement: Placement, batches: Sequence[dict],
                    prefix: str = "eval_") -> Callable[[int, Any], dict]:
     """`(step, full_params) -> metrics` over every validation pair: loss, reward accuracy,
