@@ -18,6 +18,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 class FakeGCS(DirFileSystem):
     protocol = ("gs", "gcs")
+    cachable = False  # fsspec would otherwise reuse an instance bound to an earlier root
     root: str = ""
     opened: list = []
 
