@@ -9,20 +9,20 @@ cleaned and split by the data pipeline (`configs/common.py:data_file`, docs/data
 
 Typed arguments: `path` (file, glob or full spec), `steps`, `peft` (lora, full, qlora, ...),
 `loss` (one type or `a+b+c`), `weights` (`w1+w2+w3`), `beta`, `reference` (auto strip
-precompute copy), `template` (`plain` = the quickstart base's `[bos] prompt "\\n" answer [eos]`
+precompute copy), `template` (`auto`: the tokenizer's own when starting from `hf:DIR`, else `plain` = the quickstart base's `[bos] prompt "\\n" answer [eos]`
 layout, or alpaca chatml llama3, or "" for the tokenizer's default). See docs/alignment.md.
 """
 from configs import common
 from configs.dpo_synthetic import dpo_section
 from configs.quickstart import SHIPPED_BASE, base_model, peft_section
-from configs.sft_file import PLAIN_TEMPLATE, repo_path
+from configs.sft_file import repo_path
 
 DEFAULT_PATH = "experiments/data_samples/preference.jsonl"
 
 
 def get_config(arg=None):
     arg = common.parse_arg(arg, path=DEFAULT_PATH, steps=100, peft="lora", loss="sigmoid",
-                           weights="", beta=0.1, reference="auto", template="plain", lr=0.0)
+                           weights="", beta=0.1, reference="auto", template="auto", lr=0.0)
     c = common.base(trainer="dpo")
     c.model = base_model()
     c.model.init_from = repo_path(SHIPPED_BASE)
@@ -31,7 +31,7 @@ def get_config(arg=None):
     c.train = common.train(steps=arg.steps, batch_size=16, seq_len=48, log_every=10,
                            eval_every=25, checkpoint_every=50, keep_checkpoints=1)
     c.data = common.data_file(repo_path(arg.path), "preference",
-                              template=PLAIN_TEMPLATE if arg.template == "plain" else arg.template,
+                              template=arg.template,
                               eval_examples=0, min_train_examples=200)
     c.dpo = dpo_section(arg.loss, arg.weights, arg.beta, arg.reference)
     c.peft = peft_section(arg.peft, arg.steps)

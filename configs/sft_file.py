@@ -7,9 +7,10 @@ text) or a TFDS dataset: the data stage end to end (docs/data.md).
         --config.data.field_map=instruction=question,output=answer --workdir /tmp/qa
 
 Typed arguments: `path` (a file, glob, or a full spec such as `tfds:NAME:SPLIT`), `format`
-(auto instruction chat sharegpt text), `steps`, `template` (`plain` = the layout the quickstart
-base was pretrained on, `[bos] prompt "\\n" answer [eos]`; or alpaca chatml llama3, or "" for the
-tokenizer's default), `init` (`base` = the shipped quickstart base, `scratch` = random init), `peft` (full, lora,
+(auto instruction chat sharegpt text), `steps`, `template` (`auto`, the default: the
+tokenizer's own chat template when `model.init_from=hf:DIR`, else `plain` = the layout the
+quickstart base was pretrained on, `[bos] prompt "\\n" answer [eos]`; or alpaca chatml llama3,
+or "" for the tokenizer's default), `init` (`base` = the shipped quickstart base, `scratch` = random init), `peft` (full, lora,
 dora, qlora, ...: the method with its default settings, each overridable as
 `--config.peft.NAME=value`).
 Every other knob is in `config.data` (see `configs/common.py:data_file`).
@@ -18,17 +19,15 @@ import os
 
 from configs import common
 from configs.quickstart import SHIPPED_BASE, base_model, peft_section
+from ftjax.data.chat import BUILTIN_TEMPLATES
 from ftjax.data.sources import SOURCE_KINDS
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PATH = "experiments/data_samples/instruction.jsonl"
 
-# The quickstart base's training layout as a chat template: [bos] user "\n" assistant [eos].
-PLAIN_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
-                  "{{ m['content'] + '\n' }}{% elif m['role'] == 'assistant' %}"
-                  "{{ m['content'] + eos_token }}{% elif m['role'] == 'system' %}"
-                  "{{ raise_exception('the plain template has no system turn') }}"
-                  "{% endif %}{% endfor %}")
+# The quickstart base's training layout as a chat template: [bos] user "\n" assistant [eos]
+# (the built-in template "plain").
+PLAIN_TEMPLATE = BUILTIN_TEMPLATES["plain"]
 
 
 def repo_path(path: str) -> str:
@@ -45,7 +44,7 @@ def repo_path(path: str) -> str:
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, path=DEFAULT_PATH, format="auto", steps=150, template="plain",
+    arg = common.parse_arg(arg, path=DEFAULT_PATH, format="auto", steps=150, template="auto",
                            init="base", eval_examples=200, peft="full")
     if arg.init not in ("base", "scratch"):
         raise ValueError(f"init={arg.init!r}: use base (the shipped quickstart base) or scratch")
@@ -59,7 +58,7 @@ def get_config(arg=None):
     c.train = common.train(steps=arg.steps, batch_size=16, seq_len=96, log_every=10,
                            eval_every=25, checkpoint_every=50, keep_checkpoints=1)
     c.data = common.data_file(repo_path(arg.path), arg.format,
-                              template=PLAIN_TEMPLATE if arg.template == "plain" else arg.template,
+                              template=arg.template,
                               eval_examples=arg.eval_examples)
     if arg.peft != "full":  # the method's settings with the quickstart's choices for it
         c.peft = peft_section(arg.peft, arg.steps)

@@ -60,3 +60,11 @@ def test_a_misspelled_trainer_section_key_in_a_file_is_refused():
     cfg.classify.gama = 2.0
     with pytest.raises(ValueError, match=r"classify.gama \(did you mean gamma"):
         resolve_config(cfg)
+
+
+def test_a_run_from_a_hf_checkpoint_uses_its_tokenizers_template():
+    assert _resolve("configs/sft_file.py").data.template == "plain"
+    assert _resolve("configs/sft_file.py", "model.init_from=hf:/some/dir").data.template == ""
+    told = _resolve("configs/sft_file.py:template=chatml", "model.init_from=hf:/some/dir")
+    assert told.data.template == "chatml"
+    assert _resolve("configs/dpo_file.py", "model.init_from=hf:/x").data.template == ""

@@ -54,6 +54,14 @@ __all__ = [
 Message = Mapping[str, Any]
 
 BUILTIN_TEMPLATES: dict[str, str] = {
+    # The layout the quickstart base was pretrained on: [bos] user "\n" assistant [eos].
+    "plain": (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+        "{{ m['content'] + '\n' }}{% elif m['role'] == 'assistant' %}"
+        "{{ m['content'] + eos_token }}{% elif m['role'] == 'system' %}"
+        "{{ raise_exception('the plain template has no system turn') }}"
+        "{% endif %}{% endfor %}"
+    ),
     "chatml": (
         "{% for message in messages %}"
         "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"

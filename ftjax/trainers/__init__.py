@@ -35,6 +35,8 @@ def resolve_config(cfg, overrides=()):
       `peft.method` override switches the section to that method's defaults first, so its
       settings (`--config.peft.rank=4`) can be set on the same command line.
     - the trainer's own sections: `DEFAULTS = {section: {key: default}}` of its module.
+    - `data.template="auto"`: the tokenizer's own chat template when the run starts from a
+      Hugging Face checkpoint (`model.init_from=hf:DIR`), else the built-in "plain".
     Unknown or misspelled keys (in the file or on the command line) are refused, naming them.
     """
     import copy
@@ -61,6 +63,12 @@ def resolve_config(cfg, overrides=()):
     cfg = config_utils.apply_overrides(cfg, [(k, v) for k, v in overrides
                                              if k not in ("peft.method", "trainer")])
     cfg.peft = peft.resolve(cfg.peft)  # types of the settings set on the command line
+    data = cfg.get("data")
+    if data is not None and data.get("template") == "auto":
+        # A run from a Hugging Face checkpoint uses that tokenizer's chat template (""); the
+        # quickstart base and random inits use the quickstart's "plain" layout.
+        from_hf = str(cfg.model.get("init_from", "") or "").startswith("hf:")
+        data.template = "" if from_hf else "plain"
     return cfg
 
 
