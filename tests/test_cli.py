@@ -71,5 +71,5 @@ def test_quickstart_peft_argument_brings_the_method_section():
     c = apply_overrides(c, [("peft.rank", "4")])
     assert get_method(c.peft).transform.keywords["rank"] == 4
     assert load_config("configs/quickstart.py").peft.method == "full"
-    with pytest.raises(ValueError, match="peft='nope'"):
+    with pytest.raises(ValueError, match="peft.method='nope' is not known"):
         load_config("configs/quickstart.py:peft=nope")

@@ -508,12 +508,12 @@ def test_short_dpo_run_learns_preferences_on_heldout_pairs(tmp_path):
     answers than before, the loss falls, and the stripped reference is bit-identical."""
     from configs.quickstart import SHIPPED_BASE, base_model
     from ftjax.trainers.dpo import make_evaluator
-    from ftjax.train.run import REPO_ROOT
+    from ftjax.paths import root
     from ftjax.train.run import initial_params
     train, test = synthetic_pairs(("dmy2iso",), 640, seed=0, test_frac=0.2)
     c = tiny_cfg(steps=40, batch=16, peft="lora", lr=2e-3)
     c.model = base_model()
-    c.model.init_from = os.path.join(REPO_ROOT, SHIPPED_BASE)
+    c.model.init_from = os.path.join(root(), SHIPPED_BASE)
     c.peft.rank, c.peft.alpha = 8, 16.0
     mcfg = mcfg_of(c)
     m = get_method(c.peft)

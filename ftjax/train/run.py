@@ -21,14 +21,13 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 
 from ftjax import data as ftdata
-from ftjax import models, workdir as wd
+from ftjax import models, paths, workdir as wd
 from ftjax.io.params_file import load_params
 from ftjax.models import upcycle
 from ftjax.models.config import ModelConfig
 from ftjax.peft import Method, get_method
 from ftjax.train.placement import Placement
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ------------------------------------------------------------------------------------------
@@ -37,17 +36,20 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 
 def resolve_path(src: str, what: str = "model.init_from") -> str:
     """`src` if it exists; a relative path that does not exist under the current directory is
-    taken relative to the repository root (so configs can name shipped files portably)."""
-    src = os.path.expanduser(src)
-    if os.path.exists(src):
-        return os.path.abspath(src)
-    if "://" in src or os.path.isabs(src):
-        return src
-    alt = os.path.join(REPO_ROOT, src)
-    if os.path.exists(alt):
-        return alt
+    taken under the ftjax root (`ftjax.paths`: the checkout, or the installed shared files),
+    so configs can name shipped files portably."""
+    path = paths.resolve(src)
+    if "://" in path or os.path.exists(path):
+        return path if "://" in path else os.path.abspath(path)
     raise FileNotFoundError(f"{what}={src!r} not found (looked under {os.getcwd()!r} and the "
-                            f"repository root {REPO_ROOT!r})")
+                            f"ftjax root {_root()!r})")
+
+
+def _root() -> str:
+    try:
+        return paths.root()
+    except FileNotFoundError as e:
+        return str(e)
 
 
 def model_config(model_section: Any, dense: bool = False) -> ModelConfig:

@@ -26,7 +26,8 @@ from ftjax import data as ftdata
 from ftjax import plots, workdir as wd
 from ftjax.eval.harness import loglik_eval
 from ftjax.peft import core as peft_core
-from ftjax.train.run import REPO_ROOT, Run, fixed_batches, synthetic_loader
+from ftjax import paths
+from ftjax.train.run import Run, fixed_batches, synthetic_loader
 from ftjax.train.step import sft_loss
 from ftjax.trainers.quickstart_base import (eval_examples_for, obtain_base, phase_config,
                                             replay_examples, score)
@@ -110,7 +111,7 @@ def run(cfg: Any, workdir: str) -> dict:
                                     int(cfg.train.seq_len))
     eval_loss_before = loglik_eval(base_params, model_cfg, ft_eval_batches)["loss"]
     eval_before_s = time.time() - t0
-    print(f"[quickstart] before fine-tuning: " + ", ".join(
+    print("[quickstart] before fine-tuning: " + ", ".join(
         f"{t} {r['exact_match']:.1%}" for t, r in before.items())
           + f"; held-out eval loss {eval_loss_before:.3f} ({eval_before_s:.0f}s)")
     del base_params
@@ -131,7 +132,8 @@ def run(cfg: Any, workdir: str) -> dict:
                for t_ in sets}
     samples = [{"prompt": p, "before": pb, "after": pa, "answer": a}
                for (p, pb, a), (_, pa, _) in zip(before[task]["samples"], after[task]["samples"])]
-    base_desc = {"file": os.path.relpath(base_path, REPO_ROOT) if base_path.startswith(REPO_ROOT)
+    root = paths.root()
+    base_desc = {"file": os.path.relpath(base_path, root) if base_path.startswith(root)
                  else base_path,
                  "cached": f"pretrained earlier in this workdir ({base_path})",
                  "pretrained": f"pretrained in this run ({base_path})"}[source]

@@ -21,7 +21,8 @@ from ftjax import data as ftdata
 from ftjax import plots, workdir as wd
 from ftjax.eval.harness import exact_match_eval
 from ftjax.io.params_file import save_params
-from ftjax.train.run import REPO_ROOT, Run, fixed_batches, synthetic_loader
+from ftjax.train import run as run_lib
+from ftjax.train.run import Run, fixed_batches, synthetic_loader
 from ftjax.train.step import sft_loss
 
 BASE_FILE = "model.safetensors"
@@ -55,16 +56,13 @@ def base_hash(cfg: Any) -> str:
 
 
 def resolve_path(path: str) -> str:
-    """`path` as given if it exists, else relative to the repository root (any cwd works)."""
-    p = os.path.expanduser(path)
-    if os.path.exists(p):
-        return os.path.abspath(p)
-    if not os.path.isabs(p) and os.path.exists(os.path.join(REPO_ROOT, p)):
-        return os.path.join(REPO_ROOT, p)
-    raise FileNotFoundError(
-        f"base model {path!r} not found (looked under the current directory {os.getcwd()!r} and "
-        f"the repository root {REPO_ROOT!r}); set --config.base.path to the file, or "
-        "--config.base.path= (empty) to pretrain the base in the run")
+    """The base file: `path` as given if it exists, else under the ftjax root (any cwd)."""
+    try:
+        return run_lib.resolve_path(path, "base.path")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"base model: {e}; set --config.base.path to the file, or "
+                                "--config.base.path= (empty) to pretrain the base in the run") \
+            from None
 
 
 def read_metadata(path: str) -> dict:
@@ -148,7 +146,7 @@ def pretrain_base(cfg: Any, workdir: str) -> dict:
         em[task], n_scored[task] = round(r["exact_match"], 4), r["n"]
         print(f"[pretrain] {task:>8s}: exact match {r['exact_match']:6.1%} over {r['n']} "
               f"{'training facts (recall)' if task == 'lookup' else 'held-out prompts'}")
-    metrics = wd.path(workdir, "metrics.jsonl")
+    metrics = wd.path(workdir, "metrics.jsonl")  # workdir: local (see obtain_base)
     curves = plots.read_curves(metrics, {"train": ("pretrain", "loss"),
                                          "eval": ("pretrain_eval", "eval_loss")})
     info = {
@@ -173,6 +171,10 @@ def obtain_base(cfg: Any, workdir: str) -> tuple[str, dict, str]:
     """(path, metadata, source) of the base; source is "file", "cached" or "pretrained"."""
     b = cfg.base
     if b.force_pretrain or not b.path:
+        if wd.is_remote(workdir):  # safetensors reads and writes local files only
+            raise ValueError(f"pretraining the quickstart base in the run writes a local "
+                             f"safetensors file, but the workdir {workdir!r} is a URL; use the "
+                             "shipped base (base.path) or a local --workdir")
         h = base_hash(cfg)
         sub = os.path.join(workdir, f"base_{h}")
         path = os.path.join(sub, BASE_FILE)
