@@ -191,8 +191,9 @@ def tiny_cfg(steps=3, batch=8, peft="lora", lr=3e-3, **dpo_kw):
     c.optimizer = common.optimizer("adamw", learning_rate=lr, warmup_steps=0, schedule="constant")
     c.train = common.train(steps=steps, batch_size=batch, seq_len=SEQ, log_every=1,
                            progress=False, tensorboard=False, async_checkpoint=False)
-    c.peft = ml_collections.ConfigDict(dict(method=peft, rank=4, alpha=8.0) if peft != "full"
-                                       else dict(method="full", train_patterns=()))
+    from ftjax.peft import method_defaults
+    c.peft = method_defaults(peft)  # the method's settings; small adapters where it has a rank
+    c.peft.update({k: v for k, v in dict(rank=4, alpha=8.0).items() if k in c.peft})
     c.dpo = ml_collections.ConfigDict(dict(loss_type=("sigmoid",), loss_weights=(), beta=0.1,
                                            label_smoothing=0.0, simpo_gamma=0.5,
                                            discopop_tau=0.05, reference="auto"))

@@ -15,6 +15,7 @@ import numpy as np
 from ftjax.data import SyntheticLoader, make_splits
 from ftjax.data.synthetic import DeterministicRng
 from ftjax.data.tokenizer import Tokenizer
+from ftjax.data.resumable import Resumable
 
 CORRUPTIONS = ("perturb", "truncate", "mismatch")
 _CLASSES = ("0123456789", "abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -79,7 +80,7 @@ def check_pairs(pairs: Sequence[Mapping], where: str = "preference data") -> Non
                              "chosen and rejected answers; drop it or fix the data")
 
 
-class PreferenceLoader:
+class PreferenceLoader(Resumable):
     """Deterministic, resumable batches of preference pairs (see the module doc).
 
     Built on two `SyntheticLoader`s with the same seed, so the chosen and rejected rows of a

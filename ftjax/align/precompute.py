@@ -26,7 +26,7 @@ from etils import epath
 from ftjax import sharding, workdir
 from ftjax.align.reference import make_ref_logps_fn
 from ftjax.models.config import ModelConfig
-from ftjax.train.batches import PassthroughIterator
+from ftjax.data.resumable import PassthroughIterator
 
 _ROW_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from ftjax.data.synthetic import DeterministicRng
 from ftjax.data.tokenizer import Tokenizer
+from ftjax.data.resumable import Resumable
 
 __all__ = ["BATCH_KEYS", "encode_example", "SyntheticLoader", "PromptBatch", "prompt_batch"]
 
@@ -79,7 +80,7 @@ def _empty_rows(n: int, seq_len: int) -> dict[str, np.ndarray]:
     return {k: np.zeros((n, seq_len), np.float32 if k == "loss_mask" else np.int32) for k in BATCH_KEYS}
 
 
-class SyntheticLoader:
+class SyntheticLoader(Resumable):
     """Deterministic, resumable iterator of fixed-shape batches over an in-memory example list.
 
     Step `s` maps to epoch `s // batches_per_epoch` and position `s % batches_per_epoch`; the

@@ -9,6 +9,7 @@ import numpy as np
 
 from ftjax.data.imbalance import stratified_batches
 from ftjax.data.splits import hash_order
+from ftjax.data.resumable import Resumable
 
 
 def class_counts(labels: Sequence[str], classes: Sequence[str]) -> np.ndarray:
@@ -39,7 +40,7 @@ def encode_rows(token_lists: Sequence[np.ndarray], labels: Sequence[int], seq_le
     return out
 
 
-class ArrayLoader:
+class ArrayLoader(Resumable):
     """In-memory classification batches: seeded per-epoch shuffles (or stratified batches),
     this process's rows of every global batch, and a JSON-able resume state.
 

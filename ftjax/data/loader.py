@@ -13,6 +13,7 @@ from ftjax.data.errors import DataError
 
 from ftjax.data.options import PACKING
 from ftjax.data.views import Prepared, encode_fn
+from ftjax.data.resumable import Resumable
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,7 +190,7 @@ class _StratifiedSource:
 # The loader
 # --------------------------------------------------------------------------------------------
 
-class Loader:
+class Loader(Resumable):
     """Iterator of this process's batches, with JSON `get_state()` / `set_state()`.
 
     The Grain iterator (and any worker processes) starts on first use; `close()` stops them.

@@ -3,7 +3,7 @@
 Two kinds of producer, both resumable (`get_state()` / `set_state(state)`, saved with every
 checkpoint, so a resumed run sees exactly the batches an uninterrupted one would have):
 
-- an iterator of this process's rows of each global batch (numpy dicts): `next(it)`, for data
+- a `ftjax.data.resumable.Resumable` loader, or any iterator of this process's rows of each global batch (numpy dicts): `next(it)`, for data
   that does not depend on the model (SFT, preference pairs, classification);
 - an `OnPolicy` producer: `next_batch(step, params)` receives the current full params (placed
   on the mesh, sharded) before every step, for data the policy makes itself (rollouts of PPO,
@@ -14,13 +14,16 @@ checkpoint, so a resumed run sees exactly the batches an uninterrupted one would
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
+from ftjax.data.resumable import PassthroughIterator, Resumable  # noqa: F401 (re-exported)
+
 
 class OnPolicy:
-    """Base of batch producers that see the policy: subclasses implement `next_batch`."""
+    """Base of batch producers that see the policy: subclasses implement `next_batch` (and
+    `get_state` / `set_state` when they hold more than what the step number determines)."""
 
     def next_batch(self, step: int, params: Any) -> dict:
         """The batch for training step `step` (0-based), made with the current `params`."""
@@ -45,35 +48,6 @@ def draw(producer: Any, step: int, params_fn) -> dict:
     if is_on_policy(producer):
         return producer.next_batch(step, params_fn())
     return next(producer)
-
-
-class PassthroughIterator:
-    """Wraps a resumable batch iterator, passing each batch through `attach`; forwards
-    get_state/set_state/close to the wrapped iterator (so the loop's resume state is the
-    inner loader's). Subclasses override `attach`."""
-
-    def __init__(self, inner: Iterator[dict]):
-        self.inner = inner
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        return self.attach(next(self.inner))
-
-    def attach(self, batch: dict) -> dict:
-        raise NotImplementedError
-
-    def get_state(self) -> dict:
-        return self.inner.get_state() if hasattr(self.inner, "get_state") else {}
-
-    def set_state(self, state: dict) -> None:
-        if hasattr(self.inner, "set_state"):
-            self.inner.set_state(state)
-
-    def close(self) -> None:
-        if hasattr(self.inner, "close"):
-            self.inner.close()
 
 
 def as_rank2(batch: dict) -> dict:
