@@ -7,10 +7,7 @@ before anything runs; an existing checkpoint in the workdir is resumed.
 """
 from __future__ import annotations
 
-import importlib
 import sys
-
-from ftjax.trainers import TRAINERS  # noqa: E402  config.trainer -> module
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -35,7 +32,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     cfg_hash = config_utils.write_resolved_config(cfg, workdir)
     trainer = cfg.get("trainer", "sft")
     print(f"ftjax: trainer={trainer} config={spec} hash={cfg_hash} workdir={workdir}")
-    return importlib.import_module(TRAINERS[trainer]).run(cfg, workdir)
+    from ftjax import trainers
+    return trainers.get(trainer).run(cfg, workdir)
 
 
 def cli() -> None:

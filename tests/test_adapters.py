@@ -10,6 +10,7 @@ from ftjax import models
 from ftjax.peft import core, get_method
 from ftjax.peft.adapters import BottleneckAdapter, adapter_param_count, apply_adapters
 from ftjax.train import loop
+from ftjax.train.run import Run
 from ftjax.train.step import sft_loss
 from tests.test_train import _loader, model_cfg_of, tiny_config
 
@@ -109,10 +110,11 @@ def test_gradients_reach_adapters_only():
 def _train(c, workdir, it, devices=None):
     mcfg = model_cfg_of(c)
     m = get_method(c.peft)
-    return loop.train(c, str(workdir), model_cfg=mcfg,
-                      init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
-                      loss_fn=sft_loss(mcfg, 0.0, m.apply_fn), train_iter=it,
-                      train_patterns=m.train_patterns, transform=m.transform, devices=devices)
+    return loop.train(Run.of(c, str(workdir), model_cfg=mcfg,
+                             init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
+                             transform=m.transform, train_patterns=m.train_patterns,
+                             devices=devices),
+                      sft_loss(mcfg, 0.0, m.apply_fn), it)
 
 
 def _adapter_config(steps, mode="serial"):

@@ -14,6 +14,7 @@ from ftjax import models
 from ftjax.peft import core, get_method, quant
 from ftjax.peft.dora import DoRAWeight, apply_dora
 from ftjax.train import loop
+from ftjax.train.run import Run
 from ftjax.train.step import sft_loss
 from tests.test_train import _loader, model_cfg_of, tiny_config
 
@@ -140,10 +141,11 @@ def test_dora_merge_equals_unmerged_and_qdora():
 def test_dora_trains_only_adapters_sharded_like_single_device(tmp_path):
     def run(c, workdir, devices=None):
         mcfg = model_cfg_of(c)
-        return loop.train(c, str(workdir), model_cfg=mcfg,
-                          init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
-                          loss_fn=sft_loss(mcfg), train_iter=_loader(c), train_patterns=(),
-                          transform=get_method(c.peft).transform, devices=devices)
+        return loop.train(Run.of(c, str(workdir), model_cfg=mcfg,
+                                 init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
+                                 transform=get_method(c.peft).transform, train_patterns=(),
+                                 devices=devices),
+                          sft_loss(mcfg), _loader(c))
 
     def cfg():
         c = tiny_config(steps=6)

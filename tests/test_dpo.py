@@ -352,7 +352,8 @@ def test_precomputed_columns_follow_shuffled_pairs(pairs):
     attaches the same numbers."""
     c = tiny_cfg(peft="full")
     mcfg = mcfg_of(c)
-    run = Run.of(c, "", model_cfg=mcfg, init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
+    run = Run.of(c, "", model_cfg=mcfg,
+                 init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
                  devices=jax.devices()[:1])
     placement, ref = run.placement, run.starting_params()
     train = pairs[0][:37]

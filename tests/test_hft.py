@@ -10,6 +10,7 @@ import pytest
 from ftjax import models
 from ftjax.peft import get_method, hft
 from ftjax.train import loop
+from ftjax.train.run import Run
 from ftjax.train.step import sft_loss
 from tests.test_param_groups import _leaf_paths, _tiny, direct_steps
 from tests.test_train import _loader, model_cfg_of, tiny_config
@@ -87,11 +88,11 @@ def test_method_config_and_loop(tmp_path):
     pcfg = ml_collections.ConfigDict(dict(method="hft", steps_per_round=2, seed=1))
     method = get_method(pcfg)
     mcfg = model_cfg_of(c)
-    res = loop.train(c, str(tmp_path), model_cfg=mcfg,
-                     init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
-                     loss_fn=sft_loss(mcfg), train_iter=_loader(c),
-                     train_patterns=method.train_patterns,
-                     wrap_optimizer=method.wrap_optimizer)
+    res = loop.train(Run.of(c, str(tmp_path), model_cfg=mcfg,
+                            init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
+                            train_patterns=method.train_patterns,
+                            wrap_optimizer=method.wrap_optimizer),
+                     sft_loss(mcfg), _loader(c))
     assert res.history[-1]["loss"] < res.history[0]["loss"]
     assert int(jax.device_get(res.state.opt_state.count)) == 6
 
@@ -112,6 +113,6 @@ def test_loop_refuses_to_drop_the_optimizer_hook(tmp_path):
     c.peft = ml_collections.ConfigDict(dict(method="hft", steps_per_round=1))
     mcfg = model_cfg_of(c)
     with pytest.raises(ValueError, match="wrap_optimizer"):
-        loop.train(c, str(tmp_path), model_cfg=mcfg,
-                   init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
-                   loss_fn=sft_loss(mcfg), train_iter=_loader(c))
+        loop.train(Run.of(c, str(tmp_path), model_cfg=mcfg,
+                          init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0))),
+                   sft_loss(mcfg), _loader(c))

@@ -12,6 +12,7 @@ from ftjax import models
 from ftjax.peft import core
 from ftjax.peft.lora import LoRAWeight, apply_lora
 from ftjax.train import loop
+from ftjax.train.run import Run
 from ftjax.train.step import sft_loss
 from tests.test_train import _loader, model_cfg_of, tiny_config
 
@@ -77,10 +78,11 @@ def test_no_target_match_is_an_error():
 
 def _lora_train(c, workdir, it, rank=4):
     mcfg = model_cfg_of(c)
-    return loop.train(c, str(workdir), model_cfg=mcfg,
-                      init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
-                      loss_fn=sft_loss(mcfg), train_iter=it, train_patterns=(),
-                      transform=functools.partial(apply_lora, rank=rank, alpha=16.0))
+    return loop.train(Run.of(c, str(workdir), model_cfg=mcfg,
+                             init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
+                             transform=functools.partial(apply_lora, rank=rank, alpha=16.0),
+                             train_patterns=()),
+                      sft_loss(mcfg), it)
 
 
 def test_lora_training_changes_only_adapters_and_resumes(tmp_path):
@@ -119,11 +121,11 @@ def test_lora_sharded_equals_single_device(tmp_path):
     one = tiny_config(steps=3)
     one.mesh.data = 1
     mcfg = model_cfg_of(one)
-    single = loop.train(one, str(tmp_path / "o"), model_cfg=mcfg,
-                        init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
-                        loss_fn=sft_loss(mcfg), train_iter=_loader(one), train_patterns=(),
-                        transform=functools.partial(apply_lora, rank=4, alpha=16.0),
-                        devices=jax.devices()[:1])
+    single = loop.train(Run.of(one, str(tmp_path / "o"), model_cfg=mcfg,
+                               init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
+                               transform=functools.partial(apply_lora, rank=4, alpha=16.0),
+                               train_patterns=(), devices=jax.devices()[:1]),
+                        sft_loss(mcfg), _loader(one))
     np.testing.assert_allclose([h["loss"] for h in sharded.history],
                                [h["loss"] for h in single.history], rtol=1e-5)
 

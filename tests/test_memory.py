@@ -18,6 +18,7 @@ from ftjax import models
 from ftjax.peft import core, get_method
 from ftjax.peft.memory import MemoryExpertsWeight, apply_memory, memory_param_count
 from ftjax.train import loop
+from ftjax.train.run import Run
 from ftjax.train.step import sft_loss
 from tests.test_train import _loader, tiny_config
 
@@ -212,10 +213,11 @@ def _train_tiny(tmp_path, devices, mesh, rules="fsdp", layers=(), steps=3):
     from ftjax.train.run import model_config
     mcfg = model_config(c.model)
     m = get_method(c.peft)
-    res = loop.train(c, str(tmp_path), model_cfg=mcfg,
-                     init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
-                     loss_fn=sft_loss(mcfg), train_iter=_loader(c), transform=m.transform,
-                     train_patterns=m.train_patterns, devices=devices)
+    res = loop.train(Run.of(c, str(tmp_path), model_cfg=mcfg,
+                            init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
+                            transform=m.transform, train_patterns=m.train_patterns,
+                            devices=devices),
+                     sft_loss(mcfg), _loader(c))
     return res
 
 
@@ -269,9 +271,10 @@ def test_short_training_learns_unseen_facts(tmp_path):
     assert score(base) == 0.0
     m = get_method(c.peft)
     it = ftdata.SyntheticLoader(facts, tok, 16, 48, seed=0)
-    res = loop.train(c, str(tmp_path), model_cfg=mcfg, init_params=loop.host_params(lambda: base),
-                     loss_fn=sft_loss(mcfg), train_iter=it, transform=m.transform,
-                     train_patterns=m.train_patterns, devices=jax.devices()[:1])
+    res = loop.train(Run.of(c, str(tmp_path), model_cfg=mcfg,
+                            init_params=loop.host_params(lambda: base), transform=m.transform,
+                            train_patterns=m.train_patterns, devices=jax.devices()[:1]),
+                     sft_loss(mcfg), it)
     assert score(res.params) >= 0.9
 
 
@@ -300,7 +303,6 @@ def test_config_runs_end_to_end(tmp_path):
 def test_merged_export_refused_before_training():
     """The run's early export check knows memory experts have no merged form
     (Method.mergeable)."""
-    from ftjax.train.run import Run
     cfg = common.base(trainer="sft")
     cfg.model = common.model("llama", **TINY3)
     cfg.peft = ml_collections.ConfigDict(dict(method="memory"))

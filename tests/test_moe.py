@@ -430,7 +430,8 @@ def test_training_with_aux_loss_learns_and_logs_routing(tmp_path):
     from ftjax import data as ftdata
     mcfg = model_config(c.model)
     tr, te = ftdata.make_splits("reverse", 100, seed=0)
-    res = loop.train(Run.of(c, str(tmp_path), model_cfg=mcfg, init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0))),
+    res = loop.train(Run.of(c, str(tmp_path), model_cfg=mcfg,
+                            init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0))),
                      sft_loss(mcfg), _loader(c), eval_batches=eval_batches(te[:16], ftdata.CharTokenizer(), 8, 32))
     first, last = res.history[0], res.history[-1]
     assert last["loss"] < first["loss"] - 0.5

@@ -9,6 +9,7 @@ import pytest
 from ftjax import models
 from ftjax.peft import core, dora, get_method, lora, qlora, quant
 from ftjax.train import loop
+from ftjax.train.run import Run
 from ftjax.train.step import sft_loss
 from tests.test_moe import MODEL, moe_config
 from tests.test_train import _loader, random_batch
@@ -143,14 +144,13 @@ def test_adapter_training_on_experts_lowers_loss(name, tmp_path):
     c = moe_config(steps=8)
     c.optimizer.learning_rate = 5e-2
     c.peft = ml_collections.ConfigDict(dict(method=name, rank=4, alpha=8.0, targets=EXPERTS))
-    from ftjax.train.sft import model_config
+    from ftjax.train.run import model_config
     mcfg = model_config(c.model)
     m = get_method(c.peft)
     init = lambda: models.init(mcfg, jax.random.PRNGKey(0))
-    res = loop.train(c, str(tmp_path), model_cfg=mcfg, init_params=init,
-                     loss_fn=sft_loss(mcfg, 0.0, m.apply_fn, m.bind_rng),
-                     train_iter=iter([random_batch(0)] * 8),  # one batch: memorise it
-                     transform=m.transform, train_patterns=m.train_patterns)
+    res = loop.train(Run.of(c, str(tmp_path), model_cfg=mcfg, init_params=init,
+                            transform=m.transform, train_patterns=m.train_patterns),
+                     sft_loss(mcfg, 0.0, m.apply_fn, m.bind_rng), iter([random_batch(0)] * 8))
     losses = [h["loss"] for h in res.history]
     assert losses[-1] < losses[0] - 0.1, losses
     toks = jax.random.randint(jax.random.PRNGKey(7), (2, 8), 0, 100)
@@ -193,14 +193,14 @@ def test_lora_on_experts_sharded_ep_equals_single_device(tmp_path):
         c.sharding.rules = rules
         c.mesh.update(mesh)
         c.peft = ml_collections.ConfigDict(dict(method="lora", rank=4, targets=EXPERTS))
-        from ftjax.train.sft import model_config
+        from ftjax.train.run import model_config
         mcfg = model_config(c.model)
         m = get_method(c.peft)
-        res = loop.train(c, str(wd), model_cfg=mcfg,
-                         init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
-                         loss_fn=sft_loss(mcfg, 0.0, m.apply_fn, m.bind_rng),
-                         train_iter=_loader(c), transform=m.transform,
-                         train_patterns=m.train_patterns, devices=devices)
+        res = loop.train(Run.of(c, str(wd), model_cfg=mcfg,
+                                init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
+                                transform=m.transform, train_patterns=m.train_patterns,
+                                devices=devices),
+                         sft_loss(mcfg, 0.0, m.apply_fn, m.bind_rng), _loader(c))
         return [h["loss"] for h in res.history]
 
     one = run(jax.devices()[:1], {"data": 1}, "fsdp", tmp_path / "one")

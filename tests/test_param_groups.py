@@ -12,6 +12,7 @@ from ftjax import models
 from ftjax.peft import core
 from ftjax.peft.lora import apply_lora
 from ftjax.train import loop, optim, param_groups
+from ftjax.train.run import Run
 from ftjax.train.state import create_state
 from ftjax.train.step import make_train_step, sft_loss
 from tests.test_train import _loader, model_cfg_of, random_batch, tiny_config
@@ -116,9 +117,9 @@ def test_last_layers_through_the_loop(tmp_path):
     c.optimizer.weight_decay = 0.1  # decay must not move frozen slices either
     c.optimizer.param_groups = ((r"embed/.*", None),) + param_groups.last_layers(1)
     mcfg = model_cfg_of(c)
-    res = loop.train(c, str(tmp_path), model_cfg=mcfg,
-                     init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
-                     loss_fn=sft_loss(mcfg), train_iter=_loader(c))
+    res = loop.train(Run.of(c, str(tmp_path), model_cfg=mcfg,
+                            init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0))),
+                     sft_loss(mcfg), _loader(c))
     assert all(np.isfinite(h["loss"]) for h in res.history)
     assert res.state.params["embed"]["embedding"] is None  # in the frozen partition
     before = _leaf_paths(models.init(mcfg, jax.random.PRNGKey(0)))

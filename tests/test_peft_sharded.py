@@ -7,6 +7,7 @@ import pytest
 from ftjax import models
 from ftjax.peft import get_method, method_names
 from ftjax.train import loop
+from ftjax.train.run import Run
 from ftjax.train.step import sft_loss
 from tests.test_train import _loader, model_cfg_of, tiny_config
 
@@ -21,11 +22,11 @@ def _run(method_name, tmp_path, devices, mesh):
     c.peft = ml_collections.ConfigDict(dict(method=method_name, **FIELDS.get(method_name, {})))
     mcfg = model_cfg_of(c)
     m = get_method(c.peft, apply_fn=models.apply)
-    res = loop.train(c, str(tmp_path), model_cfg=mcfg,
-                     init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
-                     loss_fn=sft_loss(mcfg, 0.0, m.apply_fn, m.bind_rng), train_iter=_loader(c),
-                     transform=m.transform, train_patterns=m.train_patterns,
-                     wrap_optimizer=m.wrap_optimizer, devices=devices)
+    res = loop.train(Run.of(c, str(tmp_path), model_cfg=mcfg,
+                            init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
+                            transform=m.transform, train_patterns=m.train_patterns,
+                            wrap_optimizer=m.wrap_optimizer, devices=devices),
+                     sft_loss(mcfg, 0.0, m.apply_fn, m.bind_rng), _loader(c))
     return [h["loss"] for h in res.history]
 
 

@@ -272,7 +272,8 @@ def test_resume_through_the_training_loop(tmp_path):
     p = sft_prepared(n=200, pack_window=32)
 
     def run(workdir, it):
-        return loop.train(Run.of(c, str(workdir), model_cfg=mcfg, init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0))),
+        return loop.train(Run.of(c, str(workdir), model_cfg=mcfg,
+                                 init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0))),
                           sft_loss(mcfg), it)
 
     def loader():

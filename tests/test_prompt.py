@@ -16,6 +16,7 @@ from ftjax.peft import prompt as prompt_mod
 from ftjax.peft.prompt import (PromptTable, apply_prefix_tuning, apply_prompt_tuning,
                                prefix_param_count, split_prefix)
 from ftjax.train import loop
+from ftjax.train.run import Run
 from ftjax.train.step import sft_loss
 from tests.test_train import _loader, model_cfg_of, tiny_config
 
@@ -208,11 +209,10 @@ def test_training_lowers_loss_and_changes_only_the_prompt(tmp_path, config, lr):
     c.optimizer.learning_rate = lr
     mcfg = model_cfg_of(c)
     m = get_method(c.peft, apply_fn=models.apply)
-    res = loop.train(c, str(tmp_path), model_cfg=mcfg,
-                     init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
-                     loss_fn=sft_loss(mcfg, 0.0, m.apply_fn),
-                     train_iter=itertools.repeat(next(_loader(c))),
-                     train_patterns=m.train_patterns, transform=m.transform)
+    res = loop.train(Run.of(c, str(tmp_path), model_cfg=mcfg,
+                            init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
+                            transform=m.transform, train_patterns=m.train_patterns),
+                     sft_loss(mcfg, 0.0, m.apply_fn), itertools.repeat(next(_loader(c))))
     assert res.history[-1]["loss"] < res.history[0]["loss"] - 0.1
     init = m.transform(models.init(mcfg, jax.random.PRNGKey(0)), jax.random.PRNGKey(c.seed + 1))
     mask = jax.tree.leaves(core.trainable_mask(init, m.train_patterns))

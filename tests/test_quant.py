@@ -15,6 +15,7 @@ from ftjax.peft import core, get_method, quant
 from ftjax.peft.lora import LoRAWeight, apply_lora
 from ftjax.peft.qlora import apply_qlora, merge_qlora
 from ftjax.train import loop
+from ftjax.train.run import Run
 from ftjax.train.step import sft_loss
 from tests.test_train import _loader, model_cfg_of, tiny_config
 
@@ -209,11 +210,11 @@ def test_merge_qlora_targets():
 
 def _qlora_train(c, workdir, devices=None):
     mcfg = model_cfg_of(c)
-    return loop.train(c, str(workdir), model_cfg=mcfg,
-                      init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
-                      loss_fn=sft_loss(mcfg), train_iter=_loader(c), train_patterns=(),
-                      transform=functools.partial(apply_qlora, rank=4, alpha=16.0),
-                      devices=devices)
+    return loop.train(Run.of(c, str(workdir), model_cfg=mcfg,
+                             init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
+                             transform=functools.partial(apply_qlora, rank=4, alpha=16.0),
+                             train_patterns=(), devices=devices),
+                      sft_loss(mcfg), _loader(c))
 
 
 def test_lora_over_nf4_trains_sharded_like_single_device(tmp_path):

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from ftjax import main as ftmain
-from ftjax.trainers import quickstart_base as quickstart
+from ftjax.trainers import _quickstart_base as quickstart
 from ftjax.io.params_file import load_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -131,7 +131,8 @@ def _loader(c):
 
 def _train(c, workdir, it):
     mcfg = model_cfg_of(c)
-    return loop.train(Run.of(c, str(workdir), model_cfg=mcfg, init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0))),
+    return loop.train(Run.of(c, str(workdir), model_cfg=mcfg,
+                             init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0))),
                       sft_loss(mcfg), it)
 
 
@@ -170,7 +171,8 @@ def test_loss_falls_and_early_stopping(tmp_path):
     tok = ftdata.CharTokenizer()
     tr, te = ftdata.make_splits("reverse", 300, seed=0)
     from ftjax.train.run import fixed_batches as eval_batches
-    res = loop.train(Run.of(c, str(tmp_path), model_cfg=mcfg, init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0))),
+    res = loop.train(Run.of(c, str(tmp_path), model_cfg=mcfg,
+                            init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0))),
                      sft_loss(mcfg), ftdata.SyntheticLoader(tr, tok, 8, 32, seed=0), eval_batches=eval_batches(te, tok, 8, 32))
     assert res.stopped_early and res.state.step == 15  # first eval sets best; 2 more fail
     assert res.evals[-1]["eval_loss"] < res.evals[0]["eval_loss"]

@@ -15,6 +15,7 @@ from ftjax import models
 from ftjax.peft import core, get_method
 from ftjax.peft.vera import VeRAWeight, apply_vera, shared_matrices
 from ftjax.train import loop
+from ftjax.train.run import Run
 from ftjax.train.step import sft_loss
 from tests.test_param_groups import _tiny, direct_steps
 from tests.test_train import _loader, model_cfg_of, random_batch, tiny_config
@@ -71,10 +72,10 @@ def test_trains_only_d_and_b_in_the_loop(tmp_path):
     method = get_method(c.peft)
     mcfg = model_cfg_of(c)
     batch = next(_loader(c))
-    res = loop.train(c, str(tmp_path), model_cfg=mcfg,
-                     init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
-                     loss_fn=sft_loss(mcfg), train_iter=iter([batch] * 8),
-                     transform=method.transform, train_patterns=method.train_patterns)
+    res = loop.train(Run.of(c, str(tmp_path), model_cfg=mcfg,
+                            init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0)),
+                            transform=method.transform, train_patterns=method.train_patterns),
+                     sft_loss(mcfg), iter([batch] * 8))
     losses = [h["loss"] for h in res.history]
     assert losses[-1] < losses[0] - 0.05 and np.all(np.diff(losses[2:]) < 0), losses
     q = res.params["layers"]["attn"]["q_proj"]["kernel"]

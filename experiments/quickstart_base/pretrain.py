@@ -3,7 +3,7 @@
     python experiments/quickstart_base/pretrain.py --workdir /tmp/quickstart_base
     python experiments/quickstart_base/pretrain.py --workdir /tmp/qb --config.base.train.steps=6000
 
-The run is `ftjax.trainers.quickstart_base.pretrain_base` with the base settings of `configs/quickstart.py`
+The run is `ftjax.trainers._quickstart_base.pretrain_base` with the base settings of `configs/quickstart.py`
 (architecture in `model`, data/optimizer/steps in `base`), exactly what the quickstart does
 when it pretrains in the run; `--config` and `--config.<key>=VALUE` override them. An
 interrupted run resumes from `<workdir>/checkpoints`. The result is copied to `--out`
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = config_utils.apply_overrides(config_utils.load_config(spec), overrides)
     cfg_hash = config_utils.write_resolved_config(cfg, workdir)
 
-    from ftjax.trainers import quickstart_base as quickstart  # pylint: disable=import-outside-toplevel
+    from ftjax.trainers import _quickstart_base as quickstart  # pylint: disable=import-outside-toplevel
     print(f"pretraining the quickstart base: config={spec} hash={cfg_hash} "
           f"base={quickstart.base_hash(cfg)} workdir={workdir}")
     info = quickstart.pretrain_base(cfg, workdir)

@@ -223,6 +223,12 @@ class Run:
         """A run assembled from explicit parts and no tokenizer, for code that brings its own
         model and batches (tests, benchmarks, notebooks): `cfg` supplies only the train,
         optimizer, mesh and sharding sections and the seed."""
+        if wrap_optimizer is None and cfg.get("peft") is not None:
+            configured = get_method(cfg.peft, apply_fn=models.apply)
+            if configured.wrap_optimizer is not None:  # never fall back to plain fine-tuning
+                raise ValueError(f"[{name}] peft.method={configured.name!r} acts on the "
+                                 "optimizer; pass wrap_optimizer=method.wrap_optimizer (or use "
+                                 "Run.build, which takes the method from the config)")
         method = Method(name="custom", transform=transform, train_patterns=tuple(train_patterns),
                         wrap_optimizer=wrap_optimizer)
         return cls._assemble(cfg, workdir, name=name, model_cfg=model_cfg, method=method,

@@ -3,28 +3,32 @@
 All set-up (tokenizer, model config, PEFT method, initial params, placement, workdir, export,
 summary) comes from `ftjax.train.run.Run`; the loop from `ftjax.train.loop`. Only
 `ftjax.main` imports this package. A new trainer is one module defining
-`run(cfg, workdir) -> dict`, registered here (see docs/architecture.md).
+`run(cfg, workdir) -> dict` (and, for its own config section, `DEFAULTS`); its file name is
+the `config.trainer` that selects it, with no registration anywhere else (see
+docs/architecture.md).
 """
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from types import ModuleType
 
-# config.trainer -> module defining `run(cfg, workdir) -> summary dict`.
-TRAINERS = {
-    "sft": "ftjax.trainers.sft",
-    "quickstart": "ftjax.trainers.quickstart",
-    "classify": "ftjax.trainers.classify",
-    "dpo": "ftjax.trainers.dpo",
-    "memory_tuning": "ftjax.trainers.memory_tuning",
-}
+
+def names() -> list[str]:
+    """Every trainer: the modules of this package (helpers start with an underscore)."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 
 
 def get(name: str) -> ModuleType:
-    """The trainer module for `config.trainer`; unknown names are refused with the choices."""
-    if name not in TRAINERS:
-        raise ValueError(f"config.trainer={name!r} is not known; choose one of {sorted(TRAINERS)}")
-    return importlib.import_module(TRAINERS[name])
+    """The trainer module for `config.trainer` (`ftjax/trainers/<name>.py`, which defines
+    `run(cfg, workdir) -> dict`); unknown names are refused with the choices."""
+    if name not in names():
+        raise ValueError(f"config.trainer={name!r} is not known; choose one of {names()}")
+    module = importlib.import_module(f"{__name__}.{name}")
+    if not callable(getattr(module, "run", None)):
+        raise ValueError(f"ftjax/trainers/{name}.py defines no run(cfg, workdir); a trainer "
+                         "module must (helper modules start with an underscore)")
+    return module
 
 
 def resolve_config(cfg, overrides=()):

@@ -28,7 +28,7 @@ from ftjax.infer.generate import generate_text
 from ftjax.peft import core as peft_core
 from ftjax.train.run import Run, fixed_batches as eval_batches, synthetic_loader
 from ftjax.train.step import sft_loss
-from ftjax.trainers.quickstart_base import eval_examples_for, obtain_base
+from ftjax.trainers._quickstart_base import eval_examples_for, obtain_base
 
 
 def recall(params: Any, model_cfg, tok, facts: Sequence[dict], seen: Sequence[bool],

@@ -29,7 +29,7 @@ from ftjax.peft import core as peft_core
 from ftjax import paths
 from ftjax.train.run import Run, fixed_batches, synthetic_loader
 from ftjax.train.step import sft_loss
-from ftjax.trainers.quickstart_base import (eval_examples_for, obtain_base, phase_config,
+from ftjax.trainers._quickstart_base import (eval_examples_for, obtain_base, phase_config,
                                             replay_examples, score)
 
 
