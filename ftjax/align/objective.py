@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from ftjax.align import dpo
 from ftjax.align.reference import pair_logps, strip_adapters
 from ftjax.models.config import ModelConfig
-from ftjax.train.step import add_moe_losses
+from ftjax.models.moe import add_moe_losses
 
 PAIR_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -78,7 +78,7 @@ def preference_loss(model_cfg: ModelConfig, settings: Settings, apply_fn=None,
     apply_fn: the PEFT method's replacement of `models.apply` (prompt/prefix tuning), used for
     the policy; the stripped reference always runs `models.apply`. bind_rng: per-step
     randomness of the policy (LoRA dropout); never applied to the reference or in eval.
-    MoE models add the router losses of the policy forward (`step.add_moe_losses`).
+    MoE models add the router losses of the policy forward (`models.moe.add_moe_losses`).
     """
     s = settings
     jitter = model_cfg.num_experts > 0 and model_cfg.router_jitter > 0

@@ -18,6 +18,7 @@ import optax
 
 from ftjax import models
 from ftjax.models.config import ModelConfig
+from ftjax.models.moe import MOE_STATS, add_moe_losses  # noqa: F401 (re-exported)
 from ftjax.train.losses import token_cross_entropy
 from ftjax.train.state import TrainState
 
@@ -48,32 +49,6 @@ def sft_loss(model_cfg: ModelConfig, z_loss: float = 0.0, apply_fn=None,
         return add_moe_losses(s["nll"] + z_loss * s["z"], s, aux, model_cfg)
 
     return loss_fn
-
-
-MOE_STATS = ("aux_loss", "z_loss", "dropped", "entropy", "load")
-
-
-def add_moe_losses(objective: jax.Array, stats: dict, aux: Any,
-                   model_cfg: ModelConfig) -> tuple[jax.Array, dict]:
-    """Adds the MoE router losses to a summed objective and routing metrics to its stats.
-
-    With n = stats["tokens"], the objective gains n * (router_aux_loss_coef * mean_L aux_loss
-    + router_z_loss_coef * mean_L z_loss), so dividing by the token count (as the step does)
-    adds the coefficient-weighted means. The per-layer stats `moe_<name>` ([L]; `moe_load`
-    [L, E]) are scaled by n the same way, so the step's division yields token-weighted means.
-    Without aux["moe"] (dense models) both come back unchanged.
-    """
-    moe_stats = aux.get("moe") if isinstance(aux, dict) else None
-    if moe_stats is None:
-        return objective, stats
-    n = stats["tokens"]
-    objective = objective + n * (
-        model_cfg.router_aux_loss_coef * jnp.mean(moe_stats["aux_loss"])
-        + model_cfg.router_z_loss_coef * jnp.mean(moe_stats["z_loss"]))
-    stats = dict(stats)
-    for name in MOE_STATS:
-        stats[f"moe_{name}"] = n * moe_stats[name].astype(jnp.float32)
-    return objective, stats
 
 
 def split_microbatches(batch: dict, accum_steps: int) -> dict:
