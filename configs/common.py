@@ -24,6 +24,8 @@ __all__ = ["parse_arg", "pack_arg"]
 import ml_collections
 
 from ftjax.models.config import preset as _model_preset
+from ftjax.train import loop as _loop
+from ftjax.train import optim as _optim
 
 
 def model(family: str = "llama", size: str | None = None, **fields) -> ml_collections.ConfigDict:
@@ -34,27 +36,28 @@ def model(family: str = "llama", size: str | None = None, **fields) -> ml_collec
 
 
 def optimizer(name: str = "adamw", learning_rate: float = 1e-3, **kw) -> ml_collections.ConfigDict:
-    """Optimizer + schedule. Names: adamw adam sgd adafactor lion rmsprop adagrad; schedules:
-    constant linear cosine (each with linear warmup); grad_clip_norm 0 disables clipping."""
-    cfg = dict(name=name, learning_rate=learning_rate, schedule="cosine", warmup_steps=0,
-               min_lr_ratio=0.1, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, momentum=0.9,
-               nesterov=False, decay=0.9, grad_clip_norm=1.0,
-             # ((regex, None | lr multiplier | {"lr": m, "layers": (start, stop)}), ...):
-             # first full match over trainable param paths wins; None freezes
-             # (ftjax/train/param_groups.py).
-             param_groups=())
+    """Optimizer + schedule: every setting of `ftjax/train/optim.py:DEFAULTS` (names: adamw adam
+    sgd adafactor lion rmsprop adagrad; schedules: constant linear cosine, each with linear
+    warmup; grad_clip_norm 0 disables clipping; param_groups freeze / scale per path)."""
+    cfg = dict(_optim.DEFAULTS, name=name, learning_rate=learning_rate)
+    _check_known("optimizer", kw, cfg)
     cfg.update(kw)
     return ml_collections.ConfigDict(cfg)
 
 
 def train(steps: int = 100, batch_size: int = 32, seq_len: int = 64, **kw) -> ml_collections.ConfigDict:
-    """Loop settings: global batch (examples), accumulation, logging, eval, checkpoints."""
-    cfg = dict(steps=steps, batch_size=batch_size, seq_len=seq_len, accum_steps=1, z_loss=0.0,
-               log_every=10, eval_every=0, checkpoint_every=0, keep_checkpoints=3,
-               async_checkpoint=True, early_stopping_patience=0, early_stopping_min_delta=0.0,
-               progress=True, tensorboard=True)
+    """Loop settings (`ftjax/train/loop.py:DEFAULTS`): global batch (examples), accumulation,
+    logging, eval, checkpoints, early stopping."""
+    cfg = dict(_loop.DEFAULTS, steps=steps, batch_size=batch_size, seq_len=seq_len)
+    _check_known("train", kw, cfg)
     cfg.update(kw)
     return ml_collections.ConfigDict(cfg)
+
+
+def _check_known(section: str, kw: dict, known: dict) -> None:
+    unknown = sorted(set(kw) - set(known))
+    if unknown:
+        raise ValueError(f"common.{section}: unknown field(s) {unknown}; known: {sorted(known)}")
 
 
 def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, rules: str = "fsdp"):

@@ -19,11 +19,11 @@ from configs.quickstart import SHIPPED_BASE, base_model, peft_section
 
 def dpo_section(loss: str = "sigmoid", weights: str = "", beta: float = 0.1,
                 reference: str = "auto") -> ml_collections.ConfigDict:
-    """The preference objective: the trainer's defaults (`ftjax/trainers/dpo.py:DEFAULTS`)
-    with the typed arguments; every field can be overridden on the command line."""
-    from ftjax.trainers.dpo import DEFAULTS
+    """The preference objective: its defaults (`ftjax/align/objective.py:DEFAULTS`) with the
+    typed arguments; every field can be overridden on the command line."""
+    from ftjax.align.objective import DEFAULTS
     return ml_collections.ConfigDict(dict(
-        DEFAULTS["dpo"], loss_type=tuple(loss.split("+")),
+        DEFAULTS, loss_type=tuple(loss.split("+")),
         loss_weights=tuple(float(w) for w in weights.split("+")) if weights else (),
         beta=beta, reference=reference))
 

@@ -44,15 +44,30 @@ class Settings:
         return dpo.needs_reference(self.loss_types)
 
 
+# The `dpo` section of a config: every setting with its default (the "dpo" trainer declares
+# it as its section; `configs/dpo_*.py` set what they change).
+DEFAULTS = dict(
+    loss_type=("sigmoid",),   # ftjax.align.dpo.LOSS_TYPES; several = sum of w_k * mean(loss_k)
+    loss_weights=(),          # one weight per loss type; () = all 1
+    beta=0.1,                 # DPO beta (ORPO: lambda; IPO: tau)
+    label_smoothing=0.0,      # epsilon of cDPO (sigmoid), robust, exo_pair, simpo
+    simpo_gamma=0.5,          # SimPO target margin gamma
+    discopop_tau=0.05,        # DiscoPOP temperature
+    reference="auto",         # auto | strip | precompute | copy (ftjax/align/reference.py)
+    eval_before=True,         # evaluate the starting model too (summary "before")
+)
+
+
 def from_config(section: Any, reference: str) -> Settings:
-    """Settings from a config's `dpo` section and the resolved reference mode."""
-    types = section.get("loss_type", ("sigmoid",))
+    """Settings from a config's `dpo` section (defaults filled in) and the resolved reference
+    mode."""
+    o = {**DEFAULTS, **(section.to_dict() if hasattr(section, "to_dict") else dict(section))}
+    types = o["loss_type"]
     types = (types,) if isinstance(types, str) else tuple(types)
-    weights = tuple(float(w) for w in (section.get("loss_weights", ()) or ()))
-    s = Settings(loss_types=types, loss_weights=weights, beta=float(section.get("beta", 0.1)),
-                 label_smoothing=float(section.get("label_smoothing", 0.0)),
-                 simpo_gamma=float(section.get("simpo_gamma", 0.5)),
-                 discopop_tau=float(section.get("discopop_tau", 0.05)),
+    weights = tuple(float(w) for w in (o["loss_weights"] or ()))
+    s = Settings(loss_types=types, loss_weights=weights, beta=float(o["beta"]),
+                 label_smoothing=float(o["label_smoothing"]),
+                 simpo_gamma=float(o["simpo_gamma"]), discopop_tau=float(o["discopop_tau"]),
                  reference="none")
     dpo.check_settings(s.loss_types, s.loss_weights, s.beta, s.label_smoothing)
     if s.uses_reference:

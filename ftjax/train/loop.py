@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from types import SimpleNamespace
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -28,6 +29,26 @@ from ftjax.train.placement import Placement
 from ftjax.train.run import Run, host_params, is_host, transform_key  # noqa: F401 (host_params, Placement: re-exported)
 from ftjax.train.state import TrainState, create_state
 from ftjax.train.step import LossFn, jit_train_step, make_eval_step, make_train_step
+
+
+# The `train` section: every loop setting with its default (configs/common.py:train builds
+# from it; `trainers.resolve_config` fills it into every run's config).
+DEFAULTS = dict(
+    steps=100,
+    batch_size=32,              # global batch (examples / rows), split over data-parallel axes
+    seq_len=64,
+    accum_steps=1,              # micro-batches per step (gradient accumulation)
+    z_loss=0.0,                 # PaLM z-loss coefficient
+    log_every=10,
+    eval_every=0,               # 0 = only at the end when there is something to evaluate
+    checkpoint_every=0,         # 0 = only at the end
+    keep_checkpoints=3,
+    async_checkpoint=True,
+    early_stopping_patience=0,  # evaluations without improvement; 0 = off
+    early_stopping_min_delta=0.0,
+    progress=True,
+    tensorboard=True,
+)
 
 
 @dataclasses.dataclass
@@ -137,9 +158,9 @@ def train(run: Run, loss_fn: LossFn, batches: Any, *, eval_batches: Sequence[dic
     """
     t_start = time.time()
     cfg, name, model_cfg = run.cfg, run.name, run.model_cfg
-    tcfg = cfg.train
+    tcfg = SimpleNamespace(**{**DEFAULTS, **cfg.train.to_dict()})
     steps = int(tcfg.steps)
-    accum = int(tcfg.get("accum_steps", 1))
+    accum = int(tcfg.accum_steps)
     seed = run.seed
     tx, sched = optim.make_optimizer(cfg.optimizer, steps)
     if run.method.wrap_optimizer is not None:
@@ -166,8 +187,8 @@ def train(run: Run, loss_fn: LossFn, batches: Any, *, eval_batches: Sequence[dic
     initial_full_params = lambda: place_initial_params(run)
     workdir, train_iter = run.workdir, batches
 
-    ckpt = checkpointer or Checkpointer(workdir, max_to_keep=tcfg.get("keep_checkpoints", 3),
-                                        async_save=bool(tcfg.get("async_checkpoint", True)))
+    ckpt = checkpointer or Checkpointer(workdir, max_to_keep=tcfg.keep_checkpoints,
+                                        async_save=bool(tcfg.async_checkpoint))
     resumed_from = ckpt.latest_step()
     if resumed_from is not None:
         saved = abstract_with_shardings(abstract_state.replace(frozen=None),
@@ -198,7 +219,7 @@ def train(run: Run, loss_fn: LossFn, batches: Any, *, eval_batches: Sequence[dic
                              state_sh, placement.batch)
     eval_fn = jax.jit(make_eval_step(loss_fn))
 
-    writer = monitor.MetricWriter(workdir, tensorboard=bool(tcfg.get("tensorboard", True)))
+    writer = monitor.MetricWriter(workdir, tensorboard=bool(tcfg.tensorboard))
     seq_len = int(tcfg.seq_len)
     tokens_per_step = int(tcfg.batch_size) * seq_len
     peak = float(cfg.get("monitor", {}).get("peak_flops", 0.0) or 0.0)
@@ -206,12 +227,12 @@ def train(run: Run, loss_fn: LossFn, batches: Any, *, eval_batches: Sequence[dic
                              peak_flops_per_device=peak or None)
     start = int(jax.device_get(state.step))
     progress = monitor.Progress(steps, start_step=start, desc=name,
-                                enabled=None if tcfg.get("progress", True) else False)
-    log_every = int(tcfg.get("log_every", 10))
-    eval_every = int(tcfg.get("eval_every", 0))
-    ckpt_every = int(tcfg.get("checkpoint_every", 0))
-    patience = int(tcfg.get("early_stopping_patience", 0))
-    min_delta = float(tcfg.get("early_stopping_min_delta", 0.0))
+                                enabled=None if tcfg.progress else False)
+    log_every = int(tcfg.log_every)
+    eval_every = int(tcfg.eval_every)
+    ckpt_every = int(tcfg.checkpoint_every)
+    patience = int(tcfg.early_stopping_patience)
+    min_delta = float(tcfg.early_stopping_min_delta)
 
     history, evals, pending = [], [], []
     best, bad_evals, stopped_early = math.inf, 0, False

@@ -1,6 +1,7 @@
 """Optimizers and learning-rate schedules from config, through optax."""
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import optax
@@ -10,16 +11,41 @@ from ftjax.train import param_groups
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "lion", "rmsprop", "adagrad")
 SCHEDULES = ("constant", "linear", "cosine")
 
+# The `optimizer` section: every setting with its default (configs/common.py:optimizer builds
+# from it; `trainers.resolve_config` fills it into every run's config).
+DEFAULTS = dict(
+    name="adamw",            # OPTIMIZERS
+    learning_rate=1e-3,
+    schedule="cosine",       # SCHEDULES, each after a linear warmup from 0
+    warmup_steps=0,
+    min_lr_ratio=0.1,        # decay schedules end at learning_rate * min_lr_ratio
+    weight_decay=0.0,        # adamw, lion, adafactor
+    b1=0.9, b2=0.999, eps=1e-8,
+    momentum=0.9, nesterov=False,  # sgd (momentum also rmsprop)
+    decay=0.9,               # rmsprop
+    grad_clip_norm=1.0,      # global-norm clipping; 0 disables it
+    # ((regex, None | lr multiplier | {"lr": m, "layers": (start, stop)}), ...): first full
+    # match over trainable param paths wins; None freezes (ftjax/train/param_groups.py).
+    param_groups=(),
+)
+
+
+def _settings(opt_cfg: Any) -> Any:
+    """The section with every default filled in (a config may name only what it changes)."""
+    given = opt_cfg.to_dict() if hasattr(opt_cfg, "to_dict") else dict(opt_cfg)
+    return SimpleNamespace(**{**DEFAULTS, **given})
+
 
 def make_schedule(opt_cfg: Any, total_steps: int) -> Callable[[Any], Any]:
     """Warmup (linear from 0) followed by constant, linear decay or cosine decay.
 
     Decay schedules go from `learning_rate` to `learning_rate * min_lr_ratio` at `total_steps`.
     """
-    lr = float(opt_cfg.learning_rate)
-    warmup = int(opt_cfg.get("warmup_steps", 0))
-    kind = opt_cfg.get("schedule", "constant")
-    end = lr * float(opt_cfg.get("min_lr_ratio", 0.0))
+    o = _settings(opt_cfg)
+    lr = float(o.learning_rate)
+    warmup = int(o.warmup_steps)
+    kind = o.schedule
+    end = lr * float(o.min_lr_ratio)
     if kind not in SCHEDULES:
         raise ValueError(f"optimizer.schedule={kind!r} is not supported; choose one of {SCHEDULES}")
     if warmup >= total_steps and kind != "constant":
@@ -43,33 +69,32 @@ def make_optimizer(opt_cfg: Any, total_steps: int):
     `opt_cfg.param_groups` (optional): per-path freezing, learning-rate multipliers and layer
     ranges wrapped around the whole optimizer (see `ftjax.train.param_groups`).
     """
-    name = opt_cfg.get("name", "adamw")
+    o = _settings(opt_cfg)
+    name = o.name
     sched = make_schedule(opt_cfg, total_steps)
-    wd = float(opt_cfg.get("weight_decay", 0.0))
-    b1, b2 = float(opt_cfg.get("b1", 0.9)), float(opt_cfg.get("b2", 0.999))
-    eps = float(opt_cfg.get("eps", 1e-8))
+    wd = float(o.weight_decay)
+    b1, b2, eps = float(o.b1), float(o.b2), float(o.eps)
     if name == "adamw":
         tx = optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=wd)
     elif name == "adam":
         tx = optax.adam(sched, b1=b1, b2=b2, eps=eps)
     elif name == "sgd":
-        tx = optax.sgd(sched, momentum=float(opt_cfg.get("momentum", 0.9)) or None,
-                       nesterov=bool(opt_cfg.get("nesterov", False)))
+        tx = optax.sgd(sched, momentum=float(o.momentum) or None, nesterov=bool(o.nesterov))
     elif name == "adafactor":
         tx = optax.adafactor(sched, weight_decay_rate=wd or None)
     elif name == "lion":
-        tx = optax.lion(sched, b1=b1, b2=float(opt_cfg.get("b2", 0.99)), weight_decay=wd)
+        tx = optax.lion(sched, b1=b1, b2=b2, weight_decay=wd)
     elif name == "rmsprop":
-        tx = optax.rmsprop(sched, decay=float(opt_cfg.get("decay", 0.9)), eps=eps,
-                           momentum=float(opt_cfg.get("momentum", 0.0)) or None)
+        tx = optax.rmsprop(sched, decay=float(o.decay), eps=eps,
+                           momentum=float(o.momentum) or None)
     elif name == "adagrad":
         tx = optax.adagrad(sched, eps=eps)
     else:
         raise ValueError(f"optimizer.name={name!r} is not supported; choose one of {OPTIMIZERS}")
-    clip = float(opt_cfg.get("grad_clip_norm", 0.0))
+    clip = float(o.grad_clip_norm)
     if clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(clip), tx)
-    groups = opt_cfg.get("param_groups", ())
+    groups = o.param_groups
     if groups:
         tx = param_groups.with_groups(tx, groups)
     return tx, sched

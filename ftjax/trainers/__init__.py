@@ -38,7 +38,9 @@ def resolve_config(cfg, overrides=()):
     - `peft`: the method's settings with their defaults (`ftjax.peft.resolve`); a
       `peft.method` override switches the section to that method's defaults first, so its
       settings (`--config.peft.rank=4`) can be set on the same command line.
-    - the trainer's own sections: `DEFAULTS = {section: {key: default}}` of its module.
+    - the engine's sections (`train`: `train/loop.py:DEFAULTS`, `optimizer`:
+      `train/optim.py:DEFAULTS`) and the trainer's own (`DEFAULTS = {section: {key: default}}`
+      of its module).
     - `data.template="auto"`: the tokenizer's own chat template when the run starts from a
       Hugging Face checkpoint (`model.init_from=hf:DIR`), else the built-in "plain".
     Unknown or misspelled keys (in the file or on the command line) are refused, naming them.
@@ -81,7 +83,9 @@ def _fill_trainer_defaults(cfg) -> None:
 
     import ml_collections
 
-    defaults = getattr(get(cfg.get("trainer", "sft")), "DEFAULTS", {})
+    from ftjax.train import loop, optim
+    defaults = {"train": loop.DEFAULTS, "optimizer": optim.DEFAULTS,
+                **getattr(get(cfg.get("trainer", "sft")), "DEFAULTS", {})}
     for section, fields in defaults.items():
         given = cfg.get(section)
         given = {} if given is None else given.to_dict()

@@ -33,13 +33,12 @@ def loss_weights(kcfg: Any, counts: np.ndarray, classes: Sequence[str]):
     """(class_weight, alpha) for the configured loss: class weights for "weighted", and for
     "focal" when classify.focal_alpha="class_weights"."""
     from ftjax.data.imbalance import class_weights
-    loss = kcfg.get("loss", "ce")
-    alpha_mode = kcfg.get("focal_alpha", "none") or "none"
+    loss = kcfg.loss
+    alpha_mode = kcfg.focal_alpha or "none"
     if alpha_mode not in ("none", "class_weights"):
         raise ValueError(f"classify.focal_alpha={alpha_mode!r}; use 'none' or 'class_weights'")
     if loss == "weighted" or (loss == "focal" and alpha_mode == "class_weights"):
-        w = class_weights(dict(zip(classes, counts)), kcfg.get("class_weights", "inverse"),
-                          float(kcfg.get("beta", 0.999)))
+        w = class_weights(dict(zip(classes, counts)), kcfg.class_weights, float(kcfg.beta))
         # class_weights returns sorted-label order; put it back into class-list order
         order = {c: i for i, c in enumerate(sorted(classes, key=str))}
         w = np.array([w[order[c]] for c in classes])
@@ -85,7 +84,7 @@ def run(cfg: Any, workdir: str) -> dict:
                          "Hugging Face export; unset export.hf_dir (the ftjax checkpoint holds "
                          "the head)")
     kcfg = cfg.classify
-    if kcfg.get("loss", "ce") not in LOSSES:
+    if kcfg.loss not in LOSSES:
         raise ValueError(f"classify.loss={kcfg.loss!r} is not known; choose one of {LOSSES}")
     tok, t = tokenizer_for(cfg), cfg.train
     bsz, seq_len, seed = int(t.batch_size), int(t.seq_len), int(cfg.seed)
@@ -109,7 +108,7 @@ def run(cfg: Any, workdir: str) -> dict:
     r = build(cfg, workdir, len(classes), tokenizer=tok)
     try:
         result, predict = train_classifier(r, train_iter, eval_b, loss=kcfg.loss,
-                                           class_weight=cw, gamma=float(kcfg.get("gamma", 2.0)),
+                                           class_weight=cw, gamma=float(kcfg.gamma),
                                            alpha=alpha, class_names=classes)
     finally:
         if hasattr(train_iter, "close"):

@@ -22,17 +22,8 @@ from ftjax.train import optim
 from ftjax.train.placement import Placement
 from ftjax.train.run import Run, gather, prepare_data, resolve_path, uses_files
 
-# The trainer's own section, every setting with its default (`configs/dpo_*.py` set some).
-DEFAULTS = {"dpo": dict(
-    loss_type=("sigmoid",),   # ftjax.align.dpo.LOSS_TYPES; several = sum of w_k * mean(loss_k)
-    loss_weights=(),          # one weight per loss type; () = all 1
-    beta=0.1,                 # DPO beta (ORPO: lambda; IPO: tau)
-    label_smoothing=0.0,      # epsilon of cDPO (sigmoid), robust, exo_pair, simpo
-    simpo_gamma=0.5,          # SimPO target margin gamma
-    discopop_tau=0.05,        # DiscoPOP temperature
-    reference="auto",         # auto | strip | precompute | copy (ftjax/align/reference.py)
-    eval_before=True,         # evaluate the starting model too (summary "before")
-)}
+# The trainer's own section: the preference objective's settings (`align/objective.py`).
+DEFAULTS = {"dpo": objective.DEFAULTS}
 
 
 def make_evaluator(loss_fn, placement: Placement, batches: Sequence[dict],
@@ -126,7 +117,7 @@ def run(cfg: Any, workdir: str) -> dict:
     r.check_exportable()
     method, tok = r.method, r.tokenizer
     data = file_data(cfg, tok, workdir) if uses_files(cfg) else synthetic_data(cfg, tok)
-    mode = reference.resolve_mode(dcfg.get("reference", "auto"), r.abstract_params,
+    mode = reference.resolve_mode(dcfg.reference, r.abstract_params,
                                   method.train_patterns, cfg.get("peft"))
     settings = objective.from_config(dcfg, mode)
     if not settings.uses_reference:
@@ -171,7 +162,7 @@ def run(cfg: Any, workdir: str) -> dict:
                                 apply_fn=method.apply_fn)["exact_match"]
 
     before = {}
-    if bool(dcfg.get("eval_before", True)):
+    if bool(dcfg.eval_before):
         params0 = r.starting_params()
         before = evaluate(0, params0)
         before["exact_match"] = exact_match(params0)
