@@ -19,7 +19,7 @@ from ftjax.train.step import sft_loss
 
 
 def synthetic_data(run: Run):
-    """(train loader, eval batches, exact-match scorer) over `data.tasks`."""
+    """(train loader, eval batches, exact-match scorer, summary info) over `data.tasks`."""
     d, t, tok = run.cfg.data, run.cfg.train, run.tokenizer
     train_ex, test_ex = [], []
     for task in d.tasks:
@@ -32,11 +32,11 @@ def synthetic_data(run: Run):
                                 max_new_tokens=int(d.max_new_tokens), apply_fn=run.method.apply_fn)
     return (synthetic_loader(train_ex, tok, run.cfg),
             fixed_batches(test_ex, tok, int(t.batch_size), int(t.seq_len)),
-            score if int(d.eval_examples) > 0 else None, {})
+            score if int(d.eval_examples) > 0 else None, dict)
 
 
 def file_data(run: Run):
-    """(train loader, eval batches, exact-match scorer, data info) from the data pipeline."""
+    """(train loader, eval batches, exact-match scorer, summary info) from the data pipeline."""
     from ftjax.data import pipeline
     from ftjax.data.errors import DataError
     d, t, tok = run.cfg.data, run.cfg.train, run.tokenizer
@@ -66,9 +66,10 @@ def file_data(run: Run):
             for prompt, pred, ans in em["samples"][:3]:
                 print(f"  {prompt!r} -> {pred!r} (reference {ans!r})")
         return em
-    info = {"data": {"kind": prepared.kind, "fingerprint": prepared.fingerprint,
-                     "splits": {k: len(v) for k, v in prepared.splits.items()},
-                     "packing": it.pack_stats.to_dict(), "report": "data_report.json"}}
+    def info():  # after training: the packing statistics of the batches the run drew
+        return {"data": {"kind": prepared.kind, "fingerprint": prepared.fingerprint,
+                         "splits": {k: len(v) for k, v in prepared.splits.items()},
+                         "packing": it.pack_stats.to_dict(), "report": "data_report.json"}}
     return it, evals, score if n_em > 0 and prepared.kind == "sft" and has_eval else None, info
 
 
@@ -92,6 +93,6 @@ def run(cfg: Any, workdir: str) -> dict:
                "final_loss": result.history[-1]["loss"] if result.history else None,
                "evals": result.evals, "exact_match": em["exact_match"], "n_test": em["n"],
                "wall_s": result.wall_s, "stopped_early": result.stopped_early,
-               "resumed_from": result.resumed_from, **info}
+               "resumed_from": result.resumed_from, **info()}
     r.write_summary(summary)
     return summary
