@@ -139,3 +139,13 @@ def help_text(prog: str = "ftjax") -> str:
 def print_help(file=None) -> None:
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "ftjax"
     (file or sys.stdout).write(help_text("python -m ftjax.main" if prog == "main.py" else prog))
+
+
+def run_main(main_fn) -> None:
+    """Runs a command's `main()`; configuration errors (ValueError, FileNotFoundError) become
+    one clear line on stderr and exit code 2, as for `ftjax` itself."""
+    try:
+        main_fn()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -38,11 +38,8 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 def cli() -> None:
     """The `ftjax` console script: configuration errors are one clear line and exit code 2."""
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from ftjax import cli as cli_lib
+    cli_lib.run_main(main)
 
 
 if __name__ == "__main__":

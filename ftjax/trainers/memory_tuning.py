@@ -130,11 +130,14 @@ def run(cfg: Any, workdir: str) -> dict:
           f"{n_replay} fresh replayed examples of "
           f"{'+'.join(d.replay_tasks)}; held-out loss on {'+'.join(others)}")
 
+    def measure(params) -> dict:
+        return {"facts": recall(params, model_cfg, tok, facts, seen, d),
+                "fact_loss": task_losses(params, model_cfg, {"lookup": fact_batches})["all"],
+                "other_loss": task_losses(params, model_cfg, other_batches),
+                "other_exact_match": _exact_match(params, model_cfg, tok, em_sets, d)}
+
     t0 = time.time()
-    before = {"facts": recall(base_params, model_cfg, tok, facts, seen, d),
-              "fact_loss": task_losses(base_params, model_cfg, {"lookup": fact_batches})["all"],
-              "other_loss": task_losses(base_params, model_cfg, other_batches),
-              "other_exact_match": _exact_match(base_params, model_cfg, tok, em_sets, d)}
+    before = measure(base_params)
     eval_before_s = time.time() - t0
     print(f"[memory_tuning] before: recall {before['facts']['recall']:.1%} "
           f"(seen {before['facts']['recall_seen']:.1%}, unseen "
@@ -151,10 +154,7 @@ def run(cfg: Any, workdir: str) -> dict:
                        synthetic_loader(train_ex, tok, cfg), on_eval=on_eval)
     params = result.params
     t0 = time.time()
-    after = {"facts": recall(params, model_cfg, tok, facts, seen, d),
-             "fact_loss": task_losses(params, model_cfg, {"lookup": fact_batches})["all"],
-             "other_loss": task_losses(params, model_cfg, other_batches),
-             "other_exact_match": _exact_match(params, model_cfg, tok, em_sets, d)}
+    after = measure(params)
     eval_after_s = time.time() - t0
     change = {t: _rel(before["other_loss"][t], after["other_loss"][t])
               for t in before["other_loss"]}
