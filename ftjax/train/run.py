@@ -201,7 +201,7 @@ class Run:
         """The run a config describes.
 
         tokenizer / model_cfg / init_params / method: given explicitly to override what the
-          config says (tests, or a trainer with phases such as the quickstart's pretraining).
+          config says (e.g. the quickstart's character tokenizer, or a test's method).
         add_params: `(transformed_params, key) -> {top_key: subtree}` new top-level params a
           trainer adds after the PEFT transform (e.g. a classification head); they are
           replicated and train (`add_patterns` default to every leaf under them).
@@ -254,15 +254,6 @@ class Run:
         return cls(cfg=cfg, workdir=str(workdir), name=name, model_cfg=model_cfg, method=method,
                    init_params=init_params, transform=transform, train_patterns=patterns,
                    abstract_params=abstract, placement=placement, tokenizer=tokenizer)
-
-    def phase(self, *, cfg: Any = None, workdir: Optional[str] = None, name: Optional[str] = None,
-              init_params: Optional[Callable[[], Any]] = None) -> "Run":
-        """The same run with another config (e.g. train/optimizer of a phase), workdir, name or
-        starting params; model, method and placement are kept."""
-        return dataclasses.replace(self, cfg=cfg if cfg is not None else self.cfg,
-                                   workdir=str(workdir) if workdir is not None else self.workdir,
-                                   name=name or self.name,
-                                   init_params=init_params or self.init_params)
 
     # -- what trainers use -------------------------------------------------------------------
 
