@@ -10,7 +10,7 @@ weights of "weighted", and of focal's alpha with focal_alpha=class_weights), gam
 peft = full | lora | ... (the method's own peft section), sampling = none | oversample |
 undersample | stratified (train split only), steps. The default data is the shipped sample
 `experiments/data_samples/classification.csv` (four payload kinds, imbalanced 50/25/15/10).
-The head reads the last token of each example (`ftjax/train/classify.py`); results, per-class
+The head reads the last token of each example (`ftjax/trainers/classify.py`, `ftjax/train/classify_head.py`); results, per-class
 metrics and the confusion matrix go to <workdir>/summary.json, the data report beside it.
 """
 import ml_collections

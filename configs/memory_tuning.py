@@ -7,7 +7,7 @@
 The shipped quickstart base (`configs.quickstart`) is frozen; a bank of `num_experts` rank-
 `rank` memory experts on the MLP down-projection of `layers`, `top_k` of them routed per token
 (`ftjax/peft/memory.py`), trains on all 192 facts of `fact_table()` plus a replay share of the
-other pretraining tasks. The trainer (`ftjax/train/memory_tuning.py`) reports exact recall of
+other pretraining tasks. The trainer (`ftjax/trainers/memory_tuning.py`) reports exact recall of
 every fact and the held-out loss of the other tasks before and after (`summary.json`).
 See docs/memory_experts.md and experiments/memory_tuning/results.md.
 """
