@@ -243,7 +243,8 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
 # Command-line overrides ("--config.optimizer.learning_rate=2e-4").
 
 
-def _nearest_keys_msg(name: str, keys: Sequence[str], parent: str, full_key: str) -> str:
+def unknown_key_message(name: str, keys: Sequence[str], parent: str, full_key: str) -> str:
+    """`full_key` is not a key: the keys `parent` has, and the close matches."""
     where = f"{parent!r}" if parent else "the top level"
     close = difflib.get_close_matches(name, keys, n=3, cutoff=0.6)
     hint = ""
@@ -349,7 +350,7 @@ def _walk(cfg: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.Conf
     for i, name in enumerate(parts[:-1]):
         parent = ".".join(parts[:i])
         if name not in node:
-            raise ValueError(_nearest_keys_msg(name, list(node.keys()), parent, key))
+            raise ValueError(unknown_key_message(name, list(node.keys()), parent, key))
         child = node[name]
         if not isinstance(child, ml_collections.ConfigDict):
             raise ValueError(
@@ -359,7 +360,7 @@ def _walk(cfg: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.Conf
         node = child
     leaf = parts[-1]
     if leaf not in node:
-        raise ValueError(_nearest_keys_msg(leaf, list(node.keys()), ".".join(parts[:-1]), key))
+        raise ValueError(unknown_key_message(leaf, list(node.keys()), ".".join(parts[:-1]), key))
     return node, leaf
 
 

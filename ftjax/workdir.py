@@ -83,22 +83,20 @@ def _write(p: epath.Path, data: str | bytes) -> None:
     os.replace(os.fspath(tmp), os.fspath(p))  # local path: os.replace is atomic
 
 
-def write_text(workdir: str | os.PathLike[str], name: str, text: str, *,
-               all_processes: bool = False) -> epath.Path:
-    """Writes `text` to `workdir/name` (process 0 only unless `all_processes`); returns the path."""
-    p = path(workdir, name)
-    if all_processes or is_primary():
-        _write(p, text)
-    return p
-
-
-def write_bytes(workdir: str | os.PathLike[str], name: str, data: bytes, *,
+def write_bytes(workdir: str | os.PathLike[str], name: str, data: str | bytes, *,
                 all_processes: bool = False) -> epath.Path:
-    """Writes `data` to `workdir/name` (process 0 only unless `all_processes`); returns the path."""
+    """Writes `data` (bytes, or text) to `workdir/name` (process 0 only unless
+    `all_processes`); returns the path."""
     p = path(workdir, name)
     if all_processes or is_primary():
         _write(p, data)
     return p
+
+
+def write_text(workdir: str | os.PathLike[str], name: str, text: str, *,
+               all_processes: bool = False) -> epath.Path:
+    """Writes `text` to `workdir/name` (process 0 only unless `all_processes`); returns the path."""
+    return write_bytes(workdir, name, text, all_processes=all_processes)
 
 
 def write_json(workdir: str | os.PathLike[str], name: str, obj: Any, *,

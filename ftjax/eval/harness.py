@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax import models
-from ftjax.infer.generate import generate_text
+from ftjax.data.chat import apply_chat_template
+from ftjax.infer.generate import generate_ids, generate_text
 from ftjax.models.config import ModelConfig
 
-__all__ = ["exact_match_eval", "loglik_eval"]
+__all__ = ["exact_match_eval", "chat_exact_match", "loglik_eval"]
 
 Params = dict[str, Any]
 
@@ -90,8 +91,6 @@ def chat_exact_match(params: Params, cfg: ModelConfig, tokenizer, examples: Sequ
     examples: canonical chat examples (`{"messages": [...]}`); those that do not end with an
     assistant turn are skipped. Returns {"exact_match", "n", "samples"} like
     `exact_match_eval` (exact_match None when nothing could be scored)."""
-    from ftjax.data.chat import apply_chat_template
-    from ftjax.infer.generate import generate_ids
     prompts, answers = [], []
     for ex in examples:
         msgs = ex.get("messages") or []

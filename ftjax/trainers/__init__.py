@@ -47,23 +47,20 @@ def resolve_config(cfg, overrides=()):
     """
     import copy
 
-    import ml_collections
-
     from ftjax import config_utils, peft
 
     cfg = copy.deepcopy(cfg)
     overrides = list(overrides.items() if isinstance(overrides, dict) else overrides)
-    switch = [v for k, v in overrides if k == "peft.method"]
-    if "trainer" in dict(overrides):
-        cfg.trainer = dict(overrides)["trainer"]
-    if switch and (cfg.get("peft") is None or switch[-1] != cfg.peft.get("method", "full")):
-        keep = {k: cfg.peft[k] for k in ("train_patterns",) if cfg.get("peft") is not None
-                and k in cfg.peft}
-        cfg.peft = ml_collections.ConfigDict(dict(method=switch[-1]))
-        cfg.peft = peft.resolve(cfg.peft)
-        for k, v in keep.items():
-            if k in cfg.peft:
-                cfg.peft[k] = v
+    given = dict(overrides)
+    if "trainer" in given:  # the trainer decides which sections get which defaults
+        cfg.trainer = given["trainer"]
+    method = given.get("peft.method")
+    if method is not None and method != (cfg.get("peft") or {}).get("method", "full"):
+        # Switch to the new method's section; train_patterns the file set still apply.
+        patterns = (cfg.get("peft") or {}).get("train_patterns")
+        cfg.peft = peft.method_defaults(method)  # an unknown method is refused here
+        if patterns is not None and "train_patterns" in cfg.peft:
+            cfg.peft.train_patterns = patterns
     cfg.peft = peft.resolve(cfg.get("peft"))
     _fill_trainer_defaults(cfg)
     cfg = config_utils.apply_overrides(cfg, [(k, v) for k, v in overrides
@@ -79,20 +76,18 @@ def resolve_config(cfg, overrides=()):
 
 
 def _fill_trainer_defaults(cfg) -> None:
-    import difflib
-
+    """Every declared section with its defaults under what the config set; unknown keys are
+    refused like unknown command-line keys."""
     import ml_collections
 
+    from ftjax import config_utils
     from ftjax.train import loop, optim
     defaults = {"train": loop.DEFAULTS, "optimizer": optim.DEFAULTS,
                 **getattr(get(cfg.get("trainer", "sft")), "DEFAULTS", {})}
     for section, fields in defaults.items():
         given = cfg.get(section)
         given = {} if given is None else given.to_dict()
-        unknown = sorted(set(given) - set(fields))
-        if unknown:
-            hints = [f"{section}.{k}" + (f" (did you mean {', '.join(c)}?)" if (
-                c := difflib.get_close_matches(k, sorted(fields), n=3)) else "") for k in unknown]
-            raise ValueError(f"trainer {cfg.get('trainer')!r} has no setting {'; '.join(hints)}; "
-                             f"the {section!r} section's settings are {sorted(fields)}")
+        for key in sorted(set(given) - set(fields)):
+            raise ValueError(config_utils.unknown_key_message(key, list(fields), section,
+                                                              f"{section}.{key}"))
         cfg[section] = ml_collections.ConfigDict({**fields, **given})

@@ -32,7 +32,7 @@ def synthetic_data(run: Run):
                                 max_new_tokens=int(d.max_new_tokens), apply_fn=run.method.apply_fn)
     return (synthetic_loader(train_ex, tok, run.cfg),
             fixed_batches(test_ex, tok, int(t.batch_size), int(t.seq_len)),
-            score if int(d.eval_examples) > 0 else None, dict)
+            score if int(d.eval_examples) > 0 else None, lambda: {})
 
 
 def file_data(run: Run):
