@@ -10,7 +10,7 @@ from ftjax.data import clean
 from ftjax.data.clean import (Cleaner, CleanConfig, ExactDedup, LengthFilter, MinHashDedup,
                               mask_pii, normalize_text, shingles)
 from ftjax.data.errors import DataError
-from ftjax.data.report import DataReport, histogram
+from ftjax.data.report import DataReport, histogram, histogram_rows
 
 
 def test_normalize_nfkc_controls_whitespace():
@@ -263,6 +263,26 @@ def test_histogram_percentiles():
     h = histogram({i: 1 for i in range(1, 101)}, num_bins=10)
     assert (h["p50"], h["p90"], h["p99"], h["mean"]) == (50, 90, 99, 50.5)
     assert h["counts"] == [10] * 10 and h["bin_edges"][0] == 1
+
+
+def test_report_histogram_rows_are_few_and_names_are_whole():
+    """At most 10 bins of a round width; a run of empty bins is one row; paths are not cut."""
+    h = histogram({20: 1, 23: 1, 31: 384})
+    assert h["bin_edges"] == [20, 22, 24, 26, 28, 30, 32] and h["counts"] == [1, 1, 0, 0, 0, 384]
+    assert histogram_rows(h) == [(20, 21, 1), (22, 23, 1), (24, 29, 0), (30, 31, 384)]
+    wide = histogram({1: 5, 7: 1, 995: 2})  # 995 values -> width 100, 10 bins
+    assert wide["bin_edges"][1] - wide["bin_edges"][0] == 100 and len(wide["counts"]) == 10
+    assert histogram_rows(wide) == [(1, 100, 6), (101, 900, 0), (901, 1000, 2)]
+    long_name = "experiments/data_samples/a_rather_long_directory_name/instruction.jsonl"
+    rep = DataReport()
+    rep.seen(long_name, "train", 3)
+    rep.kept(long_name, "train", 3)
+    rep.add_lengths("train", [20, 23] + [31] * 384)
+    text = rep.to_text()
+    assert f"{long_name} train" in text
+    rows = [line for line in text.splitlines() if line.startswith("  ")]
+    assert [r.split()[:2] for r in rows] == [["20-21", "1"], ["22-23", "1"], ["24-29", "0"],
+                                             ["30-31", "384"]]
 
 
 def test_near_dup_ignores_chat_structure():

@@ -112,15 +112,22 @@ def _array_record_files(src):
     return files
 
 
-def test_prepared_once_then_reused_and_rebuilt_on_change(tmp_path, dd):
+def test_prepared_once_then_reused_and_rebuilt_on_change(tmp_path, dd, capfd):
     p = _write(tmp_path / "a.jsonl", '{"i": 1}\n{"i": 2}\n')
     first = open_source(p, data_dir=dd)
     assert first.built
+    # It says what happens (a local build, once), not TFDS' "Downloading and preparing".
+    out = capfd.readouterr()
+    assert f"data: building the ArrayRecord cache of {p} in {first.cache_dir}" in out.out
+    assert "ownload" not in out.out + out.err
     files = _array_record_files(first)
     mtimes = [os.stat(f).st_mtime_ns for f in files]
 
     again = open_source(p, data_dir=dd)
     assert not again.built
+    out = capfd.readouterr()
+    assert f"data: reusing the ArrayRecord cache of {p} in {first.cache_dir}" in out.out
+    assert "building" not in out.out and "ownload" not in out.out + out.err
     assert again.cache_dir == first.cache_dir
     assert [os.stat(f).st_mtime_ns for f in _array_record_files(again)] == mtimes
     assert _all(again) == _all(first)

@@ -30,14 +30,27 @@ import numpy as np
 from ftjax import workdir as workdir_lib
 from ftjax.data.errors import DataError
 
-__all__ = ["DataReport", "histogram", "REPORT_JSON", "REPORT_TXT"]
+__all__ = ["DataReport", "histogram", "histogram_rows", "REPORT_JSON", "REPORT_TXT"]
 
 REPORT_JSON = "data_report.json"
 REPORT_TXT = "data_report.txt"
 
 
-def histogram(lengths: Mapping[int, int], num_bins: int = 12) -> dict:
-    """Summary and equal-width histogram of a {length: count} table."""
+def _nice_width(span: int, num_bins: int) -> int:
+    """The smallest bin width of the form 1, 2 or 5 x 10^k that covers `span` values in at most
+    `num_bins` bins (round edges such as 20-29, 30-39 read at a glance)."""
+    need = max(1, math.ceil(span / num_bins))
+    scale = 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale >= need:
+                return m * scale
+        scale *= 10
+
+
+def histogram(lengths: Mapping[int, int], num_bins: int = 10) -> dict:
+    """Summary and histogram of a {length: count} table: at most `num_bins` bins of equal
+    width (1, 2 or 5 x 10^k) from the minimum. `bin_edges[i]`..`bin_edges[i+1] - 1` is bin i."""
     if not lengths:
         return {"n": 0}
     vals = np.array(sorted(lengths), np.int64)
@@ -48,13 +61,25 @@ def histogram(lengths: Mapping[int, int], num_bins: int = 12) -> dict:
     def pct(q: float) -> int:
         return int(vals[np.searchsorted(cum, q * n, side="left")])
     lo, hi = int(vals[0]), int(vals[-1])
-    width = max(1, math.ceil((hi - lo + 1) / num_bins))
+    width = _nice_width(hi - lo + 1, num_bins)
     edges = list(range(lo, hi + width + 1, width))
     counts = np.zeros(len(edges) - 1, np.int64)
     np.add.at(counts, (vals - lo) // width, cnts)
     return {"n": n, "min": lo, "max": hi, "mean": float((vals * cnts).sum() / n),
             "p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99),
             "bin_edges": edges, "counts": counts.tolist()}
+
+
+def histogram_rows(h: Mapping[str, Any]) -> list[tuple[int, int, int]]:
+    """(first, last, count) rows of a `histogram`, with each run of empty bins merged into
+    one row (a long tail prints one "0" row, not one per bin)."""
+    rows: list[tuple[int, int, int]] = []
+    for lo, hi, c in zip(h["bin_edges"], h["bin_edges"][1:], h["counts"]):
+        if c == 0 and rows and rows[-1][2] == 0:
+            rows[-1] = (rows[-1][0], hi - 1, 0)
+        else:
+            rows.append((lo, hi - 1, int(c)))
+    return rows
 
 
 class DataReport:
@@ -206,10 +231,13 @@ class DataReport:
         lines = ["== data report ==",
                  f"examples: {d['totals']['seen']} seen, {d['totals']['kept']} kept, "
                  f"{sum(d['totals']['dropped'].values())} dropped"]
-        lines.append(f"{'source':<40} {'split':<10} {'seen':>8} {'kept':>8}  dropped (reason: n)")
+        # Source names in full: a cut path can hide which file is meant.
+        w = max([len("source")] + [len(s["source"]) for s in d["sources"]])
+        lines.append(f"{'source':<{w}} {'split':<10} {'seen':>8} {'kept':>8}  "
+                     "dropped (reason: n)")
         for s in d["sources"]:
             why = ", ".join(f"{k}: {v}" for k, v in s["dropped"].items()) or "-"
-            lines.append(f"{s['source'][:40]:<40} {s['split']:<10} {s['seen']:>8} "
+            lines.append(f"{s['source']:<{w}} {s['split']:<10} {s['seen']:>8} "
                          f"{s['kept']:>8}  {why}")
             extra = {**s["counters"], **{f"pii_{k}": v for k, v in s["pii_masked"].items()}}
             if extra:
@@ -222,8 +250,10 @@ class DataReport:
             lines.append(f"token lengths [{split}]: n={h['n']} min={h['min']} mean={h['mean']:.1f}"
                          f" p50={h['p50']} p90={h['p90']} p99={h['p99']} max={h['max']}")
             top = max(h["counts"]) or 1
-            for lo, hi, c in zip(h["bin_edges"], h["bin_edges"][1:], h["counts"]):
-                lines.append(f"  {lo:>6}-{hi - 1:<6} {c:>8} {'#' * round(40 * c / top)}")
+            for lo, hi, c in histogram_rows(h):
+                bar = "#" * max(round(40 * c / top), 1 if c else 0)
+                span = f"{lo}" if lo == hi else f"{lo}-{hi}"
+                lines.append(f"  {span:>13} {c:>8} {bar}")
         for split, labels in d["labels"].items():
             total = sum(labels.values()) or 1
             lines.append(f"labels [{split}]: " + ", ".join(

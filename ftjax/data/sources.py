@@ -189,6 +189,15 @@ def _builder_class():
                 disable_shuffling=True,  # keep file order: index i is the i-th record read
                 metadata=tfds.core.MetadataDict())
 
+        # TFDS prints "Downloading and preparing dataset Unknown size ..." and "... downloaded
+        # and prepared" around a build; nothing is downloaded here, so `open_source` says what
+        # happens instead.
+        def _log_download_bytes(self) -> None:
+            pass
+
+        def _log_download_done(self) -> None:
+            pass
+
         def _split_generators(self, dl_manager):
             return {"train": self._generate_examples()}
 
@@ -333,11 +342,13 @@ class RecordSource:
 
 def open_source(spec: Union[str, Sequence[str]], *, data_dir: str, split: str = "train",
                 field_map: Optional[Mapping[str, str]] = None, text_unit: str = "line",
-                on_error: str = "raise", download: bool = True) -> RecordSource:
+                on_error: str = "raise", download: bool = True,
+                verbose: bool = True) -> RecordSource:
     """Opens a data source spec (see the module docstring) as a `RecordSource`.
 
     Local files are prepared once as ArrayRecord under `data_dir` and reused while their
-    contents and the options are unchanged. `download` applies to TFDS catalog datasets only.
+    contents and the options are unchanged (`verbose` prints which of the two happens).
+    `download` applies to TFDS catalog datasets only.
     """
     if text_unit not in TEXT_UNITS:
         raise DataError(f"text_unit={text_unit!r}; use one of {list(TEXT_UNITS)}")
@@ -368,6 +379,11 @@ def open_source(spec: Union[str, Sequence[str]], *, data_dir: str, split: str = 
                                data_dir=root, file_format="array_record")
     prepared_dir = str(builder.data_dir)
     built = not os.path.isfile(os.path.join(prepared_dir, "dataset_info.json"))
+    if verbose:
+        print(f"data: {'building' if built else 'reusing'} the ArrayRecord cache of "
+              f"{spec_text} in {prepared_dir}"
+              + (" (once: runs on the same file contents and options reuse it)" if built
+                 else ""), flush=True)
     if built:
         _quiet_tfds()
         try:
