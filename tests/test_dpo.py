@@ -244,6 +244,7 @@ def test_at_init_loss_is_log2_and_rewards_zero(peft, pairs):
         assert abs(float(s[k]) / n) < 1e-5, k
     if peft != "dora":  # DoRA's m/||W|| equals 1 only up to rounding
         assert float(s["correct"]) == 0  # exact ties are not wins
+        assert float(s["reward_ties"]) == n  # ... and every pair ties, and says so
 
 
 @pytest.mark.filterwarnings("ignore:LoRA. this MoE model")  # experts untargeted on purpose
@@ -536,6 +537,7 @@ def test_short_dpo_run_learns_preferences_on_heldout_pairs(tmp_path):
     assert before["eval_pairs"] == len(test) == 128
     np.testing.assert_allclose(before["eval_loss"], math.log(2), rtol=1e-5)
     assert before["eval_accuracy"] == 0 and abs(before["eval_margin"]) < 1e-6
+    assert before["eval_reward_ties"] == 1 and after["eval_reward_ties"] < 0.05
     assert after["eval_accuracy"] > 0.65      # 0.75 when written
     assert after["eval_margin"] > 0.5         # 0.90
     assert after["eval_logps_accuracy"] > before["eval_logps_accuracy"] + 0.1  # 0.48 -> 0.65
@@ -544,6 +546,19 @@ def test_short_dpo_run_learns_preferences_on_heldout_pairs(tmp_path):
     for a, b in zip(jax.tree.leaves(reference.strip_adapters(jax.device_get(res.params))),
                     jax.tree.leaves(reference.strip_adapters(jax.device_get(p0)))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_before_line_explains_tied_reward_accuracy():
+    """Reward accuracy 0 beside logps accuracy 1 at the start is explained, not left bare."""
+    from ftjax.trainers.dpo import _fmt
+    start = _fmt({"eval_loss": math.log(2), "eval_accuracy": 0.0, "eval_reward_ties": 1.0,
+                  "eval_margin": 0.0, "eval_logps_accuracy": 1.0})
+    assert "eval_accuracy=0.0000 eval_reward_ties=1.0000" in start
+    assert "100.0% of the pairs tie, which is no win since both rewards are 0 while the " \
+        "policy equals the reference" in start and "as TRL counts it" in start
+    later = _fmt({"eval_loss": 0.3, "eval_accuracy": 0.9, "eval_reward_ties": 0.0,
+                  "eval_margin": 1.0, "eval_logps_accuracy": 0.95})
+    assert "\n" not in later and "tie" not in later.replace("eval_reward_ties", "")
 
 
 # --------------------------------------------------------------------------------------------

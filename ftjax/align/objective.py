@@ -137,7 +137,9 @@ def pair_stats(pol: dict, ref_c: Optional[jax.Array], ref_r: Optional[jax.Array]
     stats = {
         "nll": jax.lax.stop_gradient(objective),   # the loop logs nll/tokens as "loss"
         "tokens": jnp.sum(valid),                  # the normaliser: real pairs
-        "correct": vsum((rc > rr).astype(jnp.float32)),  # reward accuracy
+        "correct": vsum((rc > rr).astype(jnp.float32)),  # reward accuracy (as TRL's)
+        # Exact ties are not wins; while the policy equals the reference every pair ties.
+        "reward_ties": vsum((rc == rr).astype(jnp.float32)),
         "rewards_chosen": vsum(rc),
         "rewards_rejected": vsum(rr),
         "margin": vsum(rc - rr),

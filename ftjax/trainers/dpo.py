@@ -195,5 +195,17 @@ def _weights_path(cfg: Any) -> str:
 
 
 def _fmt(m: dict) -> str:
-    keys = ("eval_loss", "eval_accuracy", "eval_margin", "eval_logps_accuracy", "exact_match")
-    return " ".join(f"{k}={m[k]:.4f}" for k in keys if m.get(k) is not None)
+    """The before/after line; says why reward accuracy is low when pairs tie (at the start,
+    policy = reference: both implicit rewards are 0, and a tie is not a win)."""
+    keys = ("eval_loss", "eval_accuracy", "eval_reward_ties", "eval_margin",
+            "eval_logps_accuracy", "exact_match")
+    line = " ".join(f"{k}={m[k]:.4f}" for k in keys if m.get(k) is not None)
+    ties = m.get("eval_reward_ties") or 0.0
+    if ties > 0:
+        why = (" since both rewards are 0 while the policy equals the reference" if ties == 1
+               else "")
+        line += ("\n[dpo]   eval_accuracy is reward accuracy: reward = beta * (log p - log "
+                 "p_ref), won when chosen > rejected, as TRL counts it; "
+                 f"{100 * ties:.1f}% of the pairs tie, which is no win{why}. "
+                 "eval_logps_accuracy is the policy's own log p(chosen) > log p(rejected).")
+    return line
