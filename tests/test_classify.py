@@ -142,6 +142,18 @@ def test_metrics_hand_computed():
     assert "macro P/R/F1" in format_metrics(m)
 
 
+def test_confusion_matrix_is_labelled_by_class_name():
+    y, p = [0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 2, 2]
+    names = ["negative", "positive", "a_long_neutral_label"]
+    text = format_metrics(classification_metrics(y, np.eye(3)[p], names)).splitlines()
+    at = text.index("confusion matrix (rows: true class, columns: predicted class):")
+    header, *rows = [line.split() for line in text[at + 1:at + 5]]
+    assert header == ["true", "\\", "pred"] + names  # full names, no cut
+    assert rows == [[n] + [str(v) for v in r] for n, r in
+                    zip(names, [[2, 1, 0], [0, 1, 1], [0, 0, 1]])]
+    assert any(line.startswith("a_long_neutral_label ") for line in text)  # the class table
+
+
 def test_average_precision_hand_computed():
     # ranked: + - + - ; precision at positives: 1/1, 2/3 -> AP = (1 + 2/3) / 2
     assert np.isclose(average_precision([1, 0, 1, 0], [0.9, 0.8, 0.7, 0.1]), (1 + 2 / 3) / 2)

@@ -98,16 +98,25 @@ def classification_metrics(y_true: Sequence[int], scores: np.ndarray,
 
 
 def format_metrics(m: dict) -> str:
-    """A readable table of `classification_metrics` output."""
+    """A readable table of `classification_metrics` output, with the confusion matrix labelled
+    by class name (rows true, columns predicted)."""
+    names = [str(n) for n in m["classes"]]
+    w = max([len("class")] + [len(n) for n in names])
     lines = [f"accuracy {m['accuracy']:.4f}  macro P/R/F1 {m['macro_precision']:.4f} / "
              f"{m['macro_recall']:.4f} / {m['macro_f1']:.4f}  macro PR-AUC "
              f"{m['macro_pr_auc']:.4f}  (n={m['n']})",
-             f"{'class':<16} {'precision':>9} {'recall':>9} {'f1':>9} {'AP':>9} {'support':>8}"]
-    for i, name in enumerate(m["classes"]):
+             f"{'class':<{w}} {'precision':>9} {'recall':>9} {'f1':>9} {'AP':>9} {'support':>8}"]
+    for i, name in enumerate(names):
         ap = m["average_precision"][i]
-        lines.append(f"{name[:16]:<16} {m['precision'][i]:>9.4f} {m['recall'][i]:>9.4f} "
+        lines.append(f"{name:<{w}} {m['precision'][i]:>9.4f} {m['recall'][i]:>9.4f} "
                      f"{m['f1'][i]:>9.4f} {('-' if ap is None else f'{ap:.4f}'):>9} "
                      f"{m['support'][i]:>8}")
-    lines.append("confusion (rows true, columns predicted):")
-    lines += ["  " + " ".join(f"{v:>6}" for v in row) for row in m["confusion_matrix"]]
+    cm = m["confusion_matrix"]
+    corner = "true \\ pred"
+    rw = max([len(corner)] + [len(n) for n in names])
+    cw = [max([6, len(n)] + [len(str(row[j])) for row in cm]) for j, n in enumerate(names)]
+    lines.append("confusion matrix (rows: true class, columns: predicted class):")
+    lines.append(f"  {corner:<{rw}} " + " ".join(f"{n:>{c}}" for n, c in zip(names, cw)))
+    lines += [f"  {name:<{rw}} " + " ".join(f"{v:>{c}}" for v, c in zip(row, cw))
+              for name, row in zip(names, cm)]
     return "\n".join(lines)
