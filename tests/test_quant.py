@@ -168,6 +168,18 @@ def test_qlora_counts_masks_axes_and_gradients():
     d, L = mcfg.hidden_size, mcfg.num_layers
     assert core.count(trainable) == L * 4 * ((d + mcfg.q_size) + (d + mcfg.kv_size))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(trainable))
+    # Parameter counts are logical: the NF4 model counts as many as its dense LoRA twin (an
+    # int8 base too), while its storage (packed codes + block scales) holds fewer elements.
+    lora = apply_lora(params, jax.random.PRNGKey(1), rank=4,
+                      targets=(r"layers/attn/(q|v)_proj/kernel",))
+    i8 = apply_qlora(params, jax.random.PRNGKey(1), rank=4, quant_kind="int8",
+                     targets=(r"layers/attn/(q|v)_proj/kernel",),
+                     quantize_targets=(r"layers/mlp/.*_proj/kernel",))
+    n = core.count_params(lora)
+    assert n == core.count(params) + core.count(trainable)
+    assert core.count_params(ql) == core.count_params(i8) == n > core.count(ql)
+    assert core.count_params(trainable) == core.count(trainable)
+    assert core.count_params(trainable) + core.count_params(frozen) == n
     axes = core.axes_like(ql, models.param_axes(mcfg))
     q = axes["layers"]["attn"]["q_proj"]["kernel"]
     assert q.a == ("layers", "embed", "lora_rank") and q.base.codes == ("layers", "embed", "heads")

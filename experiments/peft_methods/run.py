@@ -117,7 +117,9 @@ def main() -> None:
     with open(os.path.join(HERE, "results.md"), "w") as f:
         f.write("Learning check: quickstart base, held-out task dmy2iso, batch 32, 2-core CPU "
                 "(shared, so step times are noisy). Made by "
-                "`python experiments/peft_methods/run.py`.\n\n")
+                "`python experiments/peft_methods/run.py`. \"% of model\" is trainable / all "
+                "parameters of the fine-tuned model (base plus added ones), a quantized base "
+                "counted by the parameters it stands for (`ftjax.peft.core.count_params`).\n\n")
         f.write(to_markdown(rows))
     print(to_markdown(rows))
 

@@ -86,6 +86,13 @@ class StructuredWeight(abc.ABC):
     def shape(self) -> tuple[int, ...]:
         return tuple(jax.eval_shape(self.materialize).shape)
 
+    def num_params(self) -> int:
+        """The parameters this leaf counts as in a model's size (`count_params`): the elements
+        of its array fields, nested structured weights by their own count. Quantized bases
+        count the elements of the dense weight they stand for: packed codes and block scales
+        are how it is stored, not how many parameters it has."""
+        return sum(count_params(getattr(self, name)) for name in self.array_fields())
+
 
 def is_structured(w: Any) -> bool:
     return isinstance(w, StructuredWeight)
@@ -313,4 +320,15 @@ def merge(params: Any) -> Any:
 
 
 def count(tree: Any) -> int:
+    """Stored elements of every array leaf (an NF4 base counts its packed uint8 codes and block
+    scales). For a model's parameter count use `count_params`."""
     return int(sum(x.size for x in jax.tree.leaves(tree) if hasattr(x, "size")))
+
+
+def count_params(tree: Any) -> int:
+    """Logical parameters: plain leaves by size, structured weights by `num_params()`. A model
+    with an NF4 base counts what its dense twin counts, so QLoRA's "% of the model" trained is
+    LoRA's."""
+    leaves = jax.tree.leaves(tree, is_leaf=is_structured)
+    return int(sum(x.num_params() if is_structured(x) else getattr(x, "size", 0)
+                   for x in leaves))

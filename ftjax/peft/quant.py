@@ -187,6 +187,12 @@ class NF4Weight(StructuredWeight):
     def materialize(self):
         return self.dequantize()
 
+    def num_params(self) -> int:
+        if self.codes is None:  # the trainable half of a partition: nothing here trains
+            return 0
+        *lead, _, n_out = self.codes.shape
+        return int(np.prod(lead, dtype=np.int64)) * self.n_in * n_out
+
     def field_axes(self, base_axes):
         # Codes shard like the dense weight (the packed `in` dim is `in`/2 contiguous pairs);
         # block scales shard on the output axis only (in/64 rarely divides an fsdp mesh),
@@ -270,6 +276,9 @@ class Int8Weight(StructuredWeight):
 
     def materialize(self):
         return self.dequantize()
+
+    def num_params(self) -> int:
+        return 0 if self.codes is None else int(self.codes.size)  # the scales are storage
 
     def field_axes(self, base_axes):
         return {"codes": tuple(base_axes), "scale": tuple(base_axes[:-2]) + (base_axes[-1],)}

@@ -170,7 +170,7 @@ def run(cfg: Any, workdir: str) -> dict:
         "n_facts": len(facts), "n_replay": n_replay,
         "steps": int(jax.device_get(result.state.step)),
         "trainable_params": peft_core.count(result.state.params),
-        "total_params": peft_core.count(params),
+        "total_params": peft_core.count_params(params),
         "evals": result.evals,
         "final_train_loss": result.history[-1]["loss"] if result.history else None,
         "peak_rss_mb": round(monitor.peak_rss_mb(), 1),

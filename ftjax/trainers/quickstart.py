@@ -171,7 +171,7 @@ def run(cfg: Any, workdir: str) -> dict:
         "steps": int(jax.device_get(result.state.step)),
         "method": method.name,
         "trainable_params": peft_core.count(result.state.params),
-        "total_params": peft_core.count(result.params),
+        "total_params": peft_core.count_params(result.params),
         "step_time_median_s": _median_step_time(result.history, int(t.batch_size) * seq_len),
         "peak_rss_mb": round(monitor.peak_rss_mb(), 1),
         "final_train_loss": curves[train_label][1][-1] if train_label in curves else None,
