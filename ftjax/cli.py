@@ -142,10 +142,15 @@ def print_help(file=None) -> None:
 
 
 def run_main(main_fn) -> None:
-    """Runs a command's `main()`; configuration errors (ValueError, FileNotFoundError) become
-    one clear line on stderr and exit code 2, as for `ftjax` itself."""
+    """Runs a command's `main()`. The errors a user's input causes become one line on stderr:
+    configuration and input errors (ValueError, incl. bad data and weight files; OSError, e.g. a
+    missing file) exit with code 2, a non-finite loss in training (FloatingPointError) with 1.
+    `FTJAX_DEBUG=1` re-raises them with their traceback; any other exception is a bug and
+    keeps its traceback."""
     try:
         main_fn()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:
+        if os.environ.get("FTJAX_DEBUG", "") not in ("", "0"):
+            raise
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1 if isinstance(e, FloatingPointError) else 2)

@@ -2,8 +2,11 @@
 (or `python -m ftjax.main ...`; `--help` lists the flags and the shipped configs).
 
 Overrides: `--config.a.b=value` (typed by the existing field; unknown keys are rejected).
-The resolved config and its hash are written into the workdir (local or `gs://`) by process 0
-before anything runs; an existing checkpoint in the workdir is resumed.
+The resolved config is validated (every key's rule, no NaN or infinity), then the mesh, the
+batch and the starting weights' headers are checked (seconds, before any data is read); its
+hash and the config are written into the workdir (local or `gs://`) by process 0 before
+anything runs; an existing checkpoint in the workdir is resumed. `ftjax` (the console script)
+prints any such error as one line (`FTJAX_DEBUG=1`: with its traceback).
 """
 from __future__ import annotations
 
@@ -25,10 +28,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     if not workdir:
         raise SystemExit("--workdir is required: the directory for checkpoints, metrics and results")
-    from ftjax.trainers import resolve_config
+    from ftjax.trainers import resolve_config, validate_config
     cfg = resolve_config(config_utils.load_config(spec), overrides)
+    validate_config(cfg)  # impossible or non-finite settings: refused before anything runs
     # Multi-host set-up must precede any other JAX call.
     sharding.initialize_distributed(cfg.get("distributed"))
+    from ftjax.train import preflight
+    preflight.check(cfg)  # mesh, batch and weight headers: seconds, before the data stage
     cfg_hash = config_utils.write_resolved_config(cfg, workdir)
     trainer = cfg.get("trainer", "sft")
     print(f"ftjax: trainer={trainer} config={spec} hash={cfg_hash} workdir={workdir}")

@@ -251,14 +251,23 @@ def _format_eta(seconds: float | None) -> str:
     return str(datetime.timedelta(seconds=int(round(max(seconds, 0.0)))))
 
 
+def _fmt(value: float) -> str:
+    """4 significant figures with trailing zeros kept: 1.000, 2.950, 0.01234, 1.235e+04."""
+    return f"{float(value):#.4g}"
+
+
 class Progress:
     """Progress for a terminal (tqdm bar) and for log files (one compact line per update).
 
-    `update(step, loss=..., tokens_per_s=...)` shows step/total, loss, tokens/s and the ETA,
-    estimated from the wall time since construction over the steps done in this process
-    (steps before `start_step`, e.g. from a resumed checkpoint, are not counted). When stdout
-    is not a TTY it prints every `print_every`-th update (and the last step) a line like
-    `train step 120/400 loss 1.234 tok/s 12.3k eta 0:01:02`. Enabled on process 0 by default.
+    `update(step, loss=..., tokens_per_s=...)` shows step/total, loss, tokens/s and the ETA.
+    The ETA is the wall time per step since the first update (the first step includes
+    compilation, so it is left out; before any update, since construction), over the steps
+    done in this process (steps before `start_step`, e.g. from a resumed checkpoint, are not
+    counted); the first update shows `eta ?`. When stdout is not a TTY it prints every
+    `print_every`-th update (and the last step) a line like
+    `train step 120/400 loss 1.234 tok/s 12.3k eta 0:01:02`. Values have 4 significant
+    figures, trailing zeros kept (`loss 1.000`), so columns line up from line to line.
+    Enabled on process 0 by default.
     """
 
     def __init__(
@@ -282,6 +291,7 @@ class Progress:
         self._start = time.perf_counter()
         self._calls = 0
         self._last_step = self.start_step
+        self._origin: tuple[float, int] | None = None  # (time, step) of the first update
         self._bar = None
         if self.enabled and self._out().isatty():
             import tqdm  # pylint: disable=import-outside-toplevel
@@ -296,11 +306,13 @@ class Progress:
         return self._file if self._file is not None else sys.stdout
 
     def eta_seconds(self, step: int) -> float | None:
-        """Seconds left, from the average time per step done in this process so far."""
-        done = step - self.start_step
+        """Seconds left, from the average time per step done in this process so far (since
+        the first update, once there was one)."""
+        t0, s0 = self._origin or (self._start, self.start_step)
+        done = step - s0
         if done <= 0:
             return None
-        elapsed = time.perf_counter() - self._start
+        elapsed = time.perf_counter() - t0
         return elapsed / done * max(self.total_steps - step, 0)
 
     def line(self, step: int, loss: float | None = None, tokens_per_s: float | None = None,
@@ -308,11 +320,11 @@ class Progress:
         """The compact log line for `step`."""
         parts = [f"{self.desc} step {step}/{self.total_steps}"]
         if loss is not None:
-            parts.append(f"loss {float(loss):.4g}")
+            parts.append(f"loss {_fmt(loss)}")
         if tokens_per_s is not None:
             parts.append(f"tok/s {format_count(float(tokens_per_s))}")
         for name, value in extra.items():
-            parts.append(f"{name} {float(value):.4g}")
+            parts.append(f"{name} {_fmt(value)}")
         parts.append(f"eta {_format_eta(self.eta_seconds(step))}")
         return " ".join(parts)
 
@@ -323,13 +335,15 @@ class Progress:
             return
         step = int(step)
         self._calls += 1
+        if self._origin is None:  # the ETA clock starts here: the first step compiled
+            self._origin = (time.perf_counter(), step)
         if self._bar is not None:
             post: dict[str, str] = {}
             if loss is not None:
-                post["loss"] = f"{float(loss):.4g}"
+                post["loss"] = _fmt(loss)
             if tokens_per_s is not None:
                 post["tok/s"] = format_count(float(tokens_per_s))
-            post.update({k: f"{float(v):.4g}" for k, v in extra.items()})
+            post.update({k: _fmt(v) for k, v in extra.items()})
             self._bar.update(step - self._last_step)
             self._bar.set_postfix(post, refresh=True)
         elif self._calls % self.print_every == 0 or step >= self.total_steps:

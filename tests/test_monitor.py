@@ -48,12 +48,16 @@ def test_metric_writer_rejects_bad_values(tmp_path):
 
 def test_progress_prints_line_when_not_tty(capsys):
     p = monitor.Progress(400, start_step=100, desc="train")
+    p.update(101, loss=2.95, tokens_per_s=12345.0)  # the first step: compiled, so no ETA
     p.update(120, loss=1.2345, tokens_per_s=12345.0)
+    p.update(130, loss=1.0, moe_aux=0.5)
     p.close()
-    out = capsys.readouterr().out.strip()
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0] == "train step 101/400 loss 2.950 tok/s 12.3k eta ?", out
     assert re.fullmatch(
-        r"train step 120/400 loss 1\.234 tok/s 12\.3k eta \d+:\d\d:\d\d", out
+        r"train step 120/400 loss 1\.234 tok/s 12\.3k eta \d+:\d\d:\d\d", out[1]
     ), out
+    assert re.fullmatch(r"train step 130/400 loss 1\.000 moe_aux 0\.5000 eta \S+", out[2]), out
 
 
 def test_progress_eta_ignores_start_step_and_print_every():

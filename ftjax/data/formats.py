@@ -277,8 +277,10 @@ def to_canonical(record: Mapping[str, Any], fmt: str, field_map: Optional[Mappin
 
 
 def detect_format(record: Mapping[str, Any],
-                  field_map: Optional[Mapping[str, str]] = None) -> str:
-    """The format whose fields the record has (checked most specific first)."""
+                  field_map: Optional[Mapping[str, str]] = None, origin: str = "",
+                  what: str = "fields") -> str:
+    """The format whose fields the record has (checked most specific first). `origin` (the
+    file) and `what` ("columns" for CSV) make the error name the file and what it holds."""
     if not isinstance(record, Mapping):
         raise DataError(f"cannot detect the format of a {type(record).__name__}; records are "
                         "objects (dicts)")
@@ -303,6 +305,8 @@ def detect_format(record: Mapping[str, Any],
     if has("text"):
         return "text"
     expected = {f: list(req) for f, (req, _) in FIELDS.items()}
-    raise DataError(f"cannot detect the data format from fields {sorted(map(str, keys))}; "
-                    f"formats need {expected}. Set the format explicitly and map fields with "
-                    "field_map={'canonical': 'your field'}")
+    where = f"{origin}: " if origin else ""
+    raise DataError(f"{where}cannot detect the data format from {what} "
+                    f"{sorted(map(str, keys))}; formats need {expected}. Set the format and map "
+                    f"your {what} to its fields, e.g. --config.data.format=instruction "
+                    "--config.data.field_map=instruction=YOUR_PROMPT,output=YOUR_ANSWER")

@@ -61,7 +61,8 @@ def _open(opts: DataOptions, data_dir: str) -> tuple[list, list[str]]:
             if len(src) == 0:
                 raise DataError(f"source {spec.source!r} has no records; cannot detect its "
                                 "format (and there is nothing to train on)")
-            fmt = detect_format(src[0], dict(spec.field_map))
+            fmt = detect_format(src[0], dict(spec.field_map), origin=src.origin_str(0),
+                                what="columns" if src.kind == "csv" else "fields")
         sources.append(src)
         formats.append(fmt)
     return sources, formats

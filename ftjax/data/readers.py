@@ -38,6 +38,21 @@ class Bad:
         self.skipped.append(((path, line), reason))
 
 
+def json_problem(e: json.JSONDecodeError, line: str, one_line: bool = True) -> str:
+    """`e` as "malformed JSON (...)" with a column inside `line`, the text of the line it is
+    reported on (`one_line`: `e` comes from parsing that line alone). An error at or past the
+    line's end (a line cut short: the parser reports the newline, or the next line's column
+    1) is reported at the line's last column."""
+    content = line.rstrip("\r\n").rstrip()
+    starting = e.msg.endswith(" starting at")
+    msg = e.msg.removesuffix(" starting at").removesuffix(" at")
+    msg = msg[:1].lower() + msg[1:]
+    if (one_line and e.lineno > 1) or e.colno > len(content):
+        return (f"malformed JSON: the line ends at column {len(content)} before the JSON is "
+                f"complete ({msg}; cut short?)")
+    return f"malformed JSON ({msg} {'starting at' if starting else 'at'} column {e.colno})"
+
+
 def _read_jsonl(path: str, bad: Bad) -> Iterator[tuple[int, dict]]:
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
@@ -53,7 +68,7 @@ def _read_jsonl(path: str, bad: Bad) -> Iterator[tuple[int, dict]]:
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as e:
-                bad(path, n, f"malformed JSON ({e.msg} at column {e.colno})", text)
+                bad(path, n, json_problem(e, text), text)
                 continue
             if not isinstance(value, dict):
                 bad(path, n, f"expected a JSON object per line, got {type(value).__name__}",
@@ -127,10 +142,12 @@ def _read_json(path: str, bad: Bad) -> Iterator[tuple[int, dict]]:
     try:
         elements = _json_elements(text, path)
     except json.JSONDecodeError as e:
-        line_text = text.splitlines()[e.lineno - 1] if text.splitlines() else ""
-        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}): "
-                        f"{_snippet(line_text)}. A JSON file is parsed as a whole, so it must be "
-                        "valid; fix it (or convert to JSONL to skip bad lines)") from None
+        lines = text.splitlines()
+        line_text = lines[e.lineno - 1] if e.lineno <= len(lines) else ""
+        problem = json_problem(e, line_text, one_line=False)
+        raise DataError(f"{path}:{e.lineno}: {problem}: {_snippet(line_text)}. A JSON file is "
+                        "parsed as a whole, so it must be valid; fix it (or convert to JSONL to "
+                        "skip bad lines)") from None
     line, at = 1, 0
     for offset, value in elements:
         line += text.count("\n", at, offset)  # incremental: elements come in file order

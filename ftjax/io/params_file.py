@@ -13,8 +13,8 @@ from typing import Any
 import jax
 import numpy as np
 from safetensors.numpy import load_file, save_file
-from safetensors import safe_open
 
+from ftjax.io.safetensors_header import read_header
 from ftjax.models.config import ModelConfig
 
 
@@ -51,13 +51,18 @@ def save_params(path: str, cfg: ModelConfig, params: dict, **metadata: Any) -> N
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written model
 
 
-def load_params(path: str, expected_cfg: ModelConfig | None = None) -> tuple[ModelConfig, dict]:
-    """Reads a file written by `save_params`; checks every tensor against the config's shapes."""
+def load_params(path: str, expected_cfg: ModelConfig | None = None, *,
+                check_only: bool = False) -> tuple[ModelConfig, dict | None]:
+    """Reads a file written by `save_params`; checks every tensor against the config's shapes.
+
+    The header (config, tensor names and shapes, the file's size) is checked before any tensor
+    is read; `check_only` stops there and returns `(cfg, None)`: seconds for any model size.
+    """
     from ftjax import models
     if not os.path.exists(path):
         raise FileNotFoundError(f"model file {path!r} does not exist")
-    with safe_open(path, framework="numpy") as f:
-        meta = f.metadata() or {}
+    header = read_header(path, fix="re-download it, or re-export it with save_params")
+    meta = header.metadata
     if "ftjax_model_config" not in meta:
         raise ValueError(f"{path!r} has no 'ftjax_model_config' metadata; it was not written by "
                          "ftjax.io.params_file.save_params (for Hugging Face directories use "
@@ -70,14 +75,16 @@ def load_params(path: str, expected_cfg: ModelConfig | None = None) -> tuple[Mod
         if diff:
             raise ValueError(f"{path!r} holds a different architecture than configured: "
                              + ", ".join(f"{k}: configured {a!r}, file {b!r}" for k, (a, b) in diff.items()))
-    flat = load_file(path)
+    shapes = {k: shape for k, (_, shape) in header.tensors.items()}
     want = flatten(jax.tree.map(lambda s: s.shape, models.param_shapes(cfg),
                                 is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct)))
-    missing = sorted(set(want) - set(flat))
-    unexpected = sorted(set(flat) - set(want))
-    bad = sorted(k for k in set(want) & set(flat) if tuple(flat[k].shape) != tuple(want[k]))
+    missing = sorted(set(want) - set(shapes))
+    unexpected = sorted(set(shapes) - set(want))
+    bad = sorted(k for k in set(want) & set(shapes) if tuple(shapes[k]) != tuple(want[k]))
     if missing or unexpected or bad:
         raise ValueError(f"{path!r} does not match its config: missing {missing}, unexpected "
                          f"{unexpected}, wrong shapes "
-                         f"{[(k, flat[k].shape, want[k]) for k in bad]}")
-    return cfg, unflatten(flat)
+                         f"{[(k, shapes[k], want[k]) for k in bad]}")
+    if check_only:
+        return cfg, None
+    return cfg, unflatten(load_file(path))

@@ -204,4 +204,4 @@ def method(s, *, apply_fn=None, tokenizer=None) -> Method:
     return Method(name="adapter", transform=transform, train_patterns=tuple(s.train_patterns))
 
 
-register("adapter", DEFAULTS, method)
+register("adapter", DEFAULTS, method, dict(bottleneck=">= 1", mode=MODES, activation=ACTIVATIONS))

@@ -123,4 +123,4 @@ def method(s, *, apply_fn=None, tokenizer=None) -> Method:
                   train_patterns=tuple(s.train_patterns))
 
 
-register("dora", DEFAULTS, method)
+register("dora", DEFAULTS, method, {k: v for k, v in lora.CHECKS.items() if k in DEFAULTS})

@@ -179,4 +179,5 @@ def method(s, *, apply_fn=None, tokenizer=None) -> Method:
                   wrap_optimizer=functools.partial(hft_optimizer, **kw))
 
 
-register("hft", DEFAULTS, method)
+register("hft", DEFAULTS, method, dict(steps_per_round=">= 0", ratio="in (0, 1]",
+                                       granularity=GRANULARITIES))

@@ -239,4 +239,8 @@ def method(s, *, apply_fn=None, tokenizer=None) -> Method:
                   bind_rng=bind_dropout if dropout > 0 else None)
 
 
-register("lora", DEFAULTS, method)
+# Refused before a run builds anything (`trainers/_validate.py`); dora, lora_fa, qlora share them.
+CHECKS = dict(rank=">= 1", alpha="> 0", init=("default", "gaussian", "pissa"),
+              dropout="in [0, 1)")
+
+register("lora", DEFAULTS, method, CHECKS)

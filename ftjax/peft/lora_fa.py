@@ -97,4 +97,4 @@ def method(s, *, apply_fn=None, tokenizer=None) -> Method:
                   train_patterns=tuple(s.train_patterns))
 
 
-register("lora_fa", DEFAULTS, method)
+register("lora_fa", DEFAULTS, method, {k: v for k, v in lora.CHECKS.items() if k in DEFAULTS})

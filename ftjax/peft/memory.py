@@ -222,4 +222,6 @@ def method(s, *, apply_fn=None, tokenizer=None) -> Method:
                   mergeable=False)
 
 
-register("memory", DEFAULTS, method)
+CHECKS = dict(num_experts=">= 1", top_k=">= 1", rank=">= 1", alpha="> 0", router_std=">= 0")
+
+register("memory", DEFAULTS, method, CHECKS)

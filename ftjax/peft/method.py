@@ -59,15 +59,20 @@ class Spec:
     defaults: Mapping[str, Any]
     build: Callable[..., Method]
     module: str
+    checks: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 _REGISTRY: dict[str, Spec] = {}
 _DISCOVERED = False
 
 
-def register(name: str, defaults: Mapping[str, Any], build: Callable[..., Method]) -> Spec:
+def register(name: str, defaults: Mapping[str, Any], build: Callable[..., Method],
+             checks: Optional[Mapping[str, Any]] = None) -> Spec:
     """Registers method `name` with its settings' defaults (a dict or ConfigDict, `method`
-    excluded) and its builder. Called once, at import, by the method's own module."""
+    excluded) and its builder. Called once, at import, by the method's own module.
+
+    checks: `{setting: rule}` validated before a run builds anything (`trainers/_validate.py`):
+    a rule is a bound such as ">= 1" or "in [0, 1)", or a tuple of the allowed values."""
     defaults = dict(defaults.to_dict() if isinstance(defaults, ml_collections.ConfigDict)
                     else defaults)
     if "method" in defaults:
@@ -76,7 +81,11 @@ def register(name: str, defaults: Mapping[str, Any], build: Callable[..., Method
     old = _REGISTRY.get(name)
     if old is not None and old.module != module:
         raise ValueError(f"peft method {name!r} is registered twice ({old.module} and {module})")
-    spec = Spec(name=name, defaults=defaults, build=build, module=module)
+    unknown = sorted(set(checks or {}) - set(defaults))
+    if unknown:
+        raise ValueError(f"peft method {name!r}: checks for settings it does not have: {unknown}")
+    spec = Spec(name=name, defaults=defaults, build=build, module=module,
+                checks=dict(checks or {}))
     _REGISTRY[name] = spec
     return spec
 

@@ -539,5 +539,8 @@ def prefix_method(s, *, apply_fn=None, tokenizer=None) -> Method:
                   train_patterns=tuple(s.train_patterns), apply_fn=fn)
 
 
-register("prompt_tuning", PROMPT_DEFAULTS, prompt_method)
-register("prefix_tuning", PREFIX_DEFAULTS, prefix_method)
+register("prompt_tuning", PROMPT_DEFAULTS, prompt_method,
+         dict(num_virtual_tokens=">= 1", init=PROMPT_INITS, init_std=">= 0", segments=">= 1"))
+register("prefix_tuning", PREFIX_DEFAULTS, prefix_method,
+         dict(num_virtual_tokens=">= 1", projection_hidden=">= 0", token_dim=">= 0",
+              init_std=">= 0", segments=">= 1"))

@@ -136,4 +136,7 @@ def method(s, *, apply_fn=None, tokenizer=None) -> Method:
     return Method(name="qlora", transform=transform, train_patterns=tuple(s.train_patterns))
 
 
-register("qlora", DEFAULTS, method)
+CHECKS = dict({k: v for k, v in lora.CHECKS.items() if k in DEFAULTS},
+              quant=quant.KINDS, block_size=">= 1")
+
+register("qlora", DEFAULTS, method, CHECKS)

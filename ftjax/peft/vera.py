@@ -99,4 +99,4 @@ def method(s, *, apply_fn=None, tokenizer=None) -> Method:
     return Method(name="vera", transform=transform, train_patterns=tuple(s.train_patterns))
 
 
-register("vera", DEFAULTS, method)
+register("vera", DEFAULTS, method, dict(rank=">= 1"))

@@ -49,6 +49,13 @@ DEFAULTS = dict(
     progress=True,
     tensorboard=True,
 )
+# Refused before a run builds anything (`trainers/_validate.py`: a bound, or the allowed values).
+# Across sections it also checks that accum_steps divides batch_size.
+CHECKS = dict(
+    steps=">= 1", batch_size=">= 1", seq_len=">= 2", accum_steps=">= 1", z_loss=">= 0",
+    log_every=">= 1", eval_every=">= 0", checkpoint_every=">= 0", keep_checkpoints=">= 1",
+    early_stopping_patience=">= 0", early_stopping_min_delta=">= 0",
+)
 
 
 @dataclasses.dataclass
@@ -244,6 +251,10 @@ def train(run: Run, loss_fn: LossFn, batches: Any, *, eval_batches: Sequence[dic
         state, m = step_fn(state, batch)
         step += 1
         pending.append(m)
+        if step == start + 1 and step % log_every and step != steps:
+            # The first step's loss at once (it includes compilation); metrics keep their
+            # log_every rows.
+            progress.update(step, loss=float(jax.device_get(m["loss"])))
         if step % log_every == 0 or step == steps:
             fetched = jax.device_get(pending)
             pending = []

@@ -28,6 +28,13 @@ DEFAULTS = dict(
     # match over trainable param paths wins; None freezes (ftjax/train/param_groups.py).
     param_groups=(),
 )
+# Refused before a run builds anything (`trainers/_validate.py`: a bound, or the allowed values).
+# Across sections it also checks warmup_steps <= train.steps.
+CHECKS = dict(
+    name=OPTIMIZERS, schedule=SCHEDULES, learning_rate="> 0", warmup_steps=">= 0",
+    min_lr_ratio="in [0, 1]", weight_decay=">= 0", b1="in [0, 1)", b2="in [0, 1)",
+    eps=">= 0", momentum="in [0, 1)", decay="in [0, 1)", grad_clip_norm=">= 0",
+)
 
 
 def _settings(opt_cfg: Any) -> Any:

@@ -91,3 +91,12 @@ def _fill_trainer_defaults(cfg) -> None:
             raise ValueError(config_utils.unknown_key_message(key, list(fields), section,
                                                               f"{section}.{key}"))
         cfg[section] = ml_collections.ConfigDict({**fields, **given})
+
+
+def validate_config(cfg) -> None:
+    """Refuses a resolved config before anything is built: non-finite numbers anywhere,
+    values outside the rules declared beside the defaults (`CHECKS` of `train/loop.py`,
+    `train/optim.py`, the trainer and the PEFT method), and the rules across sections. One
+    ValueError, one line naming each key, its value and the fix (`trainers/_validate.py`)."""
+    from ftjax.trainers import _validate
+    _validate.validate(cfg)

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from ftjax.data.classification import class_counts
+from ftjax.data.imbalance import CLASS_WEIGHT_SCHEMES
 from ftjax.eval.classification import classification_metrics, format_metrics
 from ftjax.train.batches import Rank2Iterator, as_rank2
 from ftjax.train.classify_head import LOSSES, classify_loss, head_params, make_predict
@@ -27,6 +28,9 @@ DEFAULTS = {"classify": dict(
     gamma=2.0,                  # focal: (1 - p_t)^gamma
     focal_alpha="none",         # focal: none | class_weights (alpha_t = w[y])
 )}
+# Refused before the run builds anything (`trainers/_validate.py`).
+CHECKS = {"classify": dict(loss=LOSSES, class_weights=CLASS_WEIGHT_SCHEMES, beta="in [0, 1)",
+                           gamma=">= 0", focal_alpha=("none", "class_weights"))}
 
 
 def loss_weights(kcfg: Any, counts: np.ndarray, classes: Sequence[str]):

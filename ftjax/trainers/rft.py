@@ -30,6 +30,9 @@ DEFAULTS = {"rft": dict(
     top_k=0,                 # 0 = off
     max_new_tokens=16,
 )}
+# Refused before the run builds anything (`trainers/_validate.py`).
+CHECKS = {"rft": dict(prompts_per_step=">= 1", samples_per_prompt=">= 1", max_per_prompt=">= 1",
+                      temperature=">= 0", top_k=">= 0", max_new_tokens=">= 1")}
 
 
 class RejectionSampler(OnPolicy):

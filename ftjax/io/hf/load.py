@@ -10,6 +10,7 @@ import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16", so safetensors ca
 import numpy as np
 
 from ftjax.io.files import natural_key
+from ftjax.io.safetensors_header import WeightsFileError, read_header
 from ftjax.io.hf.config import parse_config, read_config
 from ftjax.io.hf.families import SUPPORTED_ARCHITECTURES, fail
 from ftjax.io.hf.layout import (Entry, detect_moe_layout, detect_prefix, ignorable, leaf_shapes,
@@ -30,8 +31,12 @@ def _weight_files(path: str, problems: list[str]) -> list[str]:
     """The safetensors files of a directory (from the index when there is one)."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map", {})
+        try:
+            with open(index) as f:
+                weight_map = json.load(f).get("weight_map", {})
+        except (ValueError, AttributeError) as e:
+            raise WeightsFileError(f"{index}: not a valid index ({e}); re-download the "
+                                   "checkpoint") from None
         files = sorted(set(weight_map.values()), key=natural_key)
         for name in files:
             if not os.path.isfile(os.path.join(path, name)):
@@ -52,23 +57,24 @@ def _weight_files(path: str, problems: list[str]) -> list[str]:
 
 def _read_headers(path: str, files: list[str]) -> dict[str, tuple[str, tuple, str]]:
     """key -> (file, shape, safetensors dtype), reading only the headers."""
-    from safetensors import safe_open
     out: dict[str, tuple[str, tuple, str]] = {}
-    for name in files:
-        with safe_open(os.path.join(path, name), framework="numpy") as f:
-            for k in f.keys():
-                s = f.get_slice(k)
-                out[k] = (name, tuple(s.get_shape()), s.get_dtype())
+    for name in files:  # a truncated or corrupt shard: one line naming it (WeightsFileError)
+        header = read_header(os.path.join(path, name), fix="re-download the checkpoint")
+        for k, (dtype, shape) in header.tensors.items():
+            out[k] = (name, shape, dtype)
     return out
 
 
-def load_pretrained(path: str, dtype: Any = None) -> tuple[ModelConfig, dict]:
+def load_pretrained(path: str, dtype: Any = None, *,
+                    check_only: bool = False) -> tuple[ModelConfig, dict | None]:
     """Reads a local Hugging Face directory into `(ModelConfig, params)`.
 
     The architecture comes from config.json; tensors are streamed one at a time into
     preallocated layer-stacked numpy arrays of `dtype` (default float32; "bfloat16" halves
     host memory), recorded as `cfg.param_dtype`. Leaves are host numpy arrays: place them with
     `jax.device_put(params, shardings)`. Raises `HFCheckpointError` listing every problem.
+    Every check reads only config.json and the safetensors headers; `check_only` stops after
+    them and returns `(cfg, None)`.
     """
     path = os.fspath(path)
     c = read_config(path)
@@ -117,6 +123,8 @@ def load_pretrained(path: str, dtype: Any = None) -> tuple[ModelConfig, dict]:
     if problems:
         raise fail(f"cannot load Hugging Face checkpoint {path!r}"
                     + (f" as {SUPPORTED_ARCHITECTURES[family][0]}" if family else ""), problems)
+    if check_only:
+        return cfg, None
 
     np_dtype = np.dtype(dtype)
     leaves = leaf_shapes(cfg)

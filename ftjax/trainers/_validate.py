@@ -1,0 +1,135 @@
+"""One validation pass over a resolved config, before anything is built or written.
+
+The rules sit next to the defaults they belong to: `CHECKS` beside `DEFAULTS` in
+`train/loop.py` (section `train`), `train/optim.py` (`optimizer`), a trainer's module
+(`CHECKS = {section: {key: rule}}`) and a PEFT method's `register(..., checks)` (`peft`). A
+rule is a bound (">= 1", "> 0", "in [0, 1)") or a tuple of the allowed values. On top of
+them: no NaN or infinity anywhere in the config, and the few rules that span sections
+(warmup within the run, accumulation dividing the batch). Every problem is reported in one
+line naming the key, the value and the fix.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Iterator, Mapping
+
+_BOUND = re.compile(r"^(>=|>|<=|<)\s*(-?[\d.e+-]+)$")
+_RANGE = re.compile(r"^in\s*([\[(])\s*(-?[\d.e+-]+)\s*,\s*(-?[\d.e+-]+)\s*([\])])$")
+
+
+def rule_problem(value: Any, rule: Any) -> str | None:
+    """What is wrong with `value` under `rule` ("must be >= 1"), or None when it holds."""
+    if isinstance(rule, (tuple, list)):
+        return None if value in rule else f"must be one of {list(rule)}"
+    text = str(rule).strip()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"must be a number {text}"
+    m = _BOUND.match(text)
+    if m:
+        op, bound = m.group(1), float(m.group(2))
+        ok = {">=": value >= bound, ">": value > bound, "<=": value <= bound,
+              "<": value < bound}[op]
+        return None if ok else f"must be {text}"
+    m = _RANGE.match(text)
+    if m:
+        lo_open, lo, hi, hi_open = m.group(1) == "(", float(m.group(2)), float(m.group(3)), \
+            m.group(4) == ")"
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+        return None if ok else f"must be {text}"
+    raise ValueError(f"config rule {rule!r} is not understood (use '>= N', '> N', "
+                     "'in [a, b)' or a tuple of the allowed values)")
+
+
+def _fix(key: str, rule: Any) -> str:
+    if isinstance(rule, (tuple, list)):
+        return f"set --config.{key} to one of them"
+    return f"set --config.{key} to a value {str(rule).strip()}"
+
+
+def _default(key: str) -> str:
+    """" (default X)" for a key of the engine's sections, else ""."""
+    from ftjax.train import loop, optim
+    section, _, name = key.partition(".")
+    defaults = {"train": loop.DEFAULTS, "optimizer": optim.DEFAULTS}.get(section, {})
+    return f" (default {defaults[name]!r})" if name in defaults else ""
+
+
+def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, leaf) of every leaf, through ConfigDicts, dicts, lists and tuples."""
+    if hasattr(node, "to_dict") and not isinstance(node, type):
+        node = node.to_dict()
+    if isinstance(node, Mapping):
+        for k, v in node.items():
+            yield from _walk(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            yield from _walk(v, f"{prefix}[{i}]")
+    else:
+        yield prefix, node
+
+
+def section_rules(cfg: Any) -> dict[str, Mapping[str, Any]]:
+    """{section: {key: rule}} that apply to this config (engine, trainer, PEFT method)."""
+    from ftjax import peft, trainers
+    from ftjax.train import loop, optim
+    rules: dict[str, Mapping[str, Any]] = {"train": loop.CHECKS, "optimizer": optim.CHECKS}
+    rules.update(getattr(trainers.get(cfg.get("trainer", "sft")), "CHECKS", {}))
+    method = (cfg.get("peft") or {}).get("method", "full") or "full"
+    rules["peft"] = peft.registry()[method].checks
+    return rules
+
+
+def problems(cfg: Any) -> list[str]:
+    """Every problem of a resolved config (empty when it is valid), one line each."""
+    out, non_finite = [], set()
+    for key, value in _walk(cfg):
+        if isinstance(value, float) and not math.isfinite(value):
+            non_finite.add(key)
+            out.append(f"{key}={value} is not a finite number; set --config.{key} to a "
+                       f"finite value{_default(key)}")
+    for section, rules in section_rules(cfg).items():
+        node = cfg.get(section)
+        if node is None:
+            continue
+        for name, rule in rules.items():
+            key = f"{section}.{name}"
+            if name not in node or key in non_finite:
+                continue
+            problem = rule_problem(node[name], rule)
+            if problem:
+                out.append(f"{key}={node[name]!r} {problem}; {_fix(key, rule)}")
+    out += _across_sections(cfg)
+    return out
+
+
+def _across_sections(cfg: Any) -> list[str]:
+    t, o = cfg.get("train"), cfg.get("optimizer")
+    out = []
+    if t is None:
+        return out
+    steps, batch, accum = t.get("steps"), t.get("batch_size"), t.get("accum_steps", 1)
+    ints = lambda *xs: all(isinstance(x, int) and not isinstance(x, bool) and x >= 1  # noqa: E731
+                           for x in xs)
+    if ints(batch, accum) and batch % accum:
+        lo, hi = batch // accum * accum, -(-batch // accum) * accum
+        out.append(f"train.batch_size={batch} is not divisible by train.accum_steps={accum} "
+                   f"(each step splits the batch into accum_steps micro-batches); set "
+                   f"--config.train.batch_size={hi}" + (f" (or {lo})" if lo else "")
+                   + " or change --config.train.accum_steps")
+    if o is not None and ints(steps):
+        warmup, schedule = o.get("warmup_steps", 0), o.get("schedule", "constant")
+        decays = schedule != "constant"
+        if isinstance(warmup, int) and (warmup >= steps if decays else warmup > steps):
+            need = "smaller than" if decays else "at most"
+            out.append(f"optimizer.warmup_steps={warmup} must be {need} train.steps={steps} "
+                       f"(the {schedule} schedule decays after the warmup); lower "
+                       f"--config.optimizer.warmup_steps or raise --config.train.steps")
+    return out
+
+
+def validate(cfg: Any) -> None:
+    """Refuses a config with any problem: one ValueError, one line, every problem named."""
+    found = problems(cfg)
+    if found:
+        raise ValueError("invalid config: " + " | ".join(found))
