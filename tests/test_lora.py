@@ -102,9 +102,21 @@ def test_lora_training_changes_only_adapters_and_resumes(tmp_path):
     from tests.test_train import _CrashAfter
     with pytest.raises(KeyboardInterrupt):
         _lora_train(c, tmp_path / "b", _CrashAfter(_loader(c), 4))
-    ckpt_bytes = sum(os.path.getsize(os.path.join(r, f))
-                     for r, _, fs in os.walk(tmp_path / "b" / "checkpoints") for f in fs)
-    assert ckpt_bytes < 4 * core.count(base) * 4  # far below base + adapters + Adam
+    # What orbax stored, read from its metadata: the LoRA factors, their two Adam moments and
+    # a few scalars (step, rng, Adam's count): nothing of the base. A checkpoint that also held
+    # the base (24,992 elements here, 6x the factors) or its Adam state could not pass.
+    import orbax.checkpoint as ocp
+    assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["3"]
+    stored = ocp.StandardCheckpointer().metadata(
+        tmp_path / "b" / "checkpoints" / "3" / "state").item_metadata
+    leaves = jax.tree_util.tree_leaves_with_path(stored)
+    n_stored = sum(int(np.prod(m.shape)) for _, m in leaves)
+    n_train = core.count(full.state.params)
+    assert 3 * n_train <= n_stored <= 3 * n_train + 16 < core.count(base)
+    assert sum(int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize for _, m in leaves) \
+        <= 3 * n_train * 4 + 64
+    assert {jax.tree_util.keystr(p[-1:]) for p, m in leaves if m.shape and len(p) > 2} \
+        == {"['a']", "['b']"}
     resumed = _lora_train(c, tmp_path / "b", _loader(c))
     assert resumed.resumed_from == 3
     ref = {h["step"]: h["loss"] for h in full.history}
