@@ -1,7 +1,7 @@
-"""Bottleneck-adapter fine-tuning (Houlsby et al. 2019 serial; He et al. 2022 parallel) on the
-built-in synthetic suite.
+"""Bottleneck-adapter fine-tuning (Houlsby et al. 2019 serial; He et al. 2022 parallel) of the
+quickstart base on the unseen task `dmy2iso` (`base=False`: over a random model).
 
-    python -m ftjax.main --config configs/adapter_sft.py:bottleneck=32,mode=parallel \
+    python -m ftjax.main --config configs/adapter_sft.py:bottleneck=32,mode=parallel \\
         --workdir workdirs/adapter
 
 Adapters are nonlinear and cannot be merged, so `export.hf_dir` must stay empty.
@@ -15,8 +15,9 @@ def get_config(arg=None):
     d = method_defaults("adapter")  # every setting, documented in ftjax/peft/adapters.py
     # This config's bottleneck is 16 (the method's default is 64).
     arg = common.parse_arg(arg, bottleneck=16, mode=d.mode, activation=d.activation,
-                           scale=d.scale, tasks="add+reverse", steps=300)
-    c = sft_config(common.pack_arg(tasks=arg.tasks, steps=arg.steps))
+                           scale=d.scale, base=True, tasks="dmy2iso", steps=150)
+    c = sft_config(common.pack_arg(tasks=arg.tasks, steps=arg.steps,
+                                   init="base" if arg.base else "scratch"))
     c.peft = d
     c.peft.update(dict(bottleneck=arg.bottleneck, mode=arg.mode, activation=arg.activation,
                        scale=arg.scale))

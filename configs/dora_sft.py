@@ -1,4 +1,5 @@
-"""DoRA fine-tuning on the built-in synthetic suite (or, with init_from=hf:DIR, a real model).
+"""DoRA fine-tuning of the quickstart base on the unseen task `dmy2iso` (or, with
+init_from=hf:DIR, of a real model; `base=False`: over a random model).
 
     python -m ftjax.main --config configs/dora_sft.py:rank=16 --workdir workdirs/dora
 
@@ -13,8 +14,9 @@ from ftjax.peft import method_defaults
 def get_config(arg=None):
     d = method_defaults("dora")  # every DoRA setting, documented in ftjax/peft/dora.py
     arg = common.parse_arg(arg, rank=d.rank, alpha=d.alpha, rslora=d.rslora, init=d.init,
-                           tasks="add+reverse", steps=300)
-    c = sft_config(common.pack_arg(tasks=arg.tasks, steps=arg.steps))
+                           base=True, tasks="dmy2iso", steps=150)
+    c = sft_config(common.pack_arg(tasks=arg.tasks, steps=arg.steps,
+                                   init="base" if arg.base else "scratch"))
     c.peft = d
     c.peft.update(dict(rank=arg.rank, alpha=arg.alpha, rslora=arg.rslora, init=arg.init))
     c.optimizer.learning_rate = 3e-3

@@ -1,5 +1,6 @@
-"""Half Fine-Tuning (HFT, Hui et al. 2024) on the built-in synthetic suite: full fine-tuning in
-which half of every block's matrices is frozen in each round, re-drawn every round.
+"""Half Fine-Tuning (HFT, Hui et al. 2024) of the quickstart base on the unseen task `dmy2iso`:
+full fine-tuning in which half of every block's matrices is frozen in each round, re-drawn every
+round (`base=False`: over a random model).
 
     python -m ftjax.main --config configs/hft_sft.py:rounds=3 --workdir workdirs/hft
     python -m ftjax.main --config configs/hft_sft.py:granularity=layer --workdir ...
@@ -16,9 +17,10 @@ from ftjax.peft import method_defaults
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, rounds=3, granularity="category", seed=0, tasks="add+reverse",
-                           steps=300)
-    c = sft_config(common.pack_arg(tasks=arg.tasks, steps=arg.steps))
+    arg = common.parse_arg(arg, rounds=3, granularity="category", seed=0, base=True,
+                           tasks="dmy2iso", steps=150)
+    c = sft_config(common.pack_arg(tasks=arg.tasks, steps=arg.steps,
+                                   init="base" if arg.base else "scratch"))
     c.peft = method_defaults("hft")  # every HFT setting, documented in ftjax/peft/hft.py
     c.peft.update(dict(
         seed=arg.seed,                              # the draw of each round is f(round, seed)

@@ -1,4 +1,5 @@
-"""IA3 fine-tuning: learned rescaling of keys, values and MLP activations.
+"""IA3 fine-tuning of the quickstart base on the unseen task `dmy2iso`: learned rescaling of
+keys, values and MLP activations (`base=False`: over a random model).
 
     python -m ftjax.main --config configs/ia3_sft.py --workdir workdirs/ia3
 
@@ -12,8 +13,10 @@ from ftjax.peft import method_defaults
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, tasks="add+reverse", steps=300, learning_rate=1e-2)
-    c = sft_config(common.pack_arg(tasks=arg.tasks, steps=arg.steps))
+    arg = common.parse_arg(arg, base=True, tasks="dmy2iso", steps=400,
+                           learning_rate=5e-2)
+    c = sft_config(common.pack_arg(tasks=arg.tasks, steps=arg.steps,
+                                   init="base" if arg.base else "scratch"))
     c.peft = method_defaults("ia3")  # every IA3 setting, documented in ftjax/peft/ia3.py
     c.optimizer.learning_rate = arg.learning_rate
     return c

@@ -1,4 +1,5 @@
-"""Partial fine-tuning by param groups: which params train, and how fast (big_vision style).
+"""Partial fine-tuning by param groups (which params train, and how fast; big_vision style) of
+the quickstart base on the unseen task `dmy2iso` (`base=False`: over a random model).
 
     python -m ftjax.main --config configs/partial_sft.py:part=head --workdir workdirs/head
     python -m ftjax.main --config configs/partial_sft.py:part=norms --workdir workdirs/norms
@@ -18,17 +19,18 @@ PARTS = ("head", "norms", "last", "loraplus")
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, part="last", n=2, ratio=16.0, tasks="add+reverse", steps=300)
+    arg = common.parse_arg(arg, part="last", n=2, ratio=16.0, base=True, tasks="dmy2iso",
+                           steps=150)
     if arg.part not in PARTS:
         raise ValueError(f"partial_sft: part={arg.part!r}; choose one of {PARTS}")
-    sub = common.pack_arg(tasks=arg.tasks, steps=arg.steps)
     if arg.part == "loraplus":
         # LoRA+ (Hayou et al. 2024): LoRA whose B factors train at `ratio` x the learning rate.
         from configs.lora_sft import get_config as lora_config
-        c = lora_config(sub)
+        c = lora_config(common.pack_arg(tasks=arg.tasks, steps=arg.steps, base=arg.base))
         c.optimizer.param_groups = param_groups.loraplus(arg.ratio)
         return c
-    c = sft_config(sub)
+    c = sft_config(common.pack_arg(tasks=arg.tasks, steps=arg.steps,
+                                   init="base" if arg.base else "scratch"))
     c.peft.train_patterns = (".*",)
     if arg.part == "head":       # a new task head on a frozen body
         groups = ((r"lm_head/.*", 1.0), (r".*", None))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 
 from ftjax import paths
@@ -22,7 +23,22 @@ __all__ = ["parse_cli", "help_text", "list_configs", "HelpRequested"]
 
 
 class HelpRequested(Exception):
-    """Raised by `parse_cli` for `-h`/`--help`; the entry point prints `help_text()`."""
+    """Raised by `parse_cli` for `-h`/`--help`; the entry point prints `help_text()` (or
+    `config_help(e.config)` when a --config was given too)."""
+
+    def __init__(self, config: str | None = None):
+        super().__init__(config)
+        self.config = config
+
+
+def _config_in(args: Sequence[str]) -> str | None:
+    """The value of a --config flag in `args`, if any (for `--config FILE --help`)."""
+    for i, a in enumerate(args):
+        if a.startswith("--config="):
+            return a[len("--config="):]
+        if a == "--config" and i + 1 < len(args) and not args[i + 1].startswith("-"):
+            return args[i + 1]
+    return None
 
 
 _SUPPORTED = ("--config FILE[.py[:ARG]]", "--workdir DIR", "--config.<key>=VALUE")
@@ -60,7 +76,7 @@ def parse_cli(
     while i < len(args):
         tok = args[i]
         if tok in ("-h", "--help", "-help", "--helpfull"):
-            raise HelpRequested()
+            raise HelpRequested(_config_in(args))
         if not tok.startswith("--"):
             raise ValueError(
                 f"unexpected argument {tok!r}; supported flags: {', '.join(supported)}"
@@ -88,17 +104,21 @@ def parse_cli(
     return config_spec, workdir, overrides, extra
 
 
-def _first_doc_line(path: str) -> str:
+def _docstring(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
-            doc = ast.get_docstring(ast.parse(f.read())) or ""
+            return (ast.get_docstring(ast.parse(f.read())) or "").strip()
     except (OSError, SyntaxError, UnicodeDecodeError):
         return ""
-    return doc.strip().splitlines()[0].strip() if doc.strip() else ""
+
+
+def _purpose(doc: str) -> str:
+    """A docstring's first paragraph (a config's purpose), on one line."""
+    return " ".join(doc.split("\n\n", 1)[0].split()) if doc else ""
 
 
 def list_configs() -> list[tuple[str, str]]:
-    """`[("configs/NAME.py", first docstring line), ...]` for the shipped experiment configs."""
+    """`[("configs/NAME.py", one-line purpose), ...]` for the shipped experiment configs."""
     try:
         cfg_dir = os.path.join(paths.root(), "configs")
     except FileNotFoundError:
@@ -106,12 +126,39 @@ def list_configs() -> list[tuple[str, str]]:
     out = []
     for name in sorted(os.listdir(cfg_dir)):
         if name.endswith(".py") and not name.startswith("_") and name != "common.py":
-            out.append((f"configs/{name}", _first_doc_line(os.path.join(cfg_dir, name))))
+            out.append((f"configs/{name}", _purpose(_docstring(os.path.join(cfg_dir, name)))))
     return out
 
 
+def _arguments_line(spec: str) -> str:
+    """`name:type=default ...` for a config file's typed arguments (or why they are unknown)."""
+    from ftjax import config_utils
+    try:
+        args = config_utils.config_arguments(spec)
+    except Exception as e:  # a broken config must not break --help
+        return f"(arguments unavailable: {type(e).__name__}: {e})"
+    return " ".join(f"{k}:{type(v).__name__}={v}" for k, v in args.items()) or "(no arguments)"
+
+
+def _wrap(text: str, indent: str, width: int = 100, initial: str | None = None) -> list[str]:
+    return textwrap.wrap(text, width=width, initial_indent=indent if initial is None else initial,
+                         subsequent_indent=indent, break_on_hyphens=False) or [indent.rstrip()]
+
+
+def config_help(spec: str) -> str:
+    """`--config FILE --help`: the config's whole docstring and its typed arguments."""
+    path = paths.resolve(spec.partition(":")[0])
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {spec!r} does not exist")
+    lines = [f"{spec.partition(':')[0]}", ""]
+    lines += ["  " + ln if ln else "" for ln in _docstring(path).splitlines()]
+    lines += ["", "typed arguments (--config FILE.py:name=value,name=value):"]
+    lines += _wrap(_arguments_line(spec), "  ")
+    return "\n".join(lines) + "\n"
+
+
 def help_text(prog: str = "ftjax") -> str:
-    """Usage, flags, override grammar and the shipped configs (one line each)."""
+    """Usage, flags, override grammar and the shipped configs (purpose and typed arguments)."""
     lines = [
         f"usage: {prog} --config configs/NAME.py[:ARG] --workdir DIR [--config.KEY=VALUE ...]",
         "",
@@ -126,19 +173,25 @@ def help_text(prog: str = "ftjax") -> str:
         "  --config.KEY=VALUE      override one field, typed by its current value, e.g.",
         "                          --config.optimizer.learning_rate=2e-4; unknown keys and",
         "                          wrong types are refused with the key named",
-        "  -h, --help              this text",
+        "  -h, --help              this text; with --config FILE, that config's full help",
         "",
-        "configs:",
+        "configs (purpose; then ': ' and the typed arguments as name:type=default):",
     ]
     configs = list_configs()
-    width = max((len(p) for p, _ in configs), default=0)
-    lines += [f"  {p.ljust(width)}  {doc}".rstrip() for p, doc in configs] or ["  (none found)"]
+    for p, doc in configs:
+        lines.append(f"  {p}")
+        lines += _wrap(doc, "      ")
+        lines += _wrap(_arguments_line(p), "      ", initial="    : ")
+    if not configs:
+        lines.append("  (none found)")
     return "\n".join(lines) + "\n"
 
 
-def print_help(file=None) -> None:
+def print_help(file=None, config: str | None = None) -> None:
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "ftjax"
-    (file or sys.stdout).write(help_text("python -m ftjax.main" if prog == "main.py" else prog))
+    text = (config_help(config) if config else
+            help_text("python -m ftjax.main" if prog == "main.py" else prog))
+    (file or sys.stdout).write(text)
 
 
 def run_main(main_fn) -> None:

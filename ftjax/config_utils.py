@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "parse_arg",
     "pack_arg",
+    "config_arguments",
     "load_config",
     "apply_overrides",
     "parse_value",
@@ -101,6 +102,21 @@ def _type_name(t: type) -> str:
 # Typed config-file arguments ("model=llama,rank=16").
 
 
+_ARG_RECORDER: list[list[dict[str, Any]]] = []  # open `config_arguments` calls
+
+
+def config_arguments(spec: str) -> dict[str, Any]:
+    """The typed arguments of a config file with their defaults (`{"rank": 8, ...}`): the
+    defaults of the first `parse_arg` call its `get_config()` makes ({} when it takes none)."""
+    calls: list[dict[str, Any]] = []
+    _ARG_RECORDER.append(calls)
+    try:
+        load_config(_split_spec(spec)[0])
+    finally:
+        _ARG_RECORDER.remove(calls)
+    return calls[0] if calls else {}
+
+
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     """Parses a config file's argument string into a ConfigDict typed by `defaults`.
 
@@ -110,6 +126,8 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     str; a default of None accepts any Python literal, falling back to the raw string.
     Keys not given keep their default. Unknown keys or unparsable values raise ValueError.
     """
+    for calls in _ARG_RECORDER:
+        calls.append(dict(defaults))
     result = ml_collections.ConfigDict(dict(defaults))
     if arg is None or not arg.strip():
         return result

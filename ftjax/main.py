@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     argv = sys.argv[1:] if argv is None else argv
     try:
         spec, workdir, overrides, _ = config_utils.parse_cli(argv)
-    except cli_lib.HelpRequested:
-        cli_lib.print_help()
+    except cli_lib.HelpRequested as e:
+        cli_lib.print_help(config=e.config)
         return None
     if not workdir:
         raise SystemExit("--workdir is required: the directory for checkpoints, metrics and results")

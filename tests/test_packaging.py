@@ -50,10 +50,28 @@ def test_help_lists_the_configs(capsys):
     out = capsys.readouterr().out
     assert "--workdir" in out and "--config.KEY=VALUE" in out
     assert "configs/quickstart.py" in out and "configs/lora_sft.py" in out
-    assert "configs/common.py" not in out  # a helper, not an experiment
+    assert "\n  configs/common.py\n" not in out  # a helper, not an experiment
     assert [p for p, _ in cli.list_configs()] == sorted(
         f"configs/{p.name}" for p in (ROOT / "configs").glob("*.py")
         if not p.name.startswith("_") and p.name != "common.py")
+    # Each config's whole purpose paragraph and its typed arguments with types and defaults.
+    flat = " ".join(out.split())
+    assert ("Bottleneck-adapter fine-tuning (Houlsby et al. 2019 serial; He et al. 2022 "
+            "parallel) of the quickstart base" in flat)
+    assert "rank:int=8 alpha:float=16.0 rslora:bool=False" in flat
+    assert "task:str=dmy2iso steps:int=150" in flat  # configs/quickstart.py
+    for path, purpose in cli.list_configs():
+        assert purpose, f"{path} has no docstring purpose"
+        assert "arguments unavailable" not in cli._arguments_line(path), path
+
+
+def test_help_for_one_config(capsys):
+    assert ftmain.main(["--config", "configs/lora_sft.py", "--help"]) is None
+    out = capsys.readouterr().out
+    assert out.startswith("configs/lora_sft.py") and "base=False" in out  # the docstring
+    assert "typed arguments" in out and "loraplus_ratio:float=0.0" in out
+    assert config_utils.config_arguments("configs/sft_synthetic.py") == dict(
+        tasks="add+reverse", steps=300, family="llama", init="scratch")
 
 
 def test_cli_from_another_directory_help_and_one_line_errors(tmp_path):

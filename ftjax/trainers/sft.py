@@ -79,6 +79,10 @@ def run(cfg: Any, workdir: str) -> dict:
     batches, evals, score, info = file_data(r) if uses_files(cfg) else synthetic_data(r)
     loss_fn = sft_loss(r.model_cfg, float(cfg.train.z_loss), r.method.apply_fn,
                        r.method.bind_rng)
+    before = None
+    if score is not None and bool(cfg.data.get("eval_before", False)):
+        # Held-out exact match of the starting model, so the run shows what it learned.
+        before = score(gather(r.starting_params()))["exact_match"]
     try:
         result = r.train(loss_fn, batches, eval_batches=evals)
     finally:
@@ -88,10 +92,12 @@ def run(cfg: Any, workdir: str) -> dict:
     if score is not None:
         em = score(gather(result.params))
         if not uses_files(cfg):
-            print(f"held-out exact match: {em['exact_match']:.3f} over {em['n']} examples")
+            print("held-out exact match: " + (f"{before:.3f} -> " if before is not None else "")
+                  + f"{em['exact_match']:.3f} over {em['n']} examples")
     summary = {"exported_hf_dir": r.export_hf(result.params),
                "final_loss": result.history[-1]["loss"] if result.history else None,
-               "evals": result.evals, "exact_match": em["exact_match"], "n_test": em["n"],
+               "evals": result.evals, "exact_match": em["exact_match"],
+               "exact_match_before": before, "n_test": em["n"],
                "wall_s": result.wall_s, "stopped_early": result.stopped_early,
                "resumed_from": result.resumed_from, **info()}
     r.write_summary(summary)
