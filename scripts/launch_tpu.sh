@@ -5,8 +5,9 @@
 #   scripts/launch_tpu.sh TPU_NAME ZONE CONFIG WORKDIR [OVERRIDE ...]
 #
 # Example:
-#   scripts/launch_tpu.sh my-v5p-64 us-east5-a configs/lora_sft.py:model=llama,rank=16 \
-#       gs://my-bucket/runs/lora-llama-r16 --config.optimizer.learning_rate=2e-4
+#   scripts/launch_tpu.sh my-v5p-64 us-east5-a configs/lora_sft.py:rank=16 \
+#       gs://my-bucket/runs/lora-llama-r16 --config.model.init_from=hf:/mnt/models/llama \
+#       --config.optimizer.learning_rate=2e-4
 #
 # What it does, on all workers at once (gcloud ... ssh --worker=all):
 #   1. copies this checkout (tracked + untracked, not ignored files) to ~/$REMOTE_DIR,
