@@ -152,6 +152,10 @@ def test_a_truncated_params_file_is_named_before_anything_runs(tmp_path, capsys)
     err = one_line_error(code, err)
     assert (f"{cut}: truncated: its header says the file holds {len(data):,} bytes, it has "
             f"{len(data) // 2:,}; re-download it") in err
+    # The quickstart's base file too, before it is read for its metadata.
+    code, _, err = run_cli(capsys, "--config", "configs/quickstart.py", "--workdir",
+                           tmp_path / "wd", f"--config.base.path={cut}")
+    assert f"{cut}: truncated" in one_line_error(code, err)
     assert not (tmp_path / "wd").exists()
 
 

@@ -35,7 +35,18 @@ def model_configs(cfg: Any) -> tuple[ModelConfig, ModelConfig]:
 
 def check_weights(cfg: Any, dense: ModelConfig) -> None:
     """The headers of `model.init_from` (an ftjax params file or `hf:DIR`) against `dense`:
-    readable, the file's full size, every tensor present with its shape. Reads no tensor."""
+    readable, the file's full size, every tensor present with its shape. Reads no tensor.
+    The quickstart trainers' `base.path` (a params file) is checked against its own config:
+    whether it fits the model section is the trainer's to say."""
+    base = cfg.get("base")
+    base_path = (base.get("path", "") or "") if hasattr(base, "get") else ""
+    if base_path and not base.get("force_pretrain", False):
+        try:
+            base_path = run_lib.resolve_path(base_path, "base.path")
+        except FileNotFoundError:
+            base_path = ""  # the trainer says how to get one
+        if base_path and "://" not in base_path:
+            load_params(base_path, check_only=True)
     src = cfg.model.get("init_from", "") or ""
     if not src:
         return
