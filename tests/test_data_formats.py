@@ -211,7 +211,7 @@ def _build(d, *, chat_template, bos: bool) -> str:
 
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     from ftjax.data.hf_tokenizer import HFTokenizer
 
     root = tmp_path_factory.mktemp("tiny_tok")

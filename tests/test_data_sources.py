@@ -67,8 +67,8 @@ def test_csv_quoted_newlines_and_row_origins(tmp_path, dd):
 
 
 def test_parquet_rows(tmp_path, dd):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     p = str(tmp_path / "d.parquet")
     table = pa.table({"prompt": ["a", "b", "c"], "score": [1.5, 2.0, float("nan")],
                       "messages": [[{"role": "user", "content": "hi"}], [], None]})
@@ -140,7 +140,7 @@ def test_prepared_once_then_reused_and_rebuilt_on_change(tmp_path, dd, capfd):
 
 
 def test_source_is_grain_and_pickle_compatible(tmp_path, dd):
-    grain = pytest.importorskip("grain")
+    import grain
     p = _write(tmp_path / "a.jsonl", "".join(json.dumps({"i": i}) + "\n" for i in range(10)))
     src = open_source(p, data_dir=dd, field_map={"n": "i"})
     ds = grain.MapDataset.source(src).map(lambda r: r["n"] * 10)
@@ -259,7 +259,7 @@ def test_records_flow_into_to_canonical_with_origins(tmp_path, dd):
 
 
 def test_tfds_catalog_by_name_with_mock_data(tmp_path):
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds
     with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
         src = open_source("tfds:imdb_reviews/plain_text:test", data_dir=str(tmp_path),
                           field_map={"review": "text"})

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-tf = pytest.importorskip("transformers")
+import torch
+import transformers as tf
 from safetensors.numpy import load_file, save_file  # noqa: E402
 from safetensors.torch import load_file as torch_load_file  # noqa: E402
 from safetensors.torch import save_file as torch_save_file  # noqa: E402

@@ -16,9 +16,9 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-tf = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+import torch
+import transformers as tf
+import peft
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from ftjax.io import hf  # noqa: E402
@@ -304,7 +304,7 @@ def test_pissa_adapter_exports_as_plain_lora(base_dir, tmp_path):
 
 
 def test_dora_both_ways(base_dir, tmp_path):
-    dora = pytest.importorskip("ftjax.peft.dora")
+    import ftjax.peft.dora as dora
     path, cfg, base = base_dir("llama")
     ids, mask, pos = _batch()
     base_logits = _logits(base, cfg)
@@ -345,7 +345,7 @@ def test_dora_both_ways(base_dir, tmp_path):
 
 
 def test_ia3_both_ways(base_dir, tmp_path):
-    ia3 = pytest.importorskip("ftjax.peft.ia3")
+    import ftjax.peft.ia3 as ia3
     path, cfg, base = base_dir("llama")
     ids, mask, pos = _batch()
     base_logits = _logits(base, cfg)

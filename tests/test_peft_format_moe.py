@@ -13,9 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-tf = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+import torch
+import transformers as tf
+import peft
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from ftjax.io import hf  # noqa: E402
