@@ -33,7 +33,10 @@ def test_prepare_counts_cleans_splits_and_caches(tmp_path, capsys):
     rep = json.load(open(tmp_path / "data_report.json"))
     text = open(tmp_path / "data_report.txt").read()
     assert "exact_duplicate: 18" in text and "386" in text
-    assert rep and "WARNING" in capsys.readouterr().out  # < 1000 training examples
+    out = capsys.readouterr().out
+    assert rep and "WARNING" in out  # < 1000 training examples
+    # The local file is built into ArrayRecord, and the run says so (not TFDS' "Downloading").
+    assert "data: building the ArrayRecord cache of " in out and "ownload" not in out
     # PII is masked in what the loader reads; the 4 e-mail rows collapse to 1 after masking.
     users = [p.splits[s][i]["messages"][0]["content"] for s in p.splits
              for i in range(len(p.splits[s]))]
@@ -44,7 +47,8 @@ def test_prepare_counts_cleans_splits_and_caches(tmp_path, capsys):
     assert len(refs) == len(set(refs)) == 482
     # A second prepare (a resumed run) reuses the cached splits exactly.
     again = prepare(data_cfg(sample("instruction.jsonl")), TOK, str(tmp_path), seq_len=48)
-    assert "reusing the prepared splits" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "reusing the prepared splits" in out and "data: reusing the ArrayRecord cache" in out
     for k in p.splits:
         np.testing.assert_array_equal(again.splits[k].refs, p.splits[k].refs)
     # Other options -> a new fingerprint -> prepared again.
