@@ -80,6 +80,9 @@ def test_every_shipped_config_passes_validation_and_preflight():
     (["--config.peft.method=lora", "--config.peft.dropout=1.5"],
      "peft.dropout=1.5 must be in [0, 1)"),
     (["--config.optimizer.name=adamx"], "optimizer.name='adamx' must be one of"),
+    (["--config.data.splits.ratios=(0.9, 0.2)"], "data.splits.ratios=(0.9, 0.2) must be "
+                                                  "positive and sum to 1"),
+    (["--config.data.pack_window=0"], "data.pack_window=0 must be >= 1"),
 ])
 def test_impossible_settings_are_refused_before_anything_runs(tmp_path, capsys, overrides,
                                                               named):

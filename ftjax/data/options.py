@@ -9,6 +9,18 @@ from ftjax.data.errors import DataError
 KINDS = ("sft", "text", "preference", "unpaired", "classification")
 PACKING = ("best_fit", "first_fit", "none")
 SPLIT_NAMES = {1: ("train",), 2: ("train", "validation"), 3: ("train", "validation", "test")}
+# The `data` section's rules, refused before a run builds anything (`trainers/_validate.py`;
+# a key is checked where a config has it): the file pipeline's knobs (configs/common.py:
+# data_file) and the synthetic suite's. Across keys it also checks splits.ratios (positive,
+# summing to 1) and splits.kfold / splits.fold.
+CHECKS = {
+    "max_len": ">= 0", "pack_window": ">= 1", "num_workers": ">= 0", "read_threads": ">= 1",
+    "min_train_examples": ">= 0", "splits.kfold": ">= 0", "splits.fold": ">= 0",
+    "imbalance.mixture_examples": ">= 0", "pack_overflow": ("truncate", "drop", "error"),
+    "text_unit": ("line", "paragraph", "file"), "on_error": ("raise", "skip"),
+    "test_frac": "in (0, 1)", "n_per_task": ">= 1", "n_examples": ">= 1",
+    "eval_examples": ">= 0", "max_new_tokens": ">= 1",
+}
 
 
 # --------------------------------------------------------------------------------------------

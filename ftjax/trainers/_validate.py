@@ -72,12 +72,26 @@ def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 def section_rules(cfg: Any) -> dict[str, Mapping[str, Any]]:
     """{section: {key: rule}} that apply to this config (engine, trainer, PEFT method)."""
     from ftjax import peft, trainers
+    from ftjax.data import options
     from ftjax.train import loop, optim
-    rules: dict[str, Mapping[str, Any]] = {"train": loop.CHECKS, "optimizer": optim.CHECKS}
+    rules: dict[str, Mapping[str, Any]] = {"train": loop.CHECKS, "optimizer": optim.CHECKS,
+                                           "data": options.CHECKS}
     rules.update(getattr(trainers.get(cfg.get("trainer", "sft")), "CHECKS", {}))
     method = (cfg.get("peft") or {}).get("method", "full") or "full"
     rules["peft"] = peft.registry()[method].checks
     return rules
+
+
+_MISSING = object()
+
+
+def _get(node: Any, dotted: str) -> Any:
+    """`node.a.b` for "a.b", or _MISSING where the config has no such key."""
+    for name in dotted.split("."):
+        if not hasattr(node, "get") or name not in node:
+            return _MISSING
+        node = node[name]
+    return node
 
 
 def problems(cfg: Any) -> list[str]:
@@ -94,18 +108,39 @@ def problems(cfg: Any) -> list[str]:
             continue
         for name, rule in rules.items():
             key = f"{section}.{name}"
-            if name not in node or key in non_finite:
+            value = _get(node, name)
+            if value is _MISSING or key in non_finite:
                 continue
-            problem = rule_problem(node[name], rule)
+            problem = rule_problem(value, rule)
             if problem:
-                out.append(f"{key}={node[name]!r} {problem}; {_fix(key, rule)}")
+                out.append(f"{key}={value!r} {problem}; {_fix(key, rule)}")
     out += _across_sections(cfg)
+    return out
+
+
+def _data_splits(cfg: Any) -> list[str]:
+    """splits.ratios (positive, summing to 1) and a fold of a k-fold split."""
+    out = []
+    ratios, kfold, fold = (_get(cfg, f"data.splits.{k}") for k in ("ratios", "kfold", "fold"))
+    if isinstance(kfold, int) and kfold:
+        if kfold == 1:
+            out.append(f"data.splits.kfold={kfold} must be 0 (off) or >= 2; set "
+                       "--config.data.splits.kfold to 0 or the number of folds")
+        elif kfold > 1 and isinstance(fold, int) and not 0 <= fold < kfold:
+            out.append(f"data.splits.fold={fold} must be in 0..{kfold - 1} for kfold={kfold}; "
+                       "set --config.data.splits.fold to one of them")
+    elif isinstance(ratios, (list, tuple)) and ratios and all(
+            isinstance(r, (int, float)) and math.isfinite(r) for r in ratios):
+        if any(r <= 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6:
+            out.append(f"data.splits.ratios={tuple(ratios)} must be positive and sum to 1 (they "
+                       f"sum to {sum(ratios):g}); set --config.data.splits.ratios, e.g. "
+                       "'(0.8, 0.2)' (train, validation) or '(0.8, 0.1, 0.1)' (and test)")
     return out
 
 
 def _across_sections(cfg: Any) -> list[str]:
     t, o = cfg.get("train"), cfg.get("optimizer")
-    out = []
+    out = _data_splits(cfg)
     if t is None:
         return out
     steps, batch, accum = t.get("steps"), t.get("batch_size"), t.get("accum_steps", 1)
