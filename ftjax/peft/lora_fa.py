@@ -97,4 +97,5 @@ def method(s, *, apply_fn=None, tokenizer=None) -> Method:
                   train_patterns=tuple(s.train_patterns))
 
 
-register("lora_fa", DEFAULTS, method, {k: v for k, v in lora.CHECKS.items() if k in DEFAULTS})
+register("lora_fa", DEFAULTS, method, {**{k: v for k, v in lora.CHECKS.items() if k in DEFAULTS},
+                                       "init": ("default", "gaussian")})

@@ -89,6 +89,7 @@ DEFAULTS = dict(
     seed=0,                    # the shared A, B are a function of (seed, shapes)
     train_patterns=(),
 )
+CHECKS = dict(rank=">= 1")     # refused before a run builds anything
 
 
 def method(s, *, apply_fn=None, tokenizer=None) -> Method:
@@ -99,4 +100,4 @@ def method(s, *, apply_fn=None, tokenizer=None) -> Method:
     return Method(name="vera", transform=transform, train_patterns=tuple(s.train_patterns))
 
 
-register("vera", DEFAULTS, method, dict(rank=">= 1"))
+register("vera", DEFAULTS, method, CHECKS)
