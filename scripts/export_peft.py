@@ -17,9 +17,20 @@ path_initial_model_for_weight_conversion does), and plain leaves that trained to
 `peft.train_patterns=("lm_head/.*",)`) are written as PEFT `modules_to_save`. --format
 merged works for every method that only transforms weights (no prompt/prefix tuning).
 
-Options: --base-model NAME (adapter_config.json's base_model_name_or_path; default the
-init_from directory), --tokenizer DIR (copy tokenizer files; default the init_from
-directory), --step, --dtype and --shard-size-mb (merged only).
+Every exported directory is complete: weights and config (or the adapter), the tokenizer
+files (the init_from directory's, else the built-in character tokenizer's; --tokenizer DIR
+to copy others) and the chat template the run trained with (`chat_template.jinja`), so
+transformers' AutoTokenizer / AutoModelForCausalLM and scripts/generate.py load it. For
+--format peft the adapter's base_model_name_or_path names a base that exists: the init_from
+directory (model.init_from=hf:DIR), else the rebuilt base written as a Hugging Face directory
+to --base-out (default OUT/base; an ftjax params file or a seeded random init has no other
+form transformers can load). --base-model NAME records NAME instead and writes no base.
+
+The base is checked before anything is written: the fingerprint of the base weights recorded
+with the checkpoint (`ftjax.io.fingerprint`) must match the rebuilt one, so a base file that
+changed or was replaced since training is refused instead of silently giving another model.
+A workdir without checkpoints of its own is searched for its one sub-run that has them (the
+quickstart's `finetune/`). Other options: --step, --dtype and --shard-size-mb (merged only).
 See docs/peft_format.md.
 """
 from __future__ import annotations
@@ -38,12 +49,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n", 1)[1])
     p.add_argument("--workdir", required=True, help="ftjax training workdir (config.json + "
-                   "checkpoints/)")
+                   "checkpoints/, or a quickstart workdir with finetune/)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--format", choices=("peft", "merged"), default="peft")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--base-model", default=None,
-                   help="base_model_name_or_path to record (default: the init_from directory)")
+                   help="base_model_name_or_path to record (default: the init_from directory, "
+                        "else the base written to --base-out)")
+    p.add_argument("--base-out", default=None,
+                   help="--format peft: where to write the rebuilt base when it is not a "
+                        "Hugging Face directory already (default: OUT/base)")
     p.add_argument("--tokenizer", default=None, help="directory to copy tokenizer files from")
     p.add_argument("--dtype", default=None, help="merged storage dtype (float32, bfloat16, "
                    "float16; default the run's param_dtype)")
@@ -64,7 +79,8 @@ def restore_peft_run(workdir: str, step: Optional[int] = None):
 
     The params carry the method's structured weights (LoRAWeight, DoRAWeight, ...); the
     initial ones are the transform's output before training (with the run's key), the base
-    ones the untransformed model; paths lists the leaves read from the checkpoint.
+    ones the untransformed model; paths lists the leaves read from the checkpoint. When
+    frozen leaves come from the rebuilt base, its fingerprint must match the checkpoint's.
     """
     import jax
     import numpy as np
@@ -105,30 +121,58 @@ def restore_peft_run(workdir: str, step: Optional[int] = None):
     if problems:
         raise ValueError(f"checkpoint step {step} of {workdir!r} does not match the params "
                          f"rebuilt from its config ({method.name}): " + "; ".join(problems))
+    if len(used) < len(leaves):  # frozen leaves come from the rebuilt base: is it the same?
+        check_base(workdir, step, run_cfg, base)
     trained = jax.tree_util.tree_unflatten(treedef, new)
     return model_cfg, trained, initial, base, run_cfg, step, sorted(used)
 
 
+def check_base(workdir: str, step: int, run_cfg: Any, base: Any) -> None:
+    """Refuses when the rebuilt base differs from the one checkpoint `step` trained on (its
+    recorded fingerprint); says so when the checkpoint predates fingerprints."""
+    from ftjax.io import fingerprint
+    from ftjax.io.restore import read_checkpoint_data
+    from ftjax.train.run import base_source
+    saved = read_checkpoint_data(workdir, step).get("_base")
+    if saved is None:
+        print(f"warning: checkpoint step {step} of {workdir} records no base fingerprint (written "
+              "by an older ftjax), so the rebuilt base cannot be checked against the one it "
+              "trained on", file=sys.stderr)
+        return
+    fingerprint.check(saved, fingerprint.fingerprint(base),
+                      f"the base rebuilt from {base_source(run_cfg)} for {workdir} step {step}")
+
+
 def main(argv=None) -> str:
     args = parse_args(argv)
-    from ftjax.io import hf, peft_format
+    from ftjax.io import peft_format
     from ftjax.io.params_file import flatten
+    from ftjax.io.restore import find_run
+    from ftjax.models import upcycle
     from ftjax.peft.core import is_structured, merge
+    from ftjax.train.export import save_model, trained_template, write_tokenizer
+    from ftjax.train.run import base_source, tokenizer_for
 
-    model_cfg, trained, initial, base, run_cfg, step, used = restore_peft_run(
-        args.workdir, args.step)
+    workdir, note = find_run(args.workdir)
+    if note:
+        print(note)
+    model_cfg, trained, initial, base, run_cfg, step, used = restore_peft_run(workdir, args.step)
+    tok = tokenizer_for(run_cfg)
+    template_name, template = trained_template(run_cfg, tok)
     src = run_cfg.model.get("init_from", "") or ""
-    src_dir = os.path.abspath(src[len("hf:"):]) if src.startswith("hf:") else None
-    tokenizer = args.tokenizer or src_dir
-    what = f"{args.workdir} step {step}"
+    # The init_from directory is the adapter's base unless the run changed it (upcycling).
+    src_dir = (os.path.abspath(src[len("hf:"):]) if src.startswith("hf:")
+               and not upcycle.enabled(run_cfg.model.get("upcycle")) else None)
+    what = f"{workdir} step {step}"
+    extras = f"tokenizer files and chat template {template_name!r}"
 
     if args.format == "merged":
         import jax
-        files = hf.save_pretrained(args.out, model_cfg, jax.device_get(merge(trained)),
-                                   shard_size_mb=args.shard_size_mb, dtype=args.dtype,
-                                   tokenizer_dir=tokenizer or None)
-        print(f"wrote merged {model_cfg.family} model to {args.out} ({', '.join(files)}) "
-              f"from {what}")
+        files = save_model(args.out, model_cfg, jax.device_get(merge(trained)), tok, template,
+                           tokenizer_dir=args.tokenizer, shard_size_mb=args.shard_size_mb,
+                           dtype=args.dtype)
+        print(f"wrote merged {model_cfg.family} model to {args.out} ({', '.join(files)}; "
+              f"{extras}) from {what}")
         return args.out
 
     # Plain leaves that trained in full (peft.train_patterns) go to PEFT's modules_to_save.
@@ -138,13 +182,18 @@ def main(argv=None) -> str:
     params = trained
     if pcfg.get("init", "default") == "pissa":
         params = peft_format.residual_to_standard(trained, initial, base)
+    base_ref = args.base_model if args.base_model is not None else src_dir
+    if base_ref is None:  # an ftjax params file or a random init: written where PEFT loads it
+        base_out = base_ref = os.path.abspath(args.base_out or os.path.join(args.out, "base"))
+        save_model(base_out, model_cfg, base, tok, template, tokenizer_dir=args.tokenizer)
+        print(f"wrote the base ({base_source(run_cfg)}) as a Hugging Face directory to "
+              f"{base_out}")
     files = peft_format.save_peft_adapter(
-        args.out, model_cfg, params,
-        base_model_name_or_path=args.base_model if args.base_model is not None else (src_dir or ""),
+        args.out, model_cfg, params, base_model_name_or_path=base_ref,
         use_rslora=bool(pcfg.get("rslora", False)) or None, modules_to_save=plain_trained)
-    if tokenizer:
-        files += hf.copy_tokenizer_files(tokenizer, args.out)
-    print(f"wrote PEFT adapter to {args.out} ({', '.join(files)}) from {what}")
+    files += write_tokenizer(args.out, tok, template, args.tokenizer)
+    print(f"wrote PEFT adapter to {args.out} ({', '.join(files)}; {extras}) from {what}; "
+          f"its base: {base_ref}")
     return args.out
 
 

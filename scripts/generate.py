@@ -6,13 +6,17 @@
         --prompt "Once upon a time" --temperature 0.8 --top-p 0.95 --seed 1
 
 --model is either a Hugging Face directory (config.json + *.safetensors + tokenizer files,
-loaded with `ftjax.io.hf.load_pretrained`) or an ftjax `.safetensors` params file (written by
-`ftjax.io.params_file.save_params`), which uses the built-in CharTokenizer unless --tokenizer
-names an HF tokenizer directory.
+loaded with `ftjax.io.hf.load_pretrained`; every ftjax export is one) or an ftjax
+`.safetensors` params file (written by `ftjax.io.params_file.save_params`), which uses the
+built-in CharTokenizer unless --tokenizer names an HF tokenizer directory.
 
 Prompt formats:
-  --chat TEXT    a user message (after --system, if given) rendered by the tokenizer's chat
-                 template with the generation prompt (CharTokenizer: the built-in alpaca one).
+  --chat TEXT    a user message (after --system, if given) rendered with the generation prompt
+                 by the chat template the model was trained with: the directory's
+                 chat_template.jinja (ftjax exports write the run's template there), the
+                 template recorded in a params file's metadata, or for a params file without
+                 one the synthetic tasks' layout "plain" (`[bos] TEXT "\\n"`). --template
+                 overrides it, with a warning on stderr when it differs from the recorded one.
   --prompt TEXT  raw text. HF tokenizers encode it with their special tokens (bos, as
                  `tokenizer(text)` does); CharTokenizer uses the synthetic-suite format
                  `[bos] prompt "\\n"` (`generate_text`).
@@ -48,7 +52,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--system", default=None, help="system message for --chat prompts")
     p.add_argument("--template", default=None,
                    help="chat template: a name of the tokenizer's templates, a built-in "
-                        "(chatml, llama3, alpaca) or Jinja source (default: the tokenizer's)")
+                        "(plain, chatml, llama3, alpaca) or Jinja source (default: the one the "
+                        "model was trained with)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -88,6 +93,38 @@ def load_model_and_tokenizer(model: str, tokenizer: Optional[str] = None,
                          f"{cfg.vocab_size} embeddings; use the tokenizer the model was "
                          "trained with (--tokenizer)")
     return cfg, params, tok
+
+
+def recorded_template(model: str, tok, tokenizer: Optional[str] = None) \
+        -> Optional[tuple[str, str]]:
+    """(where, Jinja source) of the chat template the model was trained with, or None when
+    nothing says: a directory's (or --tokenizer directory's) default template; a params file's
+    `chat_template` metadata; "plain" for a params file with neither (the layout of ftjax's
+    character-tokenizer models, the quickstart base among them)."""
+    from ftjax.data.chat import BUILTIN_TEMPLATES
+    if os.path.isdir(model) or tokenizer:
+        own = getattr(tok, "chat_template", None)
+        return (f"the chat template of {tokenizer or model}", own) if own else None
+    from ftjax.io.files import read_metadata
+    rec = read_metadata(model).get("chat_template")
+    if isinstance(rec, dict) and rec.get("source"):
+        return f"template {rec.get('name')!r} recorded in {model}", rec["source"]
+    return "the synthetic tasks' layout 'plain'", BUILTIN_TEMPLATES["plain"]
+
+
+def chat_template_for(args, tok) -> Optional[str]:
+    """The template --chat renders with: --template, else the recorded one; warns on stderr
+    when --template differs from what the model was trained with."""
+    from ftjax.data.chat import resolve_template
+    recorded = recorded_template(args.model, tok, args.tokenizer)
+    if args.template is None:
+        return None if recorded is None else recorded[1]
+    chosen = resolve_template(tok, args.template)
+    if recorded is not None and chosen != recorded[1]:
+        print(f"generate.py: warning: --template {args.template[:40]!r} is not the template the "
+              f"model was trained with ({recorded[0]}); its answers may be garbage: leave "
+              "--template out to use that one", file=sys.stderr)
+    return chosen
 
 
 def _eos_ids(tok) -> list[int]:
@@ -133,8 +170,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[str]:
     if args.chat:
         shown = args.chat
         system = [{"role": "system", "content": args.system}] if args.system else []
+        template = chat_template_for(args, tok)
         prompts = [apply_chat_template(tok, system + [{"role": "user", "content": c}],
-                                       add_generation_prompt=True, template=args.template)
+                                       add_generation_prompt=True, template=template)
                    for c in args.chat]
     elif isinstance(tok, HFTokenizer):
         shown = args.prompt

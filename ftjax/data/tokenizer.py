@@ -98,5 +98,46 @@ class CharTokenizer:
                 )
         return "".join(chars)
 
+    def save_pretrained(self, path: str) -> list[str]:
+        """Writes this tokenizer as Hugging Face tokenizer files (`tokenizer.json`,
+        `tokenizer_config.json`, `special_tokens_map.json`) into the directory `path`.
+
+        `tokenizer.json` is a `tokenizers` WordLevel model over the 99 ids above, a pre-tokenizer
+        that splits every character, a decoder that concatenates, and `<pad>`/`<bos>`/`<eos>` as
+        special tokens (ids 0/1/2); the post-processor prepends `<bos>` when special tokens are
+        added (`tokenizer(text)`), as the synthetic layout starts every sequence with bos.
+        `transformers.AutoTokenizer` and `HFTokenizer.from_dir` then encode text without
+        special tokens to exactly `encode(text)`; a character outside the set is an error
+        there too ("Missing [UNK] token"). Returns the file names written.
+        """
+        import json
+        import os
+        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+        from tokenizers import Tokenizer as Backend
+        specials = {"<pad>": self.pad_id, "<bos>": self.bos_id, "<eos>": self.eos_id}
+        vocab = dict(specials)
+        vocab.update({chr(c): c - _FIRST_PRINTABLE + _PRINTABLE_OFFSET
+                      for c in range(_FIRST_PRINTABLE, _LAST_PRINTABLE + 1)})
+        vocab["\n"] = _NEWLINE_ID
+        backend = Backend(models.WordLevel(vocab, unk_token="<unk>"))  # <unk>: not in vocab
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+        backend.decoder = decoders.Fuse()
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                    for t in specials])
+        backend.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", self.bos_id)])
+        os.makedirs(path, exist_ok=True)
+        backend.save(os.path.join(path, "tokenizer.json"))
+        named = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **named,
+                  "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids",
+                                                                              "attention_mask"],
+                  "ftjax_tokenizer": "CharTokenizer"}
+        for name, data in (("tokenizer_config.json", config), ("special_tokens_map.json", named)):
+            with open(os.path.join(path, name), "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=2)
+                f.write("\n")
+        return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
     def __repr__(self) -> str:
         return f"CharTokenizer(vocab_size={self.vocab_size})"

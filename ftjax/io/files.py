@@ -1,4 +1,5 @@
-"""Small file helpers shared by the checkpoint formats: atomic JSON and safetensors writes."""
+"""Small file helpers shared by the checkpoint formats: atomic JSON and safetensors writes,
+safetensors metadata."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import re
 
 import numpy as np
 
-__all__ = ["write_json", "save_safetensors", "natural_key"]
+__all__ = ["write_json", "save_safetensors", "read_metadata", "natural_key"]
 
 
 def write_json(path: str, data: dict) -> None:
@@ -26,6 +27,23 @@ def save_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata={"format": "pt"})
     os.replace(tmp, path)
+
+
+def read_metadata(path: str) -> dict:
+    """The metadata of a safetensors file, JSON values decoded. For ftjax params files:
+    `ftjax_model_config` and what the writer passed to `save_params`, e.g. `chat_template`
+    ({"name", "source"}: the layout a run trained in) or `source` (the Hugging Face directory
+    a file was converted from)."""
+    from safetensors import safe_open
+    with safe_open(path, framework="numpy") as f:
+        meta = f.metadata() or {}
+    out = {}
+    for k, v in meta.items():
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
 
 
 def natural_key(s: str):

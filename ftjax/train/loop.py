@@ -21,12 +21,13 @@ import numpy as np
 
 from ftjax import models, monitor, sharding
 from ftjax.peft import core as peft_core
+from ftjax.io import fingerprint as base_fingerprint
 from ftjax.io.checkpoint import Checkpointer, abstract_with_shardings
 from ftjax.models.config import ModelConfig
 from ftjax.train import optim, param_groups
 from ftjax.train.batches import draw
 from ftjax.train.placement import Placement
-from ftjax.train.run import Run, host_params, is_host, transform_key  # noqa: F401 (host_params, Placement: re-exported)
+from ftjax.train.run import Run, base_source, host_params, is_host, transform_key  # noqa: F401 (host_params, Placement: re-exported)
 from ftjax.train.state import TrainState, create_state
 from ftjax.train.step import LossFn, jit_train_step, make_eval_step, make_train_step
 
@@ -132,21 +133,41 @@ def evaluate(eval_fn, params, placement: Placement, batches: Sequence[dict]) -> 
     return out
 
 
-def place_initial_params(run: Run) -> Any:
+def place_initial_params(run: Run, with_fingerprint: bool = False) -> Any:
     """The run's starting params, transformed and placed with the param shardings: under jit
-    for a pure init function, by `device_put` (shard by shard) for loaded host arrays."""
+    for a pure init function, by `device_put` (shard by shard) for loaded host arrays.
+
+    with_fingerprint: also return the fingerprint of the base (the untransformed starting
+    params, `ftjax.io.fingerprint`), computed on the placed arrays in the same jit as the
+    transform: `(params, fingerprint)`.
+    """
     placement, transform = run.placement, run.transform
     tkey = transform_key(run.seed)
+    sums = base_fingerprint.summaries if with_fingerprint else (lambda base: None)
+    outs = (placement.params, placement.replicated if with_fingerprint else None)
     if is_host(run.init_params):
         dtype = jnp.dtype(run.model_cfg.param_dtype)
         base = jax.device_put(jax.tree.map(lambda x: np.asarray(x, dtype), run.init_params()),
                               placement.base_params)
-        if transform is None:
+        if transform is None and not with_fingerprint:
             return base
-        return jax.jit(transform, out_shardings=placement.params)(base, tkey)
-    init = run.init_params
-    fn = (lambda: transform(init(), tkey)) if transform else init
-    return jax.jit(fn, out_shardings=placement.params)()
+        fn = lambda b: (transform(b, tkey) if transform else b, sums(b))  # noqa: E731
+        params, summaries = jax.jit(fn, out_shardings=outs)(base)
+        abstract = base
+    else:
+        init = run.init_params
+        if not with_fingerprint:
+            fn = (lambda: transform(init(), tkey)) if transform else init
+            return jax.jit(fn, out_shardings=placement.params)()
+
+        def fn():
+            base = init()
+            return (transform(base, tkey) if transform else base), sums(base)
+        params, summaries = jax.jit(fn, out_shardings=outs)()
+        abstract = jax.eval_shape(init)
+    if not with_fingerprint:
+        return params
+    return params, base_fingerprint.fingerprint(abstract, summaries)
 
 
 def train(run: Run, loss_fn: LossFn, batches: Any, *, eval_batches: Sequence[dict] = (),
@@ -191,7 +212,6 @@ def train(run: Run, loss_fn: LossFn, batches: Any, *, eval_batches: Sequence[dic
         lambda t, f: create_state(t, tx, seed, f if has_frozen else None), train_abs, frozen_abs)
     state_sh = sharding.state_shardings(abstract_state, full_abstract, placement.params,
                                         placement.mesh)
-    initial_full_params = lambda: place_initial_params(run)
     workdir, train_iter = run.workdir, batches
 
     ckpt = checkpointer or Checkpointer(workdir, max_to_keep=tcfg.keep_checkpoints,
@@ -211,13 +231,23 @@ def train(run: Run, loss_fn: LossFn, batches: Any, *, eval_batches: Sequence[dic
                 "(the workdir keeps it as config.json / config.<hash>.json).")
         state, data_state = ckpt.restore(resumed_from, saved)
         data_state.pop("_trainable", None)
+        base_fp = data_state.pop("_base", None)
         if has_frozen:  # frozen weights are not checkpointed: rebuild them from the base
-            state = state.replace(frozen=peft_core.partition(initial_full_params(), mask)[1])
+            rebuilt, now_fp = place_initial_params(run, with_fingerprint=True)
+            base_fingerprint.check(base_fp, now_fp, f"[{name}] the base rebuilt to resume "
+                                   f"step {resumed_from} of {ckpt.directory} "
+                                   f"({base_source(cfg)})")
+            state = state.replace(frozen=peft_core.partition(rebuilt, mask)[1])
+            del rebuilt
         if hasattr(train_iter, "set_state") and data_state:
             train_iter.set_state(data_state)
         print(f"[{name}] resumed from checkpoint step {resumed_from} in {ckpt.directory}")
     else:
-        trainable, frozen = peft_core.partition(initial_full_params(), mask)
+        # Runs with frozen leaves record their base: exports and resumes rebuild it.
+        initial, base_fp = (place_initial_params(run, with_fingerprint=True) if has_frozen
+                            else (place_initial_params(run), None))
+        trainable, frozen = peft_core.partition(initial, mask)
+        del initial
         state = jax.jit(lambda t, f: create_state(t, tx, seed, f if has_frozen else None),
                         out_shardings=state_sh)(trainable, frozen)
         del trainable, frozen
@@ -298,7 +328,7 @@ def train(run: Run, loss_fn: LossFn, batches: Any, *, eval_batches: Sequence[dic
         if due and step != last_saved:
             last_saved = step
             data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else {}
-            data_state = dict(data_state, _trainable=signature)
+            data_state = dict(data_state, _trainable=signature, _base=base_fp)
             ckpt.save(step, state.replace(frozen=None), data_state, force=True)
         if stopped_early:
             print(f"[{name}] early stopping at step {step}: eval loss has not improved by "

@@ -132,6 +132,12 @@ def dense_initial_params(cfg: Any, model_cfg: ModelConfig) -> Callable[[], Any]:
     return host_params(load_file)
 
 
+def base_source(cfg: Any) -> str:
+    """Where a run's base weights come from, for messages."""
+    src = cfg.model.get("init_from", "") or ""
+    return f"model.init_from={src!r}" if src else f"the seeded random init (seed {int(cfg.seed)})"
+
+
 def tokenizer_for(cfg: Any):
     """The checkpoint's own tokenizer when starting from a Hugging Face directory that has
     one (`tokenizer.json`); the built-in character tokenizer otherwise."""
@@ -298,22 +304,22 @@ class Run:
                              "unset export.hf_dir and keep the ftjax checkpoint")
 
     def export_hf(self, params: Any) -> Optional[str]:
-        """Writes the trained model as a Hugging Face directory when `export.hf_dir` is set."""
+        """Writes the trained model as a complete Hugging Face directory when `export.hf_dir`
+        is set: merged weights, config, the run's tokenizer files and the chat template it
+        trained with (`ftjax.train.export`)."""
         out = self.cfg.get("export", {}).get("hf_dir", "")
         if not out:
             return None
         self.check_exportable()
-        from ftjax.io.hf import save_pretrained
         from ftjax.peft.core import merge
+        from ftjax.train import export
         params = gather(params)
         if jax.process_index() == 0:
-            src = self.cfg.model.get("init_from", "")
-            tok_dir = src[3:] if src.startswith("hf:") else None
-            if tok_dir and not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-                tok_dir = None
-            save_pretrained(out, self.model_cfg, jax.device_get(merge(params)),
-                            tokenizer_dir=tok_dir)
-            print(f"exported Hugging Face model to {out}")
+            name, template = export.trained_template(self.cfg, self.tokenizer)
+            export.save_model(out, self.model_cfg, jax.device_get(merge(params)),
+                              self.tokenizer, template)
+            print(f"exported the trained model to {out} (Hugging Face weights, config, "
+                  f"tokenizer files, chat template {name!r})")
         return out
 
     def write_summary(self, summary: dict, name: str = "summary.json") -> None:

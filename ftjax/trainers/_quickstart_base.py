@@ -8,7 +8,6 @@ the quickstart and memory-tuning trainers start from.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 from typing import Any
@@ -20,8 +19,10 @@ from ftjax import config_utils
 from ftjax import data as ftdata
 from ftjax import plots, workdir as wd
 from ftjax.eval.harness import exact_match_eval
+from ftjax.io.files import read_metadata
 from ftjax.io.params_file import save_params
 from ftjax.train import run as run_lib
+from ftjax.train.export import template_metadata
 from ftjax.train.run import Run, fixed_batches, synthetic_loader
 from ftjax.train.step import sft_loss
 
@@ -63,20 +64,6 @@ def resolve_path(path: str) -> str:
         raise FileNotFoundError(f"base model: {e}; set --config.base.path to the file, or "
                                 "--config.base.path= (empty) to pretrain the base in the run") \
             from None
-
-
-def read_metadata(path: str) -> dict:
-    """The JSON metadata `save_params` stored in a safetensors file (values decoded)."""
-    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-    with safe_open(path, framework="numpy") as f:
-        meta = f.metadata() or {}
-    out = {}
-    for k, v in meta.items():
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
 
 
 def eval_examples_for(task: str, n: int, seed: int, test_frac: float) -> list[dict]:
@@ -163,7 +150,9 @@ def pretrain_base(cfg: Any, workdir: str) -> dict:
     }
     path = os.path.join(workdir, BASE_FILE)
     if jax.process_index() == 0:
-        save_params(path, model_cfg, result.state.params, **info)
+        # The layout it was trained in travels with the file (scripts/generate.py --chat).
+        save_params(path, model_cfg, result.state.params, **info,
+                    chat_template=template_metadata(pcfg, tok))
     return {**info, "path": path}
 
 

@@ -15,6 +15,7 @@ LoRA for the ablation, full fine-tuning).
 from __future__ import annotations
 
 import copy
+import os
 import time
 from typing import Any, Sequence
 
@@ -105,9 +106,11 @@ def run(cfg: Any, workdir: str) -> dict:
     test_frac = float(cfg.base.test_frac)
     base_path, _, source = obtain_base(cfg, workdir)
     ft_cfg = copy.deepcopy(cfg)
-    ft_cfg.model.init_from = base_path
+    ft_cfg.model.init_from = os.path.abspath(base_path)
     run = Run.build(ft_cfg, wd.path(workdir, "finetune"), name="memory",
                     tokenizer=ftdata.CharTokenizer())
+    run.check_exportable()
+    config_utils.write_resolved_config(ft_cfg, run.workdir)  # what export tools rebuild
     method, model_cfg, tok = run.method, run.model_cfg, run.tokenizer
     if run.changes_inputs:
         raise ValueError(f"peft.method={method.name!r} changes the model's inputs; the memory-"
@@ -153,6 +156,7 @@ def run(cfg: Any, workdir: str) -> dict:
                                 method.bind_rng),
                        synthetic_loader(train_ex, tok, cfg), on_eval=on_eval)
     params = result.params
+    exported = run.export_hf(params)
     t0 = time.time()
     after = measure(params)
     eval_after_s = time.time() - t0
@@ -178,6 +182,7 @@ def run(cfg: Any, workdir: str) -> dict:
         "timing_s": {"train": round(result.wall_s, 1), "eval_before": round(eval_before_s, 1),
                      "eval_after": round(eval_after_s, 1)},
         "base_model": {"path": base_path, "source": source},
+        "exported_hf_dir": exported,
         "resumed_from": result.resumed_from,
         "config_hash": config_utils.config_hash(cfg),
         "devices": jax.device_count(),

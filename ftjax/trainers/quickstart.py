@@ -11,7 +11,12 @@
 3. Exact match (greedy generation) on the held-out test prompts before fine-tuning, full
    fine-tuning with AdamW (eval loss every `train.eval_every` steps), exact match after; the
    pretraining tasks in `data.other_tasks` are scored before and after too (forgetting).
-4. Prints a table and sample generations; writes `loss_curves.png` and `summary.json`.
+4. Prints a table and sample generations; writes `loss_curves.png` and `summary.json`, and
+   the fine-tuned model as a Hugging Face directory when `export.hf_dir` is set.
+
+The fine-tuning phase is a run of its own in `<workdir>/finetune` (checkpoints and its
+`config.json`, whose `model.init_from` is the base file), which `scripts/export_peft.py
+--workdir <workdir>` and `scripts/convert_hf.py --ckpt <workdir>` find and export.
 """
 from __future__ import annotations
 
@@ -80,9 +85,14 @@ def run(cfg: Any, workdir: str) -> dict:
 
     # 1. Base model.
     base_path, meta, source = obtain_base(cfg, workdir)
-    ft_cfg = phase_config(cfg, train=cfg.train, optimizer=cfg.optimizer, init_from=base_path)
+    ft_cfg = phase_config(cfg, train=cfg.train, optimizer=cfg.optimizer,
+                          init_from=os.path.abspath(base_path))
     run = Run.build(ft_cfg, wd.path(workdir, "finetune"), name="finetune",
                     tokenizer=ftdata.CharTokenizer())
+    run.check_exportable()  # export.hf_dir: refused before any work when it cannot be honoured
+    # The fine-tuning phase records its own complete config (model.init_from = the base file),
+    # so export tools can rebuild its base: `scripts/export_peft.py --workdir <workdir>`.
+    config_utils.write_resolved_config(ft_cfg, run.workdir)
     model_cfg, tok, method = run.model_cfg, run.tokenizer, run.method
     try:
         base_params = run.init_params()  # checks the file against cfg.model
@@ -158,6 +168,7 @@ def run(cfg: Any, workdir: str) -> dict:
         plots.plot_loss_curves(png, panels, title=f"{task}: held-out exact match "
                                                   f"{em_b:.0%} -> {em_a:.0%}")
 
+    exported = run.export_hf(result.params)
     wall = time.time() - t_start
     summary = {
         "task": task,
@@ -188,6 +199,7 @@ def run(cfg: Any, workdir: str) -> dict:
                        "pretrain_exact_match": meta.get("exact_match")},
         "config_hash": config_utils.config_hash(cfg),
         "loss_curves": str(png),
+        "exported_hf_dir": exported,
         "platform": jax.default_backend(),
         "devices": jax.device_count(),
     }

@@ -34,9 +34,11 @@ from ftjax.io.hf.families import (HF_FAMILIES, SUPPORTED_ARCHITECTURES, HFCheckp
 from ftjax.io.hf.layout import Entry, leaf_shapes, n_index, tensor_layout
 from ftjax.io.hf.load import load_pretrained
 from ftjax.io.hf.save import save_pretrained
-from ftjax.io.hf.tokenizer_files import TOKENIZER_FILES, copy_tokenizer_files
+from ftjax.io.hf.tokenizer_files import (TOKENIZER_FILES, copy_tokenizer_files,
+                                         write_chat_template)
 
 __all__ = ["HFCheckpointError", "SUPPORTED_ARCHITECTURES", "HF_FAMILIES", "HFFamily",
            "load_pretrained", "save_pretrained", "load_config", "read_config", "config_from_hf",
            "config_to_hf", "hf_problems", "tensor_layout", "Entry", "leaf_shapes", "n_index",
-           "model_config_from_section", "copy_tokenizer_files", "TOKENIZER_FILES"]
+           "model_config_from_section", "copy_tokenizer_files", "TOKENIZER_FILES",
+           "write_chat_template"]
