@@ -51,7 +51,9 @@ def get_config(arg=None):
     c = common.base(trainer="sft")
     c.model = base_model()
     c.model.init_from = repo_path(SHIPPED_BASE) if arg.init == "base" else ""
-    c.optimizer = common.optimizer("adamw", learning_rate=1e-3, warmup_steps=10,
+    # 10 warmup steps; fewer for a short try (`steps=5`): warmup must end before the decay.
+    c.optimizer = common.optimizer("adamw", learning_rate=1e-3,
+                                   warmup_steps=max(0, min(10, arg.steps - 1)),
                                    weight_decay=0.01)
     # Packed rows of 96 slots hold ~3 short examples each (positions restart per example, so
     # rows may exceed the base's 64 positions).
