@@ -281,7 +281,7 @@ def train(run: Run, loss_fn: LossFn, batches: Any, *, eval_batches: Sequence[dic
         state, m = step_fn(state, batch)
         step += 1
         pending.append(m)
-        if step == start + 1 and step % log_every and step != steps:
+        if progress.enabled and step == start + 1 and step % log_every and step != steps:
             # The first step's loss at once (it includes compilation); metrics keep their
             # log_every rows.
             progress.update(step, loss=float(jax.device_get(m["loss"])))
