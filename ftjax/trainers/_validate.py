@@ -1,12 +1,13 @@
 """One validation pass over a resolved config, before anything is built or written.
 
 The rules sit next to the defaults they belong to: `CHECKS` beside `DEFAULTS` in
-`train/loop.py` (section `train`), `train/optim.py` (`optimizer`), a trainer's module
-(`CHECKS = {section: {key: rule}}`) and a PEFT method's `register(..., checks)` (`peft`). A
-rule is a bound (">= 1", "> 0", "in [0, 1)") or a tuple of the allowed values. On top of
-them: no NaN or infinity anywhere in the config, and the few rules that span sections
-(warmup within the run, accumulation dividing the batch). Every problem is reported in one
-line naming the key, the value and the fix.
+`train/loop.py` (section `train`), `train/optim.py` (`optimizer`), `data/options.py`
+(`data`, dotted keys such as "splits.kfold"), a trainer's module (`CHECKS = {section: {key:
+rule}}`) and a PEFT method's `register(..., checks)` (`peft`). A rule is a bound (">= 1",
+"> 0", "in [0, 1)") or a tuple of the allowed values; a key a config does not have is not
+checked. On top of them: no NaN or infinity anywhere in the config, and the few rules that
+span keys (warmup within the run, accumulation dividing the batch, split ratios summing to
+1). Every problem is reported in one line naming the key, the value and the fix.
 """
 from __future__ import annotations
 
