@@ -223,3 +223,55 @@ def test_changed_base_is_refused_by_export_and_resume(qs):
             ftmain.main(args)
     finally:
         base.write_bytes(original)  # untouched, the exports of the fixture went through
+
+
+def test_fingerprint_tolerates_the_mesh_and_names_a_changed_leaf():
+    """A random init rebuilt on one device matches its fingerprint taken under jit on 8
+    sharded devices (as the loop records it); a perturbed leaf is named."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from ftjax.io import fingerprint as fp
+
+    def init():  # the ops a model init uses: normal draws, scaled, and constants
+        k = jax.random.split(jax.random.PRNGKey(3), 3)
+        return {"embed": {"embedding": jax.random.normal(k[0], (99, 64)) * 0.02},
+                "layers": {"up": {"kernel": jax.random.truncated_normal(
+                    k[1], -2, 2, (2, 64, 128)) / 8.0}, "norm": {"scale": jnp.ones((2, 64))}},
+                "lm_head": {"kernel": jax.random.uniform(k[2], (64, 99), minval=-0.1)}}
+
+    mesh = Mesh(np.array(jax.devices()[:8]), ("fsdp",))
+    shard = jax.tree.map(lambda x: NamedSharding(mesh, P(*([None] * (x.ndim - 1)), "fsdp")
+                                                 if x.shape[-1] % 8 == 0 else P()),
+                         jax.eval_shape(init))
+
+    def sharded():
+        base = init()
+        return base, fp.summaries(base)
+    params, sums = jax.jit(sharded, out_shardings=(shard, NamedSharding(mesh, P())))()
+    recorded = fp.fingerprint(params, sums)
+    single = jax.device_get(jax.jit(init)())  # one device, no sharding
+    again = fp.fingerprint(single)
+    assert fp.compare(recorded, again) == [] and recorded["digest"] == again["digest"]
+    changed = jax.tree.map(np.array, single)
+    changed["layers"]["up"]["kernel"] *= 1.01
+    problems = fp.compare(recorded, fp.fingerprint(changed))
+    assert len(problems) == 1 and problems[0].startswith("layers/up/kernel: values differ")
+    with pytest.raises(ValueError, match="1 of 4 leaves differ, e.g. layers/up/kernel"):
+        fp.check(recorded, fp.fingerprint(changed), "the base")
+    fp.check(None, again, "the base")  # nothing recorded: nothing to check
+
+
+def test_find_run_names_what_is_missing(tmp_path):
+    from ftjax.io.restore import find_run
+    with pytest.raises(FileNotFoundError, match="no checkpoints under"):
+        find_run(tmp_path)
+    (tmp_path / "finetune" / "checkpoints" / "7").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no config.json of its own"):
+        find_run(tmp_path)
+    (tmp_path / "finetune" / "config.json").write_text("{}")
+    assert find_run(tmp_path) == (str(tmp_path / "finetune"), f"{tmp_path} has no checkpoints "
+                                  f"of its own; using the training run in {tmp_path}/finetune")
+    (tmp_path / "pretrain" / "checkpoints" / "1").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"several sub-runs .*'finetune', 'pretrain'"):
+        find_run(tmp_path)
