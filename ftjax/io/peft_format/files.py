@@ -77,4 +77,7 @@ def read_tensors(path: str, problems: list[str]) -> dict[str, np.ndarray]:
         problems.append(f"no {WEIGHTS_NAME} in {path!r}{hint}")
         return {}
     from safetensors.numpy import load_file
+
+    from ftjax.io.safetensors_header import read_header
+    read_header(f, fix="re-export or re-download the adapter")  # truncated: one line naming it
     return load_file(f)
