@@ -34,9 +34,8 @@ def read_metadata(path: str) -> dict:
     `ftjax_model_config` and what the writer passed to `save_params`, e.g. `chat_template`
     ({"name", "source"}: the layout a run trained in) or `source` (the Hugging Face directory
     a file was converted from)."""
-    from safetensors import safe_open
-    with safe_open(path, framework="numpy") as f:
-        meta = f.metadata() or {}
+    from ftjax.io.safetensors_header import read_header  # a damaged file: one line naming it
+    meta = read_header(path).metadata
     out = {}
     for k, v in meta.items():
         try:
