@@ -275,3 +275,13 @@ def test_find_run_names_what_is_missing(tmp_path):
     (tmp_path / "pretrain" / "checkpoints" / "1").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"several sub-runs .*'finetune', 'pretrain'"):
         find_run(tmp_path)
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "adapter"])
+def test_quickstart_refuses_an_export_it_cannot_write_before_any_work(tmp_path, method):
+    from ftjax import main as ftmain
+    with pytest.raises(ValueError, match=f"export.hf_dir: peft.method='{method}' .*unset "
+                                         "export.hf_dir"):
+        ftmain.main(["--config", f"{ROOT}/configs/quickstart.py:peft={method}", "--workdir",
+                     str(tmp_path), f"--config.export.hf_dir={tmp_path / 'hf'}",
+                     "--config.base.path=no/such/base.safetensors"])  # never read

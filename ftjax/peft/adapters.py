@@ -201,7 +201,8 @@ def method(s, *, apply_fn=None, tokenizer=None) -> Method:
         apply_adapters, bottleneck=int(s.bottleneck), mode=str(s.mode),
         activation=str(s.activation), scale=float(s.scale), targets=tuple(s.targets),
         fold_bias=bool(s.fold_bias))
-    return Method(name="adapter", transform=transform, train_patterns=tuple(s.train_patterns))
+    return Method(name="adapter", transform=transform, train_patterns=tuple(s.train_patterns),
+                  mergeable=False)  # nonlinear: no dense form, so export.hf_dir is refused
 
 
 register("adapter", DEFAULTS, method, dict(bottleneck=">= 1", mode=MODES, activation=ACTIVATIONS))

@@ -147,6 +147,24 @@ def tokenizer_for(cfg: Any):
     return ftdata.CharTokenizer()
 
 
+def check_exportable(cfg: Any, method: Optional[Method] = None) -> None:
+    """Refuses `export.hf_dir` (one line, before any work) for a PEFT method with no merged
+    Hugging Face form; `method` defaults to the config's (built without loading anything)."""
+    if not cfg.get("export", {}).get("hf_dir", ""):
+        return
+    if method is None:
+        method = get_method(cfg.get("peft"), apply_fn=models.apply,
+                            tokenizer=ftdata.CharTokenizer())
+    if method.apply_fn is not None:
+        raise ValueError(f"export.hf_dir: peft.method={method.name!r} changes the model's "
+                         "inputs (virtual tokens / prefixes) and has no merged Hugging Face "
+                         "form; unset export.hf_dir and keep the ftjax checkpoint")
+    if not method.mergeable:
+        raise ValueError(f"export.hf_dir: peft.method={method.name!r} has no merged Hugging "
+                         "Face form (its weights cannot be folded into dense ones); unset "
+                         "export.hf_dir and keep the ftjax checkpoint")
+
+
 def check_vocab(model_cfg: ModelConfig, tok) -> None:
     if model_cfg.vocab_size < tok.vocab_size:
         raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
@@ -292,16 +310,7 @@ class Run:
 
     def check_exportable(self) -> None:
         """Fails before training when `export.hf_dir` is set for a method with no merged form."""
-        if not self.cfg.get("export", {}).get("hf_dir", ""):
-            return
-        if self.changes_inputs:
-            raise ValueError(f"export.hf_dir: peft.method={self.method.name!r} changes the "
-                             "model's inputs (virtual tokens / prefixes) and has no merged "
-                             "Hugging Face form; unset export.hf_dir and keep the ftjax checkpoint")
-        if not self.method.mergeable:
-            raise ValueError(f"export.hf_dir: peft.method={self.method.name!r} has no merged "
-                             "Hugging Face form (its weights depend on each token's routing); "
-                             "unset export.hf_dir and keep the ftjax checkpoint")
+        check_exportable(self.cfg, self.method)
 
     def export_hf(self, params: Any) -> Optional[str]:
         """Writes the trained model as a complete Hugging Face directory when `export.hf_dir`

@@ -27,7 +27,8 @@ from ftjax import workdir as wd
 from ftjax.eval.harness import exact_match_eval, loglik_eval
 from ftjax.infer.generate import generate_text
 from ftjax.peft import core as peft_core
-from ftjax.train.run import Run, fixed_batches as eval_batches, synthetic_loader
+from ftjax.train.run import (Run, check_exportable, fixed_batches as eval_batches,
+                             synthetic_loader)
 from ftjax.train.step import sft_loss
 from ftjax.trainers._quickstart_base import eval_examples_for, obtain_base
 
@@ -102,6 +103,7 @@ def run(cfg: Any, workdir: str) -> dict:
     if cfg.get("export", {}).get("hf_dir", "") and cfg.peft.get("method") == "memory":
         raise ValueError("export.hf_dir: memory experts route every token to its own experts and "
                          "have no merged Hugging Face form; unset export.hf_dir")
+    check_exportable(cfg)  # the other methods: refused before any work if they cannot merge
     d = cfg.data
     test_frac = float(cfg.base.test_frac)
     base_path, _, source = obtain_base(cfg, workdir)
@@ -109,7 +111,6 @@ def run(cfg: Any, workdir: str) -> dict:
     ft_cfg.model.init_from = os.path.abspath(base_path)
     run = Run.build(ft_cfg, wd.path(workdir, "finetune"), name="memory",
                     tokenizer=ftdata.CharTokenizer())
-    run.check_exportable()
     config_utils.write_resolved_config(ft_cfg, run.workdir)  # what export tools rebuild
     method, model_cfg, tok = run.method, run.model_cfg, run.tokenizer
     if run.changes_inputs:

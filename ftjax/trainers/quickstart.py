@@ -32,7 +32,7 @@ from ftjax import plots, workdir as wd
 from ftjax.eval.harness import loglik_eval
 from ftjax.peft import core as peft_core
 from ftjax import paths
-from ftjax.train.run import Run, fixed_batches, synthetic_loader
+from ftjax.train.run import Run, check_exportable, fixed_batches, synthetic_loader
 from ftjax.train.step import sft_loss
 from ftjax.trainers._quickstart_base import (eval_examples_for, obtain_base, phase_config,
                                             replay_examples, score)
@@ -77,6 +77,7 @@ def run(cfg: Any, workdir: str) -> dict:
     if cfg.model.get("init_from", ""):
         raise ValueError("the quickstart starts from config.base.path (or pretrains the base); "
                          "leave config.model.init_from empty")
+    check_exportable(cfg)  # export.hf_dir: refused before any work when it cannot be honoured
     d = cfg.data
     task = str(d.task)
     if task in tuple(cfg.base.tasks):
@@ -89,7 +90,6 @@ def run(cfg: Any, workdir: str) -> dict:
                           init_from=os.path.abspath(base_path))
     run = Run.build(ft_cfg, wd.path(workdir, "finetune"), name="finetune",
                     tokenizer=ftdata.CharTokenizer())
-    run.check_exportable()  # export.hf_dir: refused before any work when it cannot be honoured
     # The fine-tuning phase records its own complete config (model.init_from = the base file),
     # so export tools can rebuild its base: `scripts/export_peft.py --workdir <workdir>`.
     config_utils.write_resolved_config(ft_cfg, run.workdir)
