@@ -30,7 +30,8 @@ def get_config(arg=None):
     c.model = common.model("llama", vocab_size=99, hidden_size=64, intermediate_size=176,
                            num_layers=2, num_heads=4, num_kv_heads=2,
                            max_position_embeddings=64)
-    c.optimizer = common.optimizer("adamw", learning_rate=1e-3, warmup_steps=20,
+    c.optimizer = common.optimizer("adamw", learning_rate=1e-3,
+                                   warmup_steps=common.warmup(20, arg.steps),
                                    weight_decay=0.01)
     c.train = common.train(steps=arg.steps, batch_size=32, seq_len=48, log_every=25,
                            eval_every=100, checkpoint_every=100, keep_checkpoints=1)

@@ -45,6 +45,12 @@ def optimizer(name: str = "adamw", learning_rate: float = 1e-3, **kw) -> ml_coll
     return ml_collections.ConfigDict(cfg)
 
 
+def warmup(steps_wanted: int, train_steps: int) -> int:
+    """Warmup steps for a run of `train_steps`: `steps_wanted`, shortened so that a short run
+    (e.g. `:steps=5`) still has a step after its warmup (the schedule decays after it)."""
+    return max(0, min(steps_wanted, train_steps - 1))
+
+
 def train(steps: int = 100, batch_size: int = 32, seq_len: int = 64, **kw) -> ml_collections.ConfigDict:
     """Loop settings (`ftjax/train/loop.py:DEFAULTS`): global batch (examples), accumulation,
     logging, eval, checkpoints, early stopping."""

@@ -27,7 +27,9 @@ def get_config(arg=None):
     c.model = base_model()
     c.model.init_from = repo_path(SHIPPED_BASE)
     lr = arg.lr or (1e-4 if arg.peft == "full" else 2e-3)
-    c.optimizer = common.optimizer("adamw", learning_rate=lr, warmup_steps=10, weight_decay=0.0)
+    c.optimizer = common.optimizer("adamw", learning_rate=lr,
+                                   warmup_steps=common.warmup(10, arg.steps),
+                                   weight_decay=0.0)
     c.train = common.train(steps=arg.steps, batch_size=16, seq_len=48, log_every=10,
                            eval_every=25, checkpoint_every=50, keep_checkpoints=1)
     c.data = common.data_file(repo_path(arg.path), "preference",

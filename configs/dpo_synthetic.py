@@ -35,7 +35,9 @@ def get_config(arg=None):
     c.model = base_model()
     c.model.init_from = SHIPPED_BASE  # relative paths resolve against the repository root
     lr = arg.lr or (1e-4 if arg.peft == "full" else 2e-3)
-    c.optimizer = common.optimizer("adamw", learning_rate=lr, warmup_steps=10, weight_decay=0.0)
+    c.optimizer = common.optimizer("adamw", learning_rate=lr,
+                                   warmup_steps=common.warmup(10, arg.steps),
+                                   weight_decay=0.0)
     c.train = common.train(steps=arg.steps, batch_size=32, seq_len=48, log_every=10,
                            eval_every=50, checkpoint_every=0, keep_checkpoints=1)
     c.data = ml_collections.ConfigDict(dict(

@@ -47,7 +47,8 @@ def get_config(arg=None):
     c = common.base(trainer="memory_tuning")
     c.model = qs.base_model()
     c.base = qs.base_section()  # the shipped base; base.path= (empty) pretrains one in the run
-    c.optimizer = common.optimizer("adamw", learning_rate=arg.lr, warmup_steps=10,
+    c.optimizer = common.optimizer("adamw", learning_rate=arg.lr,
+                                   warmup_steps=common.warmup(10, arg.steps),
                                    weight_decay=0.0)
     c.train = common.train(steps=arg.steps, batch_size=32, seq_len=48, log_every=10,
                            eval_every=100, checkpoint_every=0, keep_checkpoints=1)

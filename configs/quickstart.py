@@ -17,6 +17,7 @@ import math
 import ml_collections
 
 from configs import common
+from configs.common import warmup
 from ftjax.data import PRETRAIN_TASKS
 from ftjax.peft import method_defaults
 
@@ -39,7 +40,8 @@ def base_section(steps: int = 8000, path: str = SHIPPED_BASE) -> ml_collections.
         test_frac=0.2,              # split_of bucket excluded from pretraining
         seed=0,
         eval_examples=200,          # per-task exact match of the base after pretraining
-        optimizer=common.optimizer("adamw", learning_rate=2e-3, warmup_steps=100,
+        optimizer=common.optimizer("adamw", learning_rate=2e-3,
+                                   warmup_steps=warmup(100, steps),
                                    weight_decay=0.01),
         train=common.train(steps=steps, batch_size=32, seq_len=48, log_every=50,
                            eval_every=500, checkpoint_every=500, keep_checkpoints=1),
@@ -71,7 +73,8 @@ def get_config(arg=None):
     c = common.base(trainer="quickstart")
     c.model = base_model()
     # Full fine-tuning of the base on `data.task`.
-    c.optimizer = common.optimizer("adamw", learning_rate=1e-3, warmup_steps=10,
+    c.optimizer = common.optimizer("adamw", learning_rate=1e-3,
+                                   warmup_steps=common.warmup(10, arg.steps),
                                    weight_decay=0.01)
     c.train = common.train(steps=arg.steps, batch_size=32, seq_len=48, log_every=10,
                            eval_every=25, checkpoint_every=0, keep_checkpoints=1)

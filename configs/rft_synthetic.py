@@ -18,7 +18,8 @@ def get_config(arg=None):
     c = common.base(trainer="rft")
     c.model = base_model()
     c.model.init_from = SHIPPED_BASE  # relative paths resolve against the ftjax root
-    c.optimizer = common.optimizer("adamw", learning_rate=3e-4, warmup_steps=5,
+    c.optimizer = common.optimizer("adamw", learning_rate=3e-4,
+                                   warmup_steps=common.warmup(5, arg.steps),
                                    weight_decay=0.0)
     c.train = common.train(steps=arg.steps, batch_size=32, seq_len=48, log_every=10,
                            eval_every=20, checkpoint_every=20, keep_checkpoints=1)

@@ -32,7 +32,8 @@ def get_config(arg=None):
         c.model = common.model(arg.family, vocab_size=99, hidden_size=128,
                                intermediate_size=352, num_layers=4, num_heads=4, num_kv_heads=2,
                                max_position_embeddings=128)
-    c.optimizer = common.optimizer("adamw", learning_rate=1e-3, warmup_steps=20,
+    c.optimizer = common.optimizer("adamw", learning_rate=1e-3,
+                                   warmup_steps=common.warmup(20, arg.steps),
                                    weight_decay=0.01)
     c.train = common.train(steps=arg.steps, batch_size=32, seq_len=48, log_every=10,
                            eval_every=100, checkpoint_every=100)

@@ -38,7 +38,8 @@ def get_config(arg=None):
         aux_loss_coef=0.01,
     )
     lr = arg.lr or (1e-3 if arg.peft == "full" else 3e-3)
-    c.optimizer = common.optimizer("adamw", learning_rate=lr, warmup_steps=10,
+    c.optimizer = common.optimizer("adamw", learning_rate=lr,
+                                   warmup_steps=common.warmup(10, arg.steps),
                                    weight_decay=0.01)
     c.train = common.train(steps=arg.steps, batch_size=32, seq_len=48, log_every=10,
                            eval_every=25, checkpoint_every=0, keep_checkpoints=1)
