@@ -93,6 +93,20 @@ def test_impossible_settings_are_refused_before_anything_runs(tmp_path, capsys, 
     assert not (tmp_path / "wd").exists()  # nothing written: the corrected rerun starts clean
 
 
+@pytest.mark.parametrize("overrides,named", [
+    (["--config.dpo.beta=0"], "dpo.beta=0.0 must be > 0"),
+    (["--config.dpo.label_smoothing=0.7"], "dpo.label_smoothing=0.7 must be in [0, 0.5)"),
+    (["--config.dpo.reference=none"], "dpo.reference='none' must be one of"),
+    (["--config.dpo.loss_type=('sigmoidd',)"], "dpo.loss_type: unknown ['sigmoidd']"),
+])
+def test_impossible_preference_settings_are_refused_before_anything_runs(tmp_path, capsys,
+                                                                         overrides, named):
+    code, out, err = run_cli(capsys, "--config", "configs/dpo_file.py", "--workdir",
+                             tmp_path / "wd", *overrides)
+    assert named in one_line_error(code, err)
+    assert not (tmp_path / "wd").exists()
+
+
 def test_mesh_mistake_is_reported_before_the_data_stage(tmp_path, capsys):
     bad_csv = tmp_path / "bad.csv"  # would fail in the data stage, which must not start
     bad_csv.write_text("question,reply\nhi,there\n")

@@ -139,9 +139,25 @@ def _data_splits(cfg: Any) -> list[str]:
     return out
 
 
+def _preference(cfg: Any) -> list[str]:
+    """The `dpo` section's loss types and weights (`align.dpo.check_settings`)."""
+    d = cfg.get("dpo")
+    if d is None or cfg.get("trainer") != "dpo":
+        return []
+    from ftjax.align import dpo
+    types = d.get("loss_type", ("sigmoid",))
+    types = (types,) if isinstance(types, str) else tuple(types)
+    try:
+        dpo.check_settings(types, tuple(d.get("loss_weights", ()) or ()), d.get("beta", 0.1),
+                           d.get("label_smoothing", 0.0))
+    except (ValueError, TypeError) as e:
+        return [str(e)]
+    return []
+
+
 def _across_sections(cfg: Any) -> list[str]:
     t, o = cfg.get("train"), cfg.get("optimizer")
-    out = _data_splits(cfg)
+    out = _data_splits(cfg) + _preference(cfg)
     if t is None:
         return out
     steps, batch, accum = t.get("steps"), t.get("batch_size"), t.get("accum_steps", 1)

@@ -24,6 +24,10 @@ from ftjax.train.run import Run, gather, prepare_data, resolve_path, uses_files
 
 # The trainer's own section: the preference objective's settings (`align/objective.py`).
 DEFAULTS = {"dpo": objective.DEFAULTS}
+# Rules checked before anything runs (ftjax/trainers/_validate.py); loss types and weights are
+# checked by `align.dpo.check_settings` through `validate` below.
+CHECKS = {"dpo": dict(beta="> 0", label_smoothing="in [0, 0.5)", simpo_gamma=">= 0",
+                      discopop_tau="> 0", reference=reference.MODES)}
 
 
 def make_evaluator(loss_fn, placement: Placement, batches: Sequence[dict],
