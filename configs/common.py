@@ -158,6 +158,7 @@ def data_file(source: str = "", format: str = "auto", **kw) -> ml_collections.Co
         eval_split="validation",
         eval_examples=200,      # exact match by greedy generation (sft data; 0 = off)
         max_new_tokens=16,
+        eval_before=False,      # also score the starting model (before -> after)
     )
     for k, v in kw.items():
         if k not in cfg:

@@ -61,7 +61,8 @@ def get_config(arg=None):
                            eval_every=25, checkpoint_every=50, keep_checkpoints=1)
     c.data = common.data_file(repo_path(arg.path), arg.format,
                               template=arg.template,
-                              eval_examples=arg.eval_examples)
+                              eval_examples=arg.eval_examples,
+                              eval_before=arg.init == "base")
     if arg.peft != "full":  # the method's settings with the quickstart's choices for it
         c.peft = peft_section(arg.peft, arg.steps)
     return c

@@ -42,5 +42,5 @@ def get_config(arg=None):
     c.data = common.data_file()
     c.data.update(dict(tasks=tuple(arg.tasks.split("+")), n_per_task=2000, seed=0,
                        test_frac=0.2, eval_examples=200, max_new_tokens=16,
-                       eval_before=arg.init == "base"))  # exact match before training too
+                       eval_before=arg.init == "base"))
     return c

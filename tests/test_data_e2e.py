@@ -187,3 +187,4 @@ def test_learning_check_exact_match_rises(tmp_path):
                               template=PLAIN_TEMPLATE, max_new_tokens=16)
     assert before["n"] == summary["n_test"] == 96
     assert before["exact_match"] < 0.1 and summary["exact_match"] > 0.8
+    assert summary["exact_match_before"] == before["exact_match"]  # the run's own before score

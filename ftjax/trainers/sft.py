@@ -27,7 +27,7 @@ def synthetic_data(run: Run):
         train_ex += tr
         test_ex += te
 
-    def score(params):
+    def score(params, when=""):
         return exact_match_eval(params, run.model_cfg, tok, test_ex[:int(d.eval_examples)],
                                 max_new_tokens=int(d.max_new_tokens), apply_fn=run.method.apply_fn)
     return (synthetic_loader(train_ex, tok, run.cfg),
@@ -53,7 +53,7 @@ def file_data(run: Run):
     evals = pipeline.eval_batches(prepared, eval_split, tok, bs, seq, pi, pc) if has_eval else []
     n_em = int(d.get("eval_examples", 0))
 
-    def score(params):
+    def score(params, when=""):
         view = prepared.split(eval_split)
         em = chat_exact_match(params, run.model_cfg, tok,
                               [view[i] for i in range(min(n_em, len(view)))],
@@ -61,7 +61,7 @@ def file_data(run: Run):
                               max_new_tokens=int(d.get("max_new_tokens", 16)),
                               apply_fn=run.method.apply_fn)
         if em["n"]:
-            print(f"held-out exact match ({eval_split}): {em['exact_match']:.3f} over "
+            print(f"held-out exact match ({eval_split}{when}): {em['exact_match']:.3f} over "
                   f"{em['n']} examples")
             for prompt, pred, ans in em["samples"][:3]:
                 print(f"  {prompt!r} -> {pred!r} (reference {ans!r})")
@@ -82,7 +82,7 @@ def run(cfg: Any, workdir: str) -> dict:
     before = None
     if score is not None and bool(cfg.data.get("eval_before", False)):
         # Held-out exact match of the starting model, so the run shows what it learned.
-        before = score(gather(r.starting_params()))["exact_match"]
+        before = score(gather(r.starting_params()), ", before training")["exact_match"]
     try:
         result = r.train(loss_fn, batches, eval_batches=evals)
     finally:
