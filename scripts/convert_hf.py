@@ -80,22 +80,19 @@ def restore_workdir(workdir: str, step: Optional[int] = None) -> tuple[Any, dict
 
 def file_tokenizer(path: str, cfg: Any) -> tuple[Any, Optional[str], str]:
     """(tokenizer, template source or None, note) for a params file: see the module doc."""
-    from ftjax.data.chat import BUILTIN_TEMPLATES
     from ftjax.data.hf_tokenizer import HFTokenizer
     from ftjax.data.tokenizer import CharTokenizer
     from ftjax.io.files import read_metadata
-    meta = read_metadata(path)
-    recorded = meta.get("chat_template") if isinstance(meta.get("chat_template"), dict) else None
-    src = meta.get("source")
+    from ftjax.train.export import recorded_template
+    src = read_metadata(path).get("source")
     if isinstance(src, str) and os.path.isfile(os.path.join(src, "tokenizer.json")):
         return HFTokenizer.from_dir(src), None, f"tokenizer files of {src}"
-    if recorded is not None or cfg.vocab_size == CharTokenizer.vocab_size:
-        if recorded is None:
-            return CharTokenizer(), BUILTIN_TEMPLATES["plain"], (
-                "the built-in character tokenizer; no chat template recorded in the file, so "
-                "the synthetic tasks' layout 'plain'")
-        return CharTokenizer(), recorded["source"], (
-            f"the built-in character tokenizer, chat template {recorded.get('name')!r}")
+    name, source, recorded = recorded_template(path)
+    if recorded or cfg.vocab_size == CharTokenizer.vocab_size:
+        return CharTokenizer(), source, (
+            f"the built-in character tokenizer, chat template {name!r}" if recorded else
+            "the built-in character tokenizer; no chat template recorded in the file, so the "
+            "synthetic tasks' layout 'plain'")
     return None, None, ""
 
 

@@ -101,15 +101,13 @@ def recorded_template(model: str, tok, tokenizer: Optional[str] = None) \
     nothing says: a directory's (or --tokenizer directory's) default template; a params file's
     `chat_template` metadata; "plain" for a params file with neither (the layout of ftjax's
     character-tokenizer models, the quickstart base among them)."""
-    from ftjax.data.chat import BUILTIN_TEMPLATES
     if os.path.isdir(model) or tokenizer:
         own = getattr(tok, "chat_template", None)
         return (f"the chat template of {tokenizer or model}", own) if own else None
-    from ftjax.io.files import read_metadata
-    rec = read_metadata(model).get("chat_template")
-    if isinstance(rec, dict) and rec.get("source"):
-        return f"template {rec.get('name')!r} recorded in {model}", rec["source"]
-    return "the synthetic tasks' layout 'plain'", BUILTIN_TEMPLATES["plain"]
+    from ftjax.train.export import recorded_template as file_template
+    name, source, recorded = file_template(model)
+    return (f"template {name!r} recorded in {model}" if recorded
+            else "the synthetic tasks' layout 'plain'"), source
 
 
 def chat_template_for(args, tok) -> Optional[str]:

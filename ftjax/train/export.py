@@ -23,7 +23,7 @@ from ftjax.data.tokenizer import CharTokenizer
 from ftjax.train.run import uses_files
 
 __all__ = ["trained_template", "write_tokenizer", "special_token_ids", "save_model",
-           "template_metadata"]
+           "template_metadata", "recorded_template"]
 
 
 def trained_template(cfg: Any, tok: Any) -> tuple[str, str]:
@@ -46,6 +46,17 @@ def template_metadata(cfg: Any, tok: Any) -> dict:
     """`{"name", "source"}` of the trained template, as stored in ftjax params files."""
     name, source = trained_template(cfg, tok)
     return {"name": name, "source": source}
+
+
+def recorded_template(params_path: str) -> tuple[str, str, bool]:
+    """(name, Jinja source, recorded) of the chat template an ftjax params file was trained
+    with: its `chat_template` metadata (`template_metadata`), else "plain", the layout of ftjax's
+    character-tokenizer models (the quickstart base among them), with recorded=False."""
+    from ftjax.io.files import read_metadata
+    rec = read_metadata(params_path).get("chat_template")
+    if isinstance(rec, dict) and rec.get("source"):
+        return str(rec.get("name")), rec["source"], True
+    return "plain", BUILTIN_TEMPLATES["plain"], False
 
 
 def write_tokenizer(out: str, tok: Any, template: str,

@@ -21,16 +21,8 @@ from ftjax.train.placement import Placement
 def model_configs(cfg: Any) -> tuple[ModelConfig, ModelConfig]:
     """(the starting weights' config, the trained model's config: upcycled when enabled), as
     `Run.build` derives them, without its messages."""
-    section = cfg.model
-    src = section.get("init_from", "") or ""
-    if src.startswith("hf:"):
-        from ftjax.io.hf import model_config_from_section
-        fields = {k: v for k, v in section.to_dict().items()
-                  if k not in ("init_from", "upcycle")}
-        dense = model_config_from_section(fields, src[len("hf:"):], log=lambda _: None)
-    else:
-        dense = run_lib.model_config(section, dense=True)
-    return dense, upcycle.config_from_section(section.get("upcycle"), dense)
+    dense = run_lib.model_config(cfg.model, dense=True, log=lambda _: None)
+    return dense, upcycle.config_from_section(cfg.model.get("upcycle"), dense)
 
 
 def check_weights(cfg: Any, dense: ModelConfig) -> None:

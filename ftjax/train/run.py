@@ -52,12 +52,13 @@ def _root() -> str:
         return str(e)
 
 
-def model_config(model_section: Any, dense: bool = False) -> ModelConfig:
+def model_config(model_section: Any, dense: bool = False,
+                 log: Callable[[str], None] = print) -> ModelConfig:
     """ModelConfig from a config's `model` section (every field but `init_from`, `upcycle`).
 
     With `init_from="hf:DIR"` the architecture comes from DIR/config.json and only the
     run-time fields (dtype, param_dtype, scan_layers, remat) from the section; overridden
-    section fields are printed (see docs/checkpoints.md). An enabled `model.upcycle` section
+    section fields are reported through `log` (see docs/checkpoints.md). An enabled `model.upcycle` section
     turns it into the sparse MoE the run trains (`ftjax.models.upcycle`), unless `dense`.
     """
     fields = {k: v for k, v in model_section.to_dict().items()
@@ -65,7 +66,7 @@ def model_config(model_section: Any, dense: bool = False) -> ModelConfig:
     src = model_section.get("init_from", "") or ""
     if src.startswith("hf:"):
         from ftjax.io.hf import model_config_from_section
-        base = model_config_from_section(fields, src[len("hf:"):])
+        base = model_config_from_section(fields, src[len("hf:"):], log=log)
     else:
         base = ModelConfig.from_dict(fields)
     return base if dense else upcycle.config_from_section(model_section.get("upcycle"), base)
