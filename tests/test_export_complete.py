@@ -16,17 +16,16 @@ import pathlib
 import shutil
 
 import numpy as np
+import peft
 import pytest
+import torch
+import transformers as tf
 
-torch = pytest.importorskip("torch")
-tf = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-
-from ftjax.data.batching import encode_example  # noqa: E402
-from ftjax.data.chat import BUILTIN_TEMPLATES, apply_chat_template  # noqa: E402
-from ftjax.data.hf_tokenizer import HFTokenizer  # noqa: E402
-from ftjax.data.tokenizer import CharTokenizer  # noqa: E402
-from ftjax.io.hf import write_chat_template  # noqa: E402
+from ftjax.data.batching import encode_example
+from ftjax.data.chat import BUILTIN_TEMPLATES, apply_chat_template
+from ftjax.data.hf_tokenizer import HFTokenizer
+from ftjax.data.tokenizer import CharTokenizer
+from ftjax.io.hf import write_chat_template
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "experiments" / "quickstart_base" / "model.safetensors"
