@@ -392,7 +392,8 @@ def transformer_flops_per_token(
     the number of *query* heads). As in PaLM, the causal mask is not discounted.
     Training counts backward as 2× forward (gradients w.r.t. activations and weights). With
     a frozen base (LoRA) the weight gradients of frozen matmuls are skipped, so real work is
-    nearer 4·N than 6·N; the convention is kept so MFU stays comparable across runs.
+    nearer 4·N than 6·N: `ftjax.train.loop.flops_per_token(adapter_params=...)` counts that
+    (docs/performance.md, "FLOP conventions").
     """
     if head_dim is not None and n_heads is None:
         raise ValueError("head_dim given without n_heads; pass both (or neither to use hidden)")

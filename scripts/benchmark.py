@@ -13,8 +13,12 @@ Modes:
 
 Timing: the step is compiled ahead of time (`compile_s` = lower + compile), run `--warmup`
 times untimed, then `--steps` times with `block_until_ready` after each; the median is the
-figure. MFU uses the model FLOPs of `loop.flops_per_token` (PaLM convention) over the peak of
-`monitor.peak_flops_per_device` (on CPU a measured f32 matmul, so a sanity figure only).
+figure. MFU uses the model FLOPs of `loop.flops_per_token` over the peak of
+`monitor.peak_flops_per_device` (on CPU a measured f32 matmul, so a sanity figure only). The
+FLOPs follow `flops_convention`: PaLM's 6N + attention for full, 2N + attention for forward,
+and for lora / qlora what a step over a frozen base computes, 4·N_frozen + 6·N_trainable +
+attention (`loop.flops_per_token(adapter_params=...)`). `mfu_6n` / `flops_per_token_6n` are
+always the PaLM figures, comparable with older runs (docs/performance.md, "FLOP conventions").
 Only the JSON line goes to stdout; logs go to stderr. See docs/performance.md.
 
 MoE presets (mixtral-*) take `--dispatch dropless|capacity` and `--capacity-factor`; LoRA then
@@ -295,6 +299,7 @@ def main(argv=None) -> dict:
     init_fn = lambda: models.init(model_cfg, jax.random.PRNGKey(args.seed))
     params = jax.jit(init_fn, out_shardings=placement.params)()
     n_params = models.count_params(params)
+    adapter_params = None  # full / forward: every weight counts as trainable (PaLM)
     extra = {"trainable_params": n_params,
              "base_weight_bytes": int(sum(x.nbytes for x in jax.tree.leaves(params)))}
 
@@ -321,6 +326,7 @@ def main(argv=None) -> dict:
         state_sh = sharding.state_shardings(abstract_state, abstract, placement.params,
                                             placement.mesh)
         state = jax.jit(make, out_shardings=state_sh)(trainable, frozen)
+        adapter_params = loop.adapter_params_per_token(model_cfg, trainable)
         extra = {"trainable_params": peft_core.count(trainable),
                  "base_weight_bytes": int(sum(x.nbytes for x in jax.tree.leaves(frozen))),
                  "adapted_base_bits_per_param": (bits_per_param(frozen) if args.mode == "qlora"
@@ -404,7 +410,10 @@ def main(argv=None) -> dict:
 
     median = statistics.median(times)
     tokens = args.batch * args.seq
-    fpt = loop.flops_per_token(model_cfg, args.seq, training=args.mode != "forward")
+    training = args.mode != "forward"
+    fpt = loop.flops_per_token(model_cfg, args.seq, training=training,
+                               adapter_params=adapter_params)
+    fpt_6n = loop.flops_per_token(model_cfg, args.seq, training=training)
     peak, peak_src = monitor.peak_flops_per_device(dev, override=args.peak_flops or None)
     thr = monitor.Throughput(tokens, fpt, n_devices=n_dev, peak_flops_per_device=peak)
     m = thr.measure(1, median)
@@ -421,6 +430,8 @@ def main(argv=None) -> dict:
         "tokens_per_s": m["tokens_per_s"],
         "compile_s": compile_s,
         "mfu": m["mfu"],
+        "mfu_6n": m["mfu"] * fpt_6n / fpt,
+        "flops_convention": loop.flops_convention(training, adapter_params is not None),
         "peak_rss_mb": rss,
         "step_time_min_s": min(times),
         "step_time_max_s": max(times),
@@ -433,6 +444,7 @@ def main(argv=None) -> dict:
         "remat": args.remat,
         "scan_layers": bool(args.scan_layers),
         "flops_per_token": fpt,
+        "flops_per_token_6n": fpt_6n,
         "loss_first": loss_first,
         "loss_last": loss_last,
         "donated": donated,

@@ -1,14 +1,20 @@
 """The reference for scripts/benchmark.py: Hugging Face `LlamaForCausalLM` on CPU PyTorch.
 
     python scripts/benchmark_torch.py --preset tiny --mode full --batch 4 --seq 512 --steps 10
+    python scripts/benchmark_torch.py --preset tiny --mode lora
 
 Same shapes, same random-token batches (inputs / targets shifted by one, every token counted),
 same loss (mean next-token cross-entropy in float32), AdamW (lr 1e-3, weight decay 0.01,
 gradient clipping at global norm 1.0, like the Hugging Face Trainer's default) on float32
 params. Prints one JSON line with the fields of scripts/benchmark.py plus "framework": "torch".
 `compile_s` is the first step (eager PyTorch has nothing to compile unless `--compile`).
-MFU uses ftjax's FLOPs-per-token formula and peak (imported after the timed steps, so jax is
-not in the process while torch runs). See docs/performance.md.
+`--mode lora` wraps the same model with Hugging Face PEFT (`LoraConfig`: rank 16, alpha 32, no
+dropout, on q/k/v/o and gate/up/down, as scripts/benchmark.py's lora mode) and runs AdamW
+over the trainable (adapter) params only, with the same loss and clipping; the line adds
+`trainable_params`, `lora_rank` and `lora_alpha`.
+MFU uses ftjax's FLOPs-per-token formula, convention (`flops_convention`, `mfu_6n`: see
+scripts/benchmark.py) and peak, imported after the timed steps so jax is not in the process
+while torch runs. See docs/performance.md.
 """
 from __future__ import annotations
 
@@ -30,7 +36,11 @@ PRESETS = {
     "small": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                   num_attention_heads=8, num_key_value_heads=4),
 }
-MODES = ("full", "forward")  # "lora" (PEFT) joins later
+MODES = ("full", "forward", "lora")
+# LoRA mode: PEFT's LoraConfig matching scripts/benchmark.py (LORA_RANK, LORA_ALPHA,
+# LORA_TARGETS there; checked in tests/test_benchmark.py).
+LORA_RANK, LORA_ALPHA = 16, 32
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,6 +79,29 @@ def peak_rss_mb() -> float:
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
+def build_model(preset: str, mode: str, seq: int = 512, attn: str = "sdpa", device=None):
+    """(model, params of the base model, trainable params): `LlamaForCausalLM` of `preset` in
+    float32, wrapped with PEFT LoRA in lora mode (`device="meta"` builds shapes only)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_cfg = LlamaConfig(**PRESETS[preset], rope_theta=10000.0, rms_norm_eps=1e-5,
+                         tie_word_embeddings=False, max_position_embeddings=max(4096, seq),
+                         hidden_act="silu", attention_bias=False, mlp_bias=False,
+                         initializer_range=0.02, use_cache=False,
+                         attn_implementation=attn)
+    with torch.device(device or "cpu"):
+        model = LlamaForCausalLM(hf_cfg).to(torch.float32)
+    n_params = sum(p.numel() for p in model.parameters())
+    if mode == "lora":
+        import peft
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+            target_modules=list(LORA_TARGETS), bias="none"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return model, n_params, trainable
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     load_start = os.getloadavg()[0]
@@ -76,21 +109,14 @@ def main(argv=None) -> dict:
     import torch
     import torch.nn.functional as F
     import transformers
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     threads = args.threads or os.cpu_count()
     torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
-    hf_cfg = LlamaConfig(**PRESETS[args.preset], rope_theta=10000.0, rms_norm_eps=1e-5,
-                         tie_word_embeddings=False, max_position_embeddings=max(4096, args.seq),
-                         hidden_act="silu", attention_bias=False, mlp_bias=False,
-                         initializer_range=0.02, use_cache=False,
-                         attn_implementation=args.attn)
-    model = LlamaForCausalLM(hf_cfg).to(torch.float32)
-    n_params = sum(p.numel() for p in model.parameters())
-    vocab = hf_cfg.vocab_size
+    model, n_params, n_trainable = build_model(args.preset, args.mode, args.seq, args.attn)
+    vocab = PRESETS[args.preset]["vocab_size"]
     log(f"{args.preset}/{args.mode} batch {args.batch} seq {args.seq} threads {threads} "
-        f"attn {args.attn} params {n_params} torch {torch.__version__}")
+        f"attn {args.attn} params {n_params} trainable {n_trainable} torch {torch.__version__}")
 
     rng = np.random.default_rng(args.seed)
 
@@ -108,16 +134,17 @@ def main(argv=None) -> dict:
             logits = fwd_model(input_ids=inputs, use_cache=False).logits
         return F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1))
 
-    if args.mode == "full":
+    if args.mode in ("full", "lora"):
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+        trained = [p for p in model.parameters() if p.requires_grad]  # lora: the adapters
+        opt = torch.optim.AdamW(trained, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
                                 weight_decay=args.weight_decay)
 
         def step(inputs, targets):
             loss = loss_of(inputs, targets)
             loss.backward()
             if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                torch.nn.utils.clip_grad_norm_(trained, args.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             return float(loss.detach())
@@ -148,7 +175,11 @@ def main(argv=None) -> dict:
     from ftjax import models, monitor
     from ftjax.train import loop
     ft_cfg = models.preset("llama", size=args.preset, max_position_embeddings=max(4096, args.seq))
-    fpt = loop.flops_per_token(ft_cfg, args.seq, training=args.mode == "full")
+    training = args.mode != "forward"
+    # LoRA's adapters are all dense matmul factors, so their count is the per-token one.
+    adapter_params = float(n_trainable) if args.mode == "lora" else None
+    fpt = loop.flops_per_token(ft_cfg, args.seq, training=training, adapter_params=adapter_params)
+    fpt_6n = loop.flops_per_token(ft_cfg, args.seq, training=training)
     peak, peak_src = monitor.peak_flops_per_device(override=args.peak_flops or None)
 
     median = statistics.median(times)
@@ -160,10 +191,13 @@ def main(argv=None) -> dict:
         "batch": args.batch,
         "seq": args.seq,
         "params": n_params,
+        "trainable_params": n_trainable,
         "step_time_median_s": median,
         "tokens_per_s": tokens_per_s,
         "compile_s": compile_s,
         "mfu": tokens_per_s * fpt / peak,
+        "mfu_6n": tokens_per_s * fpt_6n / peak,
+        "flops_convention": loop.flops_convention(training, adapter_params is not None),
         "peak_rss_mb": rss,
         "step_time_min_s": min(times),
         "step_time_max_s": max(times),
@@ -175,6 +209,7 @@ def main(argv=None) -> dict:
         "attn_implementation": args.attn,
         "torch_compile": bool(args.compile),
         "flops_per_token": fpt,
+        "flops_per_token_6n": fpt_6n,
         "loss_first": loss_first,
         "loss_last": loss_last,
         "backend": "cpu",
@@ -188,6 +223,8 @@ def main(argv=None) -> dict:
         "cpu_count": os.cpu_count(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if args.mode == "lora":
+        row.update(lora_rank=LORA_RANK, lora_alpha=float(LORA_ALPHA))
     print(json.dumps(row), flush=True)
     return row
 

@@ -73,6 +73,8 @@ def test_benchmark_full_tiny_prints_one_sane_json_line():
         assert isinstance(row[k], (int, float)) and math.isfinite(row[k]) and row[k] > 0, (k, row)
     assert row["tokens_per_s"] == pytest.approx(64 / row["step_time_median_s"])
     assert row["mfu"] < 1.5  # a sanity bound on the formula, not a performance claim
+    assert row["flops_convention"] == "6N+attn (PaLM)"  # full: the PaLM figure itself
+    assert row["flops_per_token_6n"] == row["flops_per_token"] and row["mfu_6n"] == row["mfu"]
     assert row["peak_rss_mb"] > 50
     # The real step: random tokens start near log(V), AdamW steps lower the loss, and the old
     # state's buffers were donated.
@@ -87,6 +89,34 @@ def test_torch_reference_presets_mirror_ftjax_sizes():
                 "num_kv_heads": "num_key_value_heads"}
     for size, fields in SIZES.items():
         assert mod.PRESETS[size] == {hf_names.get(k, k): v for k, v in fields.items()}
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+def test_lora_modes_train_the_same_adapters(size):
+    """benchmark_torch.py --mode lora (PEFT) and benchmark.py --mode lora adapt the same
+    kernels at the same rank and alpha, so they train the same number of params."""
+    import functools
+
+    import jax
+
+    from ftjax import models
+    from ftjax.peft import core as peft_core
+    from ftjax.peft.lora import apply_lora
+
+    ft, pt = _load_script("benchmark"), _load_script("benchmark_torch")
+    assert (pt.LORA_RANK, float(pt.LORA_ALPHA)) == (ft.LORA_RANK, ft.LORA_ALPHA)
+    cfg = models.preset("llama", size=size, tie_embeddings=False)
+    # The same modules: each PEFT target name is one ftjax target kernel and back.
+    ft_targets = [p for p in peft_core.weight_paths(models.param_shapes(cfg))
+                  if peft_core.matches(p, peft_core.compile_patterns(ft.LORA_TARGETS))]
+    assert sorted(p.split("/")[-2] for p in ft_targets) == sorted(pt.LORA_TARGETS)
+    transform = functools.partial(apply_lora, rank=ft.LORA_RANK, alpha=ft.LORA_ALPHA,
+                                  targets=ft.LORA_TARGETS)
+    params = jax.eval_shape(transform, models.param_shapes(cfg), jax.random.PRNGKey(0))
+    trainable = peft_core.partition(params, peft_core.trainable_mask(params, ()))[0]
+    _, n_params, n_trainable = pt.build_model(size, "lora", device="meta")  # shapes only
+    assert n_params == analytical_params(size)
+    assert n_trainable == peft_core.count(trainable) > 0
 
 
 def _run_benchmark(*args: str) -> dict:
@@ -127,7 +157,19 @@ def test_benchmark_mixtral_tiny_prints_moe_fields(mode, dispatch):
     assert (row["experts"], row["top_k"], row["expert_intermediate"]) == (8, 2, 512)
     assert row["params"] == params == 17_574_144
     assert row["active_params_per_token"] == active == 8_136_960
-    assert row["flops_per_token"] == pytest.approx(flops, rel=1e-9)  # only active experts
+    if mode == "full":  # PaLM's 6N + attention, only active experts
+        assert row["flops_convention"] == "6N+attn (PaLM)"
+        assert row["flops_per_token"] == pytest.approx(flops, rel=1e-9)
+    else:  # a frozen base: 4N + attention, and 6x the adapters of the k routed experts
+        r, d, f, n_layers, e, k = 16, 256, 512, 4, 8, 2
+        adapters = n_layers * r * ((d + 256) + 2 * (d + 128) + (256 + d)
+                                   + k * (2 * (d + f) + (f + d)))
+        assert row["flops_convention"] == "4N_frozen+6N_trainable+attn"
+        assert row["flops_per_token"] == pytest.approx(
+            flops - 2.0 * (flops - 12.0 * n_layers * seq * 256) / 6.0 + 6.0 * adapters,
+            rel=1e-9)
+    assert row["flops_per_token_6n"] == pytest.approx(flops, rel=1e-9)
+    assert row["mfu_6n"] == pytest.approx(row["mfu"] * flops / row["flops_per_token"])
     assert 0 < row["mfu"] < 1.5 and row["tokens_per_s"] > 0
     # Random init: the loss starts near log(V) and an AdamW step lowers it; the balance loss
     # is ~1 for near-uniform routing (E * sum f_e P_e).

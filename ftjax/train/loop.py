@@ -74,20 +74,102 @@ class TrainResult:
         return self.state.full_params()
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
-    """Model FLOPs per token (PaLM appendix B convention; see monitor.transformer_flops_per_token)."""
-    specs = models.param_specs(cfg)
+# How `flops_per_token` counts (docs/performance.md, "FLOP conventions"): the figure every
+# MFU is computed from, named in the benchmark scripts' JSON lines.
+FLOPS_FULL = "6N+attn (PaLM)"                     # training, every weight trains
+FLOPS_FORWARD = "2N+attn (PaLM forward)"          # forward only (evaluation)
+FLOPS_FROZEN_BASE = "4N_frozen+6N_trainable+attn"  # training over a frozen base (LoRA, QLoRA)
+
+
+def flops_convention(training: bool = True, frozen_base: bool = False) -> str:
+    """The name of the convention `flops_per_token` uses for these arguments."""
+    if not training:
+        return FLOPS_FORWARD
+    return FLOPS_FROZEN_BASE if frozen_base else FLOPS_FULL
+
+
+def _spec_leaves(cfg: ModelConfig) -> list[tuple[str, Any]]:
+    return [(peft_core.path_str(p), s) for p, s in jax.tree_util.tree_flatten_with_path(
+        models.param_specs(cfg), is_leaf=lambda x: isinstance(x, models.transformer.Spec))[0]]
+
+
+def _layer_matmul_params(cfg: ModelConfig) -> float:
+    """Matmul params a token passes through in the layers (k of E experts for MoE)."""
     layer_matmul = 0.0
-    for s in jax.tree.leaves(specs["layers"],
-                             is_leaf=lambda x: isinstance(x, models.transformer.Spec)):
+    for path, s in _spec_leaves(cfg):
+        if not path.startswith("layers/"):
+            continue
         if "expert" in s.axes:  # stacked experts: only k of E run per token
             layer_matmul += np.prod(s.shape) * cfg.num_experts_per_tok / cfg.num_experts
         elif len(s.shape) == 3:
             layer_matmul += np.prod(s.shape)
-    return monitor.transformer_flops_per_token(
-        layer_matmul, cfg.num_layers, cfg.hidden_size, seq_len, n_heads=cfg.num_heads,
-        head_dim=cfg.dim_per_head, lm_head_params=cfg.hidden_size * cfg.vocab_size,
-        training=training)
+    return float(layer_matmul)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True, *,
+                    adapter_params: Optional[float] = None) -> float:
+    """Model FLOPs per token (see monitor.transformer_flops_per_token for N, P_head, L, T, A).
+
+    adapter_params=None (full fine-tuning): PaLM appendix B, every weight trains,
+
+        training = 6·(N + P_head) + 12·L·T·A          ("6N+attn (PaLM)")
+        forward  = 2·(N + P_head) + 4·L·T·A
+
+    adapter_params=n (a frozen base plus adapters, e.g. LoRA / QLoRA; n from
+    `adapter_params_per_token`): what such a step computes. The forward runs every matmul,
+    adapters included (x·A·B costs 2·n per token); the backward needs the activation
+    gradients of every matmul (2·(N + P_head + n)) but weight gradients only for the adapters
+    (2·n); attention has no weights, so its forward and backward stay as in PaLM:
+
+        training = 4·(N + P_head) + 6·n + 12·L·T·A    ("4N_frozen+6N_trainable+attn")
+        forward  = 2·(N + P_head + n) + 4·L·T·A
+
+    Not counted: the embedding lookup, norms, activations, the optimizer, and the frozen-base
+    shortcuts XLA may find (the first layer's input gradient is not needed when the
+    embedding is frozen), so the frozen-base figure is an upper bound by a few percent.
+    """
+    layer_matmul = _layer_matmul_params(cfg)
+    head = cfg.hidden_size * cfg.vocab_size
+    attn_kw = dict(n_heads=cfg.num_heads, head_dim=cfg.dim_per_head, training=training)
+    if adapter_params is None:
+        return monitor.transformer_flops_per_token(
+            layer_matmul, cfg.num_layers, cfg.hidden_size, seq_len, lm_head_params=head,
+            **attn_kw)
+    attention = monitor.transformer_flops_per_token(0, cfg.num_layers, cfg.hidden_size,
+                                                    seq_len, **attn_kw)
+    n = float(adapter_params)
+    if not training:
+        return 2.0 * (layer_matmul + head + n) + attention
+    return 4.0 * (layer_matmul + head) + 6.0 * n + attention
+
+
+def adapter_params_per_token(cfg: ModelConfig, params: Any) -> float:
+    """Per-token matmul params of the trainable fields of the structured (adapter) weights in
+    `params` (a transformed params tree, or its trainable partition; arrays or
+    ShapeDtypeStructs): LoRA's A and B count fully, a stacked expert kernel's adapters
+    k/E (only the routed experts run), adapters of the embedding table not at all (a lookup,
+    not a matmul). Plain trainable leaves (norm scales, heads a trainer adds) are ignored.
+    """
+    specs = dict(_spec_leaves(cfg))
+    total = 0.0
+
+    def one(path, w):
+        nonlocal total
+        if not peft_core.is_structured(w):
+            return w
+        spec = specs.get(path)
+        if spec is not None and spec.axes and spec.axes[0] == "vocab":
+            return w  # the embedding table: looked up
+        trainable = set(w.trainable_fields())
+        n = float(sum(np.prod(x.shape) for name in w.array_fields() if name in trainable
+                      for x in jax.tree.leaves(getattr(w, name))))
+        if spec is not None and "expert" in spec.axes:
+            n *= cfg.num_experts_per_tok / cfg.num_experts
+        total += n
+        return w
+
+    peft_core.map_weights(one, params)
+    return total
 
 
 def _tree_signature_hash(obj: Any) -> str:
@@ -170,6 +252,57 @@ def place_initial_params(run: Run, with_fingerprint: bool = False) -> Any:
     return params, base_fingerprint.fingerprint(abstract, summaries)
 
 
+@dataclasses.dataclass
+class StepSetup:
+    """What the jitted training step of a run is built from, all abstract (nothing placed):
+    the optimizer, the trainable / frozen split, the state's shapes and shardings."""
+    tx: Any
+    schedule: Callable
+    mask: Any                    # bool tree over run.abstract_params: which leaves train
+    train_abstract: Any          # trainable leaves (None elsewhere), ShapeDtypeStructs
+    frozen_abstract: Any         # frozen leaves (None elsewhere)
+    has_frozen: bool
+    abstract_state: TrainState   # ShapeDtypeStructs
+    state_shardings: Any
+    accum_steps: int
+
+
+def step_setup(run: Run) -> StepSetup:
+    """The optimizer, trainable split and abstract state of `run` (as `train` builds them)."""
+    cfg, name = run.cfg, run.name
+    tcfg = SimpleNamespace(**{**DEFAULTS, **cfg.train.to_dict()})
+    accum = int(tcfg.accum_steps)
+    tx, sched = optim.make_optimizer(cfg.optimizer, int(tcfg.steps))
+    if run.method.wrap_optimizer is not None:
+        tx = run.method.wrap_optimizer(tx)
+    full_abstract, placement = run.abstract_params, run.placement
+    sharding.check_batch_divisible(int(tcfg.batch_size), placement.mesh, placement.rules, accum)
+
+    mask = peft_core.trainable_mask(full_abstract, run.train_patterns)
+    mask = param_groups.freeze(mask, cfg.optimizer.get("param_groups", ()))
+    train_abs, frozen_abs = peft_core.partition(full_abstract, mask)
+    if not jax.tree.leaves(train_abs):
+        raise ValueError(f"[{name}] nothing to train: no param matches train_patterns "
+                         f"{list(run.train_patterns)} and no adapter was added")
+    has_frozen = bool(jax.tree.leaves(frozen_abs))
+    abstract_state = jax.eval_shape(
+        lambda t, f: create_state(t, tx, run.seed, f if has_frozen else None),
+        train_abs, frozen_abs)
+    state_sh = sharding.state_shardings(abstract_state, full_abstract, placement.params,
+                                        placement.mesh)
+    return StepSetup(tx=tx, schedule=sched, mask=mask, train_abstract=train_abs,
+                     frozen_abstract=frozen_abs, has_frozen=has_frozen,
+                     abstract_state=abstract_state, state_shardings=state_sh,
+                     accum_steps=accum)
+
+
+def jit_step(run: Run, loss_fn: LossFn, setup: StepSetup):
+    """The run's jitted training step (explicit shardings, donated state)."""
+    return jit_train_step(make_train_step(loss_fn, setup.tx, accum_steps=setup.accum_steps,
+                                          schedule=setup.schedule),
+                          setup.state_shardings, run.placement.batch)
+
+
 def train(run: Run, loss_fn: LossFn, batches: Any, *, eval_batches: Sequence[dict] = (),
           on_eval: Optional[Callable[[int, Any], dict]] = None,
           checkpointer: Optional[Checkpointer] = None) -> TrainResult:
@@ -188,30 +321,16 @@ def train(run: Run, loss_fn: LossFn, batches: Any, *, eval_batches: Sequence[dic
     cfg, name, model_cfg = run.cfg, run.name, run.model_cfg
     tcfg = SimpleNamespace(**{**DEFAULTS, **cfg.train.to_dict()})
     steps = int(tcfg.steps)
-    accum = int(tcfg.accum_steps)
     seed = run.seed
-    tx, sched = optim.make_optimizer(cfg.optimizer, steps)
-    if run.method.wrap_optimizer is not None:
-        tx = run.method.wrap_optimizer(tx)
-    full_abstract, placement = run.abstract_params, run.placement
-    sharding.check_batch_divisible(int(tcfg.batch_size), placement.mesh, placement.rules, accum)
-
-    mask = peft_core.trainable_mask(full_abstract, run.train_patterns)
-    mask = param_groups.freeze(mask, cfg.optimizer.get("param_groups", ()))
-    train_abs, frozen_abs = peft_core.partition(full_abstract, mask)
-    if not jax.tree.leaves(train_abs):
-        raise ValueError(f"[{name}] nothing to train: no param matches train_patterns "
-                         f"{list(run.train_patterns)} and no adapter was added")
-    has_frozen = bool(jax.tree.leaves(frozen_abs))
+    setup = step_setup(run)
+    tx, placement, mask = setup.tx, run.placement, setup.mask
+    train_abs, has_frozen = setup.train_abstract, setup.has_frozen
     # What a checkpoint must match to be resumed: the trainable leaves' paths and shapes.
     sig_leaves = jax.tree_util.tree_flatten_with_path(train_abs)[0]
     signature = {"n": len(sig_leaves), "size": int(sum(x.size for _, x in sig_leaves)),
                  "hash": _tree_signature_hash([(peft_core.path_str(p), list(x.shape))
                                             for p, x in sig_leaves])}
-    abstract_state = jax.eval_shape(
-        lambda t, f: create_state(t, tx, seed, f if has_frozen else None), train_abs, frozen_abs)
-    state_sh = sharding.state_shardings(abstract_state, full_abstract, placement.params,
-                                        placement.mesh)
+    abstract_state, state_sh = setup.abstract_state, setup.state_shardings
     workdir, train_iter = run.workdir, batches
 
     ckpt = checkpointer or Checkpointer(workdir, max_to_keep=tcfg.keep_checkpoints,
@@ -252,8 +371,7 @@ def train(run: Run, loss_fn: LossFn, batches: Any, *, eval_batches: Sequence[dic
                         out_shardings=state_sh)(trainable, frozen)
         del trainable, frozen
 
-    step_fn = jit_train_step(make_train_step(loss_fn, tx, accum_steps=accum, schedule=sched),
-                             state_sh, placement.batch)
+    step_fn = jit_step(run, loss_fn, setup)
     eval_fn = jax.jit(make_eval_step(loss_fn))
 
     writer = monitor.MetricWriter(workdir, tensorboard=bool(tcfg.tensorboard))
