@@ -17,6 +17,8 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
 DTYPES = ("float32", "bfloat16")
 ROUTERS = ("topk_softmax", "softmax_topk")
 MOE_DISPATCHES = ("dropless", "capacity")
+ATTENTION_IMPLS = ("auto", "xla", "blocked", "cudnn")
+MOE_GROUPED_IMPLS = ("auto", "ragged_dot", "blocks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,11 @@ class ModelConfig:
     router_jitter: float = 0.0     # training-only router-input noise x * U(1-eps, 1+eps) (Switch)
     moe_dispatch: str = "dropless"  # "dropless" (ragged, no drops) | "capacity" (fixed slots)
     capacity_factor: float = 1.25  # capacity: C = ceil(cf * tokens_per_sequence * k / E) slots
+    # Dropless expert product: "ragged_dot" (jax.lax.ragged_dot), "blocks" (rows padded to
+    # expert blocks of moe_block_size, one batched matmul), "auto" (blocks on CPU, where
+    # ragged_dot computes every expert over every row; ragged_dot elsewhere).
+    moe_grouped_impl: str = "auto"
+    moe_block_size: int = 128      # "blocks": rows per block (smaller for small batches)
     router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss in the objective
     router_z_loss_coef: float = 0.0    # weight of the router z-loss
 
@@ -62,6 +69,8 @@ class ModelConfig:
     qk_norm: bool = False          # Qwen3: RMSNorm over head_dim on q and k
     sliding_window: Optional[int] = None  # Mistral: keys within the last W positions
     attn_scale: Optional[float] = None    # default head_dim ** -0.5
+    attention_impl: str = "auto"   # the attention core (layers.attention_impl): see ATTENTION_IMPLS
+    attention_block: int = 64      # query rows per block of the "blocked" core
 
     # Positions.
     position: str = "rope"         # "rope" | "learned" (GPT-2)
@@ -99,6 +108,9 @@ class ModelConfig:
         check("rope_scaling", self.rope_scaling, ROPE_SCALINGS)
         check("remat", self.remat, REMAT_POLICIES)
         check("dtype", self.dtype, DTYPES)
+        check("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        if int(self.attention_block) <= 0:
+            errors.append(f"attention_block={self.attention_block} must be positive")
         check("param_dtype", self.param_dtype, DTYPES)
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads"):
@@ -126,6 +138,9 @@ class ModelConfig:
             errors.append(f"router={self.router!r} (allowed: {ROUTERS})")
         if self.moe_dispatch not in MOE_DISPATCHES:
             errors.append(f"moe_dispatch={self.moe_dispatch!r} (allowed: {MOE_DISPATCHES})")
+        if self.moe_grouped_impl not in MOE_GROUPED_IMPLS:
+            errors.append(f"moe_grouped_impl={self.moe_grouped_impl!r} (allowed: "
+                          f"{MOE_GROUPED_IMPLS})")
         if self.num_experts <= 0:  # the numeric MoE fields are unused by dense models
             return errors
         if not 1 <= self.num_experts_per_tok <= self.num_experts:
@@ -136,6 +151,8 @@ class ModelConfig:
                           "positive or None (= intermediate_size)")
         if self.num_shared_experts < 0:
             errors.append(f"num_shared_experts={self.num_shared_experts} must be >= 0")
+        if self.moe_block_size < 1:
+            errors.append(f"moe_block_size={self.moe_block_size} must be >= 1")
         if not self.capacity_factor > 0:
             errors.append(f"capacity_factor={self.capacity_factor} must be positive")
         if not 0.0 <= self.router_jitter < 1.0:
