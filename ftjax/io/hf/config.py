@@ -333,7 +333,8 @@ def config_to_hf(cfg: ModelConfig, *, dtype: str = "float32",
 # Execution choices, and MoE training choices a config.json does not carry (Mixtral's is
 # dropless, without z-loss; its router_jitter_noise must be 0, see _parse_moe).
 _RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "moe_dispatch",
-                   "capacity_factor", "router_jitter", "router_z_loss_coef")
+                   "capacity_factor", "router_jitter", "router_z_loss_coef",
+                   "moe_grouped_impl", "moe_block_size", "attention_impl", "attention_block")
 
 
 def model_config_from_section(fields: dict[str, Any], hf_dir: str,
@@ -342,7 +343,8 @@ def model_config_from_section(fields: dict[str, Any], hf_dir: str,
 
     The architecture comes from the checkpoint's config.json; only the run-time fields
     (dtype, param_dtype, scan_layers, remat, and the MoE choices moe_dispatch,
-    capacity_factor, router_jitter, router_z_loss_coef) come from the config's model section.
+    capacity_factor, router_jitter, router_z_loss_coef, moe_grouped_impl, moe_block_size, and
+    the attention core attention_impl, attention_block) come from the config's model section.
     Section fields that disagree with the checkpoint are overwritten, and each is reported via
     `log`.
     """
