@@ -178,7 +178,7 @@ def _block(lp: Params, h: jax.Array, positions, mask, cfg: ModelConfig, layer_ca
 def apply(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
           positions: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None,
           cache: Optional[dict] = None, return_hidden: bool = False,
-          rng: Optional[jax.Array] = None):
+          rng: Optional[jax.Array] = None, compute_logits: bool = True):
     """Forward pass. tokens [B, T] int -> (logits [B, T, V] float32, aux).
 
     positions: [B, T] position of each token (defaults to 0..T-1, offset by the cache fill).
@@ -186,6 +186,8 @@ def apply(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
     cache: from `init_cache`; the new tokens are written at `cache["index"]` and the updated
       cache is returned in aux["cache"].
     aux also carries "hidden" (final normed hidden states) when `return_hidden`.
+    compute_logits=False skips the LM head (logits None): for losses that fuse it
+      (`train.losses.head_cross_entropy`), which then read aux["hidden"].
     rng: used only for MoE router jitter (cfg.router_jitter > 0); no jitter without it.
     With cfg.num_experts > 0, aux["moe"] holds per-layer routing losses and metrics over the
     real (segment id != 0) tokens: "aux_loss", "z_loss", "dropped", "entropy" [L] and
@@ -242,7 +244,9 @@ def apply(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
         new_kv, moe_stats = jax.tree.map(lambda *x: jnp.stack(x), *outs)
 
     h = layers.norm(params["final_norm"], h, cfg)
-    if cfg.tie_embeddings:
+    if not compute_logits:
+        logits = None
+    elif cfg.tie_embeddings:
         logits = attend(h, params["embed"]["embedding"], dt)
     else:
         logits = linear(h, params["lm_head"]["kernel"], dt)
@@ -250,8 +254,8 @@ def apply(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
     if cache is not None:
         aux["cache"] = {"k": new_kv["k"], "v": new_kv["v"], "segment_ids": k_seg,
                         "index": offset + t}
-    if return_hidden:
+    if return_hidden or not compute_logits:
         aux["hidden"] = h
     if moe_stats is not None:
         aux["moe"] = moe_stats
-    return logits.astype(jnp.float32), aux
+    return (None if logits is None else logits.astype(jnp.float32)), aux

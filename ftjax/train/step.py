@@ -19,14 +19,14 @@ import optax
 from ftjax import models
 from ftjax.models.config import ModelConfig
 from ftjax.models.moe import MOE_STATS, add_moe_losses  # noqa: F401 (re-exported)
-from ftjax.train.losses import token_cross_entropy
+from ftjax.train.losses import head_cross_entropy, token_cross_entropy
 from ftjax.train.state import TrainState
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 
 
 def sft_loss(model_cfg: ModelConfig, z_loss: float = 0.0, apply_fn=None,
-             bind_rng=None) -> LossFn:
+             bind_rng=None, fused_head: bool = True) -> LossFn:
     """Next-token cross-entropy on the masked (completion) tokens, plus optional z-loss.
 
     apply_fn: replaces `models.apply` (same signature), for PEFT methods that change what the
@@ -34,7 +34,11 @@ def sft_loss(model_cfg: ModelConfig, z_loss: float = 0.0, apply_fn=None,
     the loss gets an rng (training steps; evaluation passes None), e.g. LoRA dropout.
     MoE models (num_experts > 0) add the router losses (`add_moe_losses`); the rng reaches
     `apply` (router jitter) only when model_cfg.router_jitter > 0.
+    fused_head: with the plain `models.apply` and an unadapted (plain array) LM head, the head
+    and the cross-entropy run as one step (`losses.head_cross_entropy`): same sums, no
+    [B, T, V] logits kept for the backward. False: logits, then `token_cross_entropy`.
     """
+    fused_ok = fused_head and apply_fn in (None, models.apply)
     apply_fn = apply_fn or models.apply
     jitter = model_cfg.num_experts > 0 and model_cfg.router_jitter > 0
 
@@ -42,13 +46,39 @@ def sft_loss(model_cfg: ModelConfig, z_loss: float = 0.0, apply_fn=None,
         if bind_rng is not None and rng is not None:
             params = bind_rng(params, rng)
         kw = {"rng": jax.random.fold_in(rng, 1)} if jitter and rng is not None else {}
+        head = _plain_head(params, model_cfg) if fused_ok else None
+        if head is not None:
+            kw["compute_logits"] = False
         logits, aux = apply_fn(params, model_cfg, batch["inputs"],
                                positions=batch.get("positions"),
                                segment_ids=batch.get("segment_ids"), **kw)
-        s = token_cross_entropy(logits, batch["targets"], batch["loss_mask"])
-        return add_moe_losses(s["nll"] + z_loss * s["z"], s, aux, model_cfg)
+        if head is not None:
+            s = head_cross_entropy(aux["hidden"], head, batch["targets"], batch["loss_mask"],
+                                   tied=model_cfg.tie_embeddings, z_loss=z_loss,
+                                   chunks=head_chunks(aux["hidden"].shape, model_cfg))
+            objective = s.pop("objective")
+        else:
+            s = token_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+            objective = s["nll"] + z_loss * s["z"]
+        return add_moe_losses(objective, s, aux, model_cfg)
 
     return loss_fn
+
+
+def _plain_head(params, model_cfg: ModelConfig):
+    """The LM head weight when it is a plain array (not adapted or quantized), else None."""
+    w = (params["embed"]["embedding"] if model_cfg.tie_embeddings
+         else params.get("lm_head", {}).get("kernel"))
+    return w if isinstance(w, jax.Array) else None
+
+
+# The fused head works on [B, T/chunks, V] float32 logits at a time: about this many bytes.
+HEAD_CHUNK_BYTES = 64 * 2**20
+
+
+def head_chunks(hidden_shape, model_cfg: ModelConfig) -> int:
+    b, t, _ = hidden_shape
+    return max(1, min(t, -(-b * t * model_cfg.vocab_size * 4 // HEAD_CHUNK_BYTES)))
 
 
 def split_microbatches(batch: dict, accum_steps: int) -> dict:
