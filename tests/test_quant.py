@@ -98,6 +98,98 @@ def test_backward_keeps_codes_not_the_dequantized_weight(capsys):
         assert ("u8[64,96]" if isinstance(q, quant.NF4Weight) else "i8[128,96]") in saved
 
 
+def _quantized_cases():
+    """(name, quantized weight, dense dequantized twin, group_sizes or None, x): plain and
+    padded NF4, int8, and stacked experts (ragged and batched) of both kinds."""
+    k = jax.random.split(jax.random.PRNGKey(7), 6)
+    w = jax.random.normal(k[0], (128, 96)) * 0.1
+    wp = jax.random.normal(k[1], (40, 24)) * 0.1
+    we = jax.random.normal(k[2], (3, 64, 32)) * 0.1
+    x, xp = jax.random.normal(k[3], (2, 5, 128)), jax.random.normal(k[4], (3, 40))
+    xr, xb = jax.random.normal(k[5], (9, 64)), jax.random.normal(k[5], (3, 4, 64))
+    gs = jnp.array([4, 0, 5], jnp.int32)
+    for name, q, xx, g in (("nf4", quant.quantize_nf4(w), x, None),
+                           ("nf4-pad-single", quant.quantize_nf4(wp, double_quant=False), xp, None),
+                           ("int8", quant.quantize_int8(w), x, None),
+                           ("nf4-experts-ragged", quant.quantize_nf4(we), xr, gs),
+                           ("nf4-experts-batched", quant.quantize_nf4(we), xb, None),
+                           ("int8-experts-ragged", quant.quantize_int8(we), xr, gs),
+                           ("int8-experts-batched", quant.quantize_int8(we), xb, None)):
+        yield name, q, q.materialize(), g, xx
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_quantized_product_and_gradients_equal_dequantize_then_matmul(case):
+    # Forward and every gradient (input, LoRA a and b) of the quantized product equal plain
+    # autodiff through the dequantized dense weight, to float32 round-off.
+    name, q, dense, gs, x = list(_quantized_cases())[case]
+    experts = "experts" in name
+    n_in, n_out = dense.shape[-2:]
+    lead = dense.shape[:-2]
+    a = jax.random.normal(jax.random.PRNGKey(1), lead + (n_in, 3)) * 0.1
+    b = jax.random.normal(jax.random.PRNGKey(2), lead + (3, n_out)) * 0.1
+
+    def loss(base, x, a, b):
+        lw = LoRAWeight(base=base, a=a, b=b, scale=2.0)
+        y = core.expert_linear(x, lw, gs) if experts else core.linear(x, lw)
+        return jnp.sum(jnp.sin(y) * jnp.arange(y.shape[-1]) / y.shape[-1]), y
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True))
+    (v, y), g = grad(q, x, a, b)
+    (v_ref, y_ref), g_ref = grad(dense, x, a, b)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(v, v_ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(g, g_ref):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # The bare base product too (no adapter), and its input gradient.
+    bare = lambda w, x: jnp.sum(jnp.cos(core.expert_linear(x, w, gs) if experts
+                                        else core.linear(x, w)))
+    np.testing.assert_allclose(jax.jit(jax.grad(bare, argnums=1))(q, x),
+                               jax.jit(jax.grad(bare, argnums=1))(dense, x), rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_base_gets_no_weight_gradient_product():
+    # Differentiating with respect to the whole weight, quantized base included, still
+    # computes no [in, out] weight-gradient product for the frozen base: its float fields
+    # (block scales) get zero cotangents and the backward only dequantizes and multiplies.
+    w = jax.random.normal(jax.random.PRNGKey(0), (128, 96))
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 128))
+    for q in (quant.quantize_nf4(w), quant.quantize_int8(w)):
+        lw = LoRAWeight(base=q, a=jnp.ones((128, 2)), b=jnp.ones((2, 96)))
+        f = jax.jit(jax.grad(lambda lw, x: lw.matmul(x).sum(), argnums=(0, 1), allow_int=True))
+        hlo = f.lower(lw, x).compile().as_text()
+        assert " f32[128,96]{1,0} dot(" not in hlo and " f32[96,128]{1,0} dot(" not in hlo
+        g_lw, _ = f(lw, x)
+        for leaf in jax.tree.leaves(g_lw.base):
+            if jnp.issubdtype(leaf.dtype, jnp.floating):
+                assert not np.any(np.asarray(leaf))
+        assert float(jnp.abs(g_lw.a).max()) > 0
+
+
+@pytest.mark.parametrize("kind", quant.KINDS)
+def test_qlora_model_gradients_equal_lora_on_the_dequantized_base(kind):
+    # The whole model (scanned layers): QLoRA's loss and adapter gradients equal LoRA's over
+    # the dense dequantized base with the same factors.
+    mcfg, params = _tiny()
+    key = jax.random.PRNGKey(1)
+    ql = apply_qlora(params, key, rank=4, quant_kind=kind)
+    ref = apply_lora(core.merge(quant.quantize_params(params, kind=kind)), key, rank=4)
+    toks = jax.random.randint(jax.random.PRNGKey(2), (2, 9), 0, mcfg.vocab_size)
+    batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:],
+             "loss_mask": jnp.ones((2, 8), jnp.float32)}
+    loss = sft_loss(mcfg)
+    out = []
+    for tree in (ql, ref):
+        trainable, frozen = core.partition(tree, core.trainable_mask(tree, ()))
+        trainable = jax.tree.map(lambda x: x + 0.05, trainable)  # b != 0
+        f = jax.jit(jax.value_and_grad(lambda t: loss(core.combine(t, frozen), batch, None)[0]))
+        out.append(f(trainable))
+    (v, g), (v_ref, g_ref) = out
+    np.testing.assert_allclose(v, v_ref, rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
 def test_stacked_quantization_slices_per_layer():
     w = jax.random.normal(jax.random.PRNGKey(3), (3, 64, 48)).astype(jnp.bfloat16)
     for kind in quant.KINDS:

@@ -86,21 +86,60 @@ def nearest_code(x: jax.Array, code: np.ndarray) -> jax.Array:
     return jnp.searchsorted(jnp.asarray(_midpoints(code)), x, side="left")
 
 
-@jax.checkpoint
-def _dequant_matmul(x: jax.Array, w: StructuredWeight) -> jax.Array:
-    """x @ deq(w), rematerialized: the backward pass dequantizes again (as bitsandbytes'
-    MatMul4Bit does) instead of saving the dense weight as a residual, which under lax.scan
-    would keep a dense copy of every layer alive until the backward pass."""
+def _product(x: jax.Array, w: StructuredWeight, group_sizes, experts: bool) -> jax.Array:
+    """x @ deq(w), dequantizing inside the traced product: the dense weight of one matrix (one
+    layer's slice under lax.scan) is an XLA temporary of this op, never a param or a residual.
+    experts False: x [.., in] times [in, out]; True: `expert_linear` over [E, in, out]
+    (group_sizes None: batched x [E, C, in]; [E] int32: ragged rows x [N, in])."""
+    if experts:
+        return expert_linear(x, w.dequantize(x.dtype), group_sizes, x.dtype)
     if isinstance(w, Int8Weight):
         return w._matmul(x)
     return jnp.einsum("...i,io->...o", x, w.dequantize(x.dtype))
 
 
-@jax.checkpoint
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _quantized_product(x, w, group_sizes, experts):
+    return _product(x, w, group_sizes, experts)
+
+
+def _quantized_product_fwd(x, w, group_sizes, experts):
+    # Residuals: the quantized fields as stored (codes and block scales), not x (the product
+    # is linear in x) and never the dequantized weight.
+    return _product(x, w, group_sizes, experts), (w, group_sizes)
+
+
+def _quantized_product_bwd(experts, res, g):
+    # The frozen base needs no gradient, so the backward only dequantizes again and multiplies:
+    # dx is the transpose of the forward product in x (what autodiff of dequantize-then-matmul
+    # gives for x); the quantized fields get zero cotangents, and no [in, out] weight-gradient
+    # product is formed even when the base is differentiated. (bitsandbytes' MatMul4Bit does
+    # the same.) x's shape: g's with the last axis the weight's `in`; its dtype is g's.
+    w, group_sizes = res
+    x_aval = jax.ShapeDtypeStruct(g.shape[:-1] + (w.shape[-2],), g.dtype)
+    product = lambda x: _product(x, w, group_sizes, experts)
+    if not experts:
+        (dx,) = jax.linear_transpose(product, x_aval)(g)
+    else:  # grouped products may carry their own custom VJP (no transpose rule): the VJP at
+        # x = 0 (the product is linear in x); its unused forward and the weight cotangent it
+        # may compute are dead code that XLA removes under jit
+        dx = jax.vjp(product, jnp.zeros(x_aval.shape, x_aval.dtype))[1](g)[0]
+    return dx, None, None
+
+
+_quantized_product.defvjp(_quantized_product_fwd, _quantized_product_bwd)
+
+
+def _dequant_matmul(x: jax.Array, w: StructuredWeight) -> jax.Array:
+    """x [.., in] @ deq(w) [in, out]; the backward dequantizes again (`_quantized_product_bwd`),
+    so under lax.scan no dense copy of any layer is kept for the backward pass."""
+    return _quantized_product(x, w, None, False)
+
+
 def _dequant_expert_matmul(x: jax.Array, w: StructuredWeight, group_sizes) -> jax.Array:
-    """Per-expert product with dequantized stacked experts [E, in, out], rematerialized like
-    `_dequant_matmul` so no dense copy is kept for the backward pass."""
-    return expert_linear(x, w.dequantize(x.dtype), group_sizes, x.dtype)
+    """Per-expert product with dequantized stacked experts [E, in, out] (`expert_linear`),
+    with the same backward as `_dequant_matmul`."""
+    return _quantized_product(x, w, group_sizes, True)
 
 
 def _safe(s: jax.Array) -> jax.Array:
