@@ -116,7 +116,35 @@ def linear(x: jax.Array, w: Any, dtype=None) -> jax.Array:
         return w.matmul(x)
     if dtype is not None:
         w = w.astype(dtype)
+    return dense(x, w)
+
+
+@jax.custom_vjp
+def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., in] @ w [in, out], with the textbook backward: dx = dy w^T, dw = x^T dy.
+
+    The same products autodiff forms; the difference is an optimization barrier on dy. Without
+    it, XLA:CPU fuses the elementwise producer of dy (e.g. SiLU's derivative) into the
+    transposed copy that feeds dw's product, and that fusion runs several times slower than the
+    products themselves (docs/performance.md). When w is not differentiated (a frozen base),
+    dw is unused and XLA drops its product.
+    """
     return jnp.einsum("...i,io->...o", x, w)
+
+
+def _dense_fwd(x, w):
+    return dense(x, w), (x, w)
+
+
+def _dense_bwd(res, dy):
+    x, w = res
+    dy = jax.lax.optimization_barrier(dy)
+    dx = jnp.einsum("...o,io->...i", dy, w)
+    dw = jnp.einsum("...i,...o->io", x, dy)
+    return dx, dw
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def expert_linear(x: jax.Array, w: Any, group_sizes: Optional[jax.Array] = None,
