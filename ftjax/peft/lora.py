@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax.peft.core import (StructuredWeight, embed, expert_linear, linear, map_weights,
+from ftjax.peft.core import (StructuredWeight, dense, embed, expert_linear, linear, map_weights,
                              materialize, select_targets, unwrap, weight_paths)
 from ftjax.peft.method import Method, register
 
@@ -54,10 +54,9 @@ class LoRAWeight(StructuredWeight):
     def matmul(self, x):
         dt = x.dtype
         xa = self._dropped(x)
+        # Factored (x a) b, never a b; `dense` keeps XLA:CPU's backward fast (see its doc).
         return (linear(x, self.base, dt)
-                + self.scale * jnp.einsum("...r,ro->...o",
-                                          jnp.einsum("...i,ir->...r", xa, self.a.astype(dt)),
-                                          self.b.astype(dt)))
+                + self.scale * dense(dense(xa, self.a.astype(dt)), self.b.astype(dt)))
 
     def expert_matmul(self, x, group_sizes):
         """Per-expert base product plus s * (x a_e) b_e, never materialising a_e b_e."""
