@@ -392,13 +392,16 @@ def run_moe_steps(c, batches, devices=None, rules="fsdp", mesh=None):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rules,mesh,dispatch", [
-    ("ep", {"data": 2, "expert": 4}, "dropless"),
+    ("ep", {"data": 2, "expert": 4}, "dropless"),             # expert blocks (auto on CPU)
+    ("ep", {"data": 2, "expert": 4}, "dropless:ragged_dot"),
     ("ep", {"data": 2, "expert": 4}, "capacity"),
     ("fsdp", {"data": 1, "fsdp": 8}, "dropless")])
 def test_sharded_moe_training_equals_single_device(rules, mesh, dispatch):
     if jax.device_count() < 8:
         pytest.skip("needs 8 (fake) devices")
-    c = moe_config(steps=3, moe_dispatch=dispatch, capacity_factor=1.0)
+    dispatch, _, impl = dispatch.partition(":")
+    c = moe_config(steps=3, moe_dispatch=dispatch, capacity_factor=1.0,
+                   moe_grouped_impl=impl or "auto")
     batches = [random_batch(20 + i) for i in range(3)]
     ref, ref_aux, pref = run_moe_steps(c, batches, devices=jax.devices()[:1], mesh={"data": 1})
     out, out_aux, pout = run_moe_steps(c, batches, rules=rules, mesh=mesh)

@@ -6,8 +6,11 @@ stacked [E, in, out] and multiplied through `ftjax.peft.core.expert_linear`, so 
 quantized bases work on experts exactly as on dense kernels.
 
 Dispatch (see docs/moe.md):
-  dropless  the N*k (token, expert) assignments are sorted by expert and multiplied with one
-            ragged product per weight (`jax.lax.ragged_dot`); nothing is ever dropped.
+  dropless  the N*k (token, expert) assignments are grouped by expert and multiplied with one
+            grouped product per weight; nothing is ever dropped. `moe_grouped_impl` picks the
+            product: `jax.lax.ragged_dot` on group sizes, or (CPU default) expert blocks, each
+            expert's rows padded to whole blocks and one batched matmul of every block with
+            its expert's weight, so the work is ~ the assigned rows, not E times them.
   capacity  every expert has C = ceil(capacity_factor * T * k / E) slots per sequence of T
             tokens (capped at T); first choices claim slots before second choices, each in
             token order, and assignments beyond C are dropped (the token keeps its residual).
@@ -26,7 +29,7 @@ import jax.numpy as jnp
 
 from ftjax.models import layers
 from ftjax.models.config import ModelConfig
-from ftjax.peft.core import expert_linear, linear
+from ftjax.peft.core import ExpertBlocks, expert_linear, linear
 
 Params = dict[str, Any]
 
@@ -65,9 +68,9 @@ def route(router_kernel: Any, x: jax.Array, cfg: ModelConfig,
     return Routing(indices.astype(jnp.int32), weights, probs, logits)
 
 
-def expert_ffn(p: Params, x: jax.Array, cfg: ModelConfig,
-               group_sizes: Optional[jax.Array] = None) -> jax.Array:
-    """The expert MLPs on x [N, d] sorted by expert (ragged) or [E, C, d] (batched)."""
+def expert_ffn(p: Params, x: jax.Array, cfg: ModelConfig, group_sizes: Any = None) -> jax.Array:
+    """The expert MLPs on x [N, d] sorted by expert (ragged: group sizes [E]; or in expert
+    blocks: ExpertBlocks) or [E, C, d] (batched: None)."""
     dt = x.dtype
 
     def proj(name, h):
@@ -80,16 +83,67 @@ def expert_ffn(p: Params, x: jax.Array, cfg: ModelConfig,
     return proj("down_proj", h)
 
 
+def grouped_impl(cfg: ModelConfig) -> str:
+    """The dropless expert product: cfg.moe_grouped_impl, with "auto" resolved to "blocks" on
+    CPU (XLA's generic `ragged_dot` lowering computes all E experts over every row there) and
+    to "ragged_dot" on other backends (native grouped GEMMs)."""
+    if cfg.moe_grouped_impl != "auto":
+        return cfg.moe_grouped_impl
+    return "blocks" if jax.default_backend() == "cpu" else "ragged_dot"
+
+
+def block_size(cfg: ModelConfig, rows: int) -> int:
+    """Rows per expert block for `rows` assignments: cfg.moe_block_size, or for small batches
+    the power of two >= rows / E (so a decode step does not pad every expert to a full block)."""
+    per_expert = -(-rows // cfg.num_experts)
+    return max(1, min(cfg.moe_block_size, 1 << (per_expert - 1).bit_length()))
+
+
+def block_layout(flat: jax.Array, num_experts: int, block: int
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Places R assignments (expert ids `flat` [R]) in expert blocks of `block` rows.
+
+    Each expert's assignments (in their order in `flat`) fill ceil(count / block) consecutive
+    blocks, experts in order, the rest of their last block zero rows. The number of blocks is
+    static: ceil(R / block) + E bounds sum_e ceil(count_e / block); unused blocks at the end
+    are zero rows too. Returns (position [R] of each assignment's row, source [P] = the
+    assignment in each of the P = n_blocks * block rows or R for a zero row, block_expert
+    [n_blocks]).
+    """
+    r = flat.shape[0]
+    n_blocks = -(-r // block) + num_experts
+    counts = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    padded = -(-counts // block) * block
+    start = jnp.cumsum(padded) - padded                                  # [E] first padded row
+    hot = jax.nn.one_hot(flat, num_experts, dtype=jnp.int32)             # [R, E]
+    rank = jnp.sum((jnp.cumsum(hot, axis=0) - 1) * hot, axis=-1)        # index within expert
+    position = (start[flat] + rank).astype(jnp.int32)
+    source = jnp.full((n_blocks * block,), r, jnp.int32).at[position].set(
+        jnp.arange(r, dtype=jnp.int32), unique_indices=True)
+    ends = jnp.cumsum(padded)
+    block_expert = jnp.searchsorted(ends, jnp.arange(n_blocks, dtype=jnp.int32) * block,
+                                    side="right")
+    return position, source, jnp.minimum(block_expert, num_experts - 1).astype(jnp.int32)
+
+
 def dropless(p: Params, x: jax.Array, r: Routing, valid: jax.Array,
              cfg: ModelConfig) -> jax.Array:
-    """Every assignment computed: x [N, d] -> [N, d] with one ragged product per weight."""
+    """Every assignment computed: x [N, d] -> [N, d], rows grouped by expert for one grouped
+    product per weight (`ragged_dot` on group sizes, or expert blocks, see `grouped_impl`)."""
     n, k = r.indices.shape
     flat = r.indices.reshape(-1)
-    order = jnp.argsort(flat, stable=True)                  # assignments grouped by expert
-    group_sizes = jnp.bincount(flat, length=cfg.num_experts).astype(jnp.int32)
-    ys = expert_ffn(p, jnp.take(x, order // k, axis=0), cfg, group_sizes)
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
-    ys = jnp.take(ys, inverse, axis=0).reshape(n, k, -1)    # back to [token, choice]
+    if grouped_impl(cfg) == "blocks":
+        position, source, block_expert = block_layout(flat, cfg.num_experts,
+                                                      block_size(cfg, n * k))
+        xs = jnp.take(x, source // k, axis=0, mode="fill", fill_value=0)  # zero rows: source R
+        ys = expert_ffn(p, xs, cfg, ExpertBlocks(block_expert))
+        ys = jnp.take(ys, position, axis=0).reshape(n, k, -1)
+    else:
+        order = jnp.argsort(flat, stable=True)                  # assignments grouped by expert
+        group_sizes = jnp.bincount(flat, length=cfg.num_experts).astype(jnp.int32)
+        ys = expert_ffn(p, jnp.take(x, order // k, axis=0), cfg, group_sizes)
+        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
+        ys = jnp.take(ys, inverse, axis=0).reshape(n, k, -1)    # back to [token, choice]
     w = (r.weights * valid[:, None]).astype(x.dtype)
     return jnp.einsum("nkd,nk->nd", ys, w)
 

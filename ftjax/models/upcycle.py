@@ -29,7 +29,7 @@ Params = dict[str, Any]
 # ModelConfig fields `upcycle(..., **moe_fields)` may set besides num_experts/_per_tok.
 MOE_FIELDS = ("expert_intermediate_size", "num_shared_experts", "router", "router_renormalize",
               "router_jitter", "moe_dispatch", "capacity_factor", "router_aux_loss_coef",
-              "router_z_loss_coef")
+              "router_z_loss_coef", "moe_grouped_impl", "moe_block_size")
 
 # `model.upcycle` section field -> ModelConfig field (the rest are upcycling's own knobs).
 SECTION_TO_CONFIG = {"num_experts": "num_experts", "top_k": "num_experts_per_tok",

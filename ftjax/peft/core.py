@@ -26,7 +26,7 @@ class StructuredWeight(abc.ABC):
     def matmul(self, x: jax.Array) -> jax.Array:
         """Returns x @ W for x [..., in] and W the logical [in, out] weight."""
 
-    def expert_matmul(self, x: jax.Array, group_sizes: Optional[jax.Array]) -> jax.Array:
+    def expert_matmul(self, x: jax.Array, group_sizes: Any) -> jax.Array:
         """Per-expert product for stacked expert weights [E, in, out] (see `expert_linear`).
 
         The default multiplies by the dense `materialize()`d weight, so every structured weight
@@ -147,13 +147,79 @@ def _dense_bwd(res, dy):
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-def expert_linear(x: jax.Array, w: Any, group_sizes: Optional[jax.Array] = None,
-                  dtype=None) -> jax.Array:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ExpertBlocks:
+    """Rows sorted by expert and zero-padded so that every block of `block` rows belongs to one
+    expert: x [n_blocks * block, in], block i of expert `block_expert[i]`. The block size is
+    x.shape[0] // n_blocks. Built by `ftjax.models.moe.block_layout`; passed wherever a
+    ragged product takes `group_sizes`."""
+    block_expert: jax.Array  # [n_blocks] int32
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array, groups: Any = None) -> jax.Array:
+    """The per-expert product with a dense stack w [E, in, out], in one of three layouts.
+
+    groups None: x [E, C, in] -> [E, C, out] (batched, capacity mode).
+    groups [E] int32 group sizes: x [N, in] rows sorted by expert -> [N, out], one
+      `jax.lax.ragged_dot` (fast where the backend has a native grouped GEMM; XLA's generic
+      lowering, used on CPU, computes every expert over every row).
+    groups ExpertBlocks: x [n_blocks * block, in] -> [.., out] as a batched product of each
+      block with its expert's weight, [n_blocks, block, in] x w[block_expert]: the work is the
+      (padded) rows, not E times them.
+    Each output row is the same dot product in every layout (float32 round-off apart).
+    """
+    if groups is None:
+        if x.ndim != 3 or x.shape[0] != w.shape[0]:
+            raise ValueError(f"batched expert_linear needs x [E={w.shape[0]}, C, in], got "
+                             f"{x.shape}")
+        return jnp.einsum("eci,eio->eco", x, w)
+    if isinstance(groups, ExpertBlocks):
+        nb = groups.block_expert.shape[0]
+        if x.ndim != 2 or x.shape[0] % nb:
+            raise ValueError(f"blocked expert_linear needs x [n_blocks={nb} * block, in], got "
+                             f"{x.shape}")
+        xb = x.reshape(nb, x.shape[0] // nb, x.shape[1])
+        y = _block_matmul(xb, w, groups.block_expert.astype(jnp.int32))
+        return y.reshape(x.shape[0], w.shape[-1])
+    if x.ndim != 2 or groups.shape != (w.shape[0],):
+        raise ValueError(f"ragged expert_linear needs x [N, in] and group_sizes [E={w.shape[0]}],"
+                         f" got {x.shape} and {groups.shape}")
+    return jax.lax.ragged_dot(x, w, groups.astype(jnp.int32))
+
+
+@jax.custom_vjp
+def _block_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array) -> jax.Array:
+    """x [nb, block, in] times w[block_expert] [nb, in, out]. The custom VJP keeps x and w (not
+    the gathered [nb, in, out] copy, nb / E times the weights' size) for the backward pass,
+    and sums the per-block weight gradients per expert."""
+    return jnp.einsum("bri,bio->bro", x, jnp.take(w, block_expert, axis=0, mode="clip"))
+
+
+def _block_matmul_fwd(x, w, block_expert):
+    return _block_matmul(x, w, block_expert), (x, w, block_expert)
+
+
+def _block_matmul_bwd(res, dy):
+    x, w, block_expert = res
+    dx = jnp.einsum("bro,bio->bri", dy, jnp.take(w, block_expert, axis=0, mode="clip"))
+    dw_blocks = jnp.einsum("bri,bro->bio", x, dy, preferred_element_type=jnp.float32)
+    dw = jax.ops.segment_sum(dw_blocks, block_expert, num_segments=w.shape[0],
+                             indices_are_sorted=True)
+    return dx, dw.astype(w.dtype), None
+
+
+_block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
+
+
+def expert_linear(x: jax.Array, w: Any, group_sizes: Any = None, dtype=None) -> jax.Array:
     """Per-expert product with w [E, in, out] (plain array or structured weight).
 
     group_sizes None: x [E, C, in] -> [E, C, out] (batched, capacity mode).
     group_sizes [E] int32: x [N, in] rows sorted by expert -> [N, out] (ragged, dropless;
     rows group_sizes[0] .. belong to expert 0, and so on; `jax.lax.ragged_dot`).
+    group_sizes ExpertBlocks: x [n_blocks * block, in] in expert blocks (dropless on CPU).
+    See `grouped_matmul`; structured weights get the same argument in `expert_matmul`.
     """
     if isinstance(w, StructuredWeight):
         return w.expert_matmul(x, group_sizes)
@@ -166,15 +232,7 @@ def _dense_expert_linear(x, w, group_sizes, dtype):
                          f"{w.shape}")
     if dtype is not None:
         w = w.astype(dtype)
-    if group_sizes is None:
-        if x.ndim != 3 or x.shape[0] != w.shape[0]:
-            raise ValueError(f"batched expert_linear needs x [E={w.shape[0]}, C, in], got "
-                             f"{x.shape}")
-        return jnp.einsum("eci,eio->eco", x, w)
-    if x.ndim != 2 or group_sizes.shape != (w.shape[0],):
-        raise ValueError(f"ragged expert_linear needs x [N, in] and group_sizes [E={w.shape[0]}],"
-                         f" got {x.shape} and {group_sizes.shape}")
-    return jax.lax.ragged_dot(x, w, group_sizes.astype(jnp.int32))
+    return grouped_matmul(x, w, group_sizes)
 
 
 def embed(ids: jax.Array, w: Any, dtype=None) -> jax.Array:

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax.peft.core import (StructuredWeight, dense, embed, expert_linear, linear, map_weights,
-                             materialize, select_targets, unwrap, weight_paths)
+from ftjax.peft.core import (StructuredWeight, dense, embed, expert_linear, grouped_matmul,
+                             linear, map_weights, materialize, select_targets, unwrap, weight_paths)
 from ftjax.peft.method import Method, register
 
 RANK_AXIS = "lora_rank"
@@ -63,10 +63,8 @@ class LoRAWeight(StructuredWeight):
         dt = x.dtype
         xa = self._dropped(x)
         a, b = self.a.astype(dt), self.b.astype(dt)
-        if group_sizes is None:  # x [E, C, in]
-            delta = jnp.einsum("ecr,ero->eco", jnp.einsum("eci,eir->ecr", xa, a), b)
-        else:                    # x [N, in], rows sorted by expert
-            delta = jax.lax.ragged_dot(jax.lax.ragged_dot(xa, a, group_sizes), b, group_sizes)
+        # x [E, C, in] (batched), or rows sorted by expert (ragged or in expert blocks)
+        delta = grouped_matmul(grouped_matmul(xa, a, group_sizes), b, group_sizes)
         return expert_linear(x, self.base, group_sizes, dt) + self.scale * delta
 
     def lookup(self, ids):
