@@ -534,3 +534,28 @@ def peak_rss_mb() -> float:
     """Peak resident memory of this process in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def vm_hwm_mb() -> float | None:
+    """Peak resident memory in MiB as Linux's /proc/self/status VmHWM reports it (the figure
+    that `reset_peak_rss` restarts; ru_maxrss is not reset), or None on other systems."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Restarts the peak-RSS count from the current resident size (Linux: writes 5 to
+    /proc/self/clear_refs, which resets VmHWM), so that a later `vm_hwm_mb` measures one phase (e.g. the training steps, not the float32 init a quantized model was
+    made from). Returns False where that is not possible (other systems, no permission)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

@@ -21,7 +21,8 @@ attention (`loop.flops_per_token(adapter_params=...)`). `mfu_6n` / `flops_per_to
 always the PaLM figures, comparable with older runs (docs/performance.md, "FLOP conventions").
 Only the JSON line goes to stdout; logs go to stderr. See docs/performance.md.
 
-MoE presets (mixtral-*) take `--dispatch dropless|capacity` and `--capacity-factor`; LoRA then
+MoE presets (mixtral-*) take `--dispatch dropless|capacity`, `--capacity-factor`, and for
+dropless `--grouped-impl auto|ragged_dot|blocks` and `--block-size` (docs/moe.md); LoRA then
 adapts the attention projections and the stacked expert kernels (the router stays frozen).
 Their JSON adds `dispatch experts top_k active_params_per_token` (embeddings included, only
 k of E experts counted, Mixtral's convention), `moe_dropped` / `moe_aux_loss` of the last
@@ -49,6 +50,7 @@ MOE_PRESETS = {
 }
 PRESETS = ("tiny", "small") + tuple(MOE_PRESETS)
 DISPATCHES = ("dropless", "capacity")
+GROUPED_IMPLS = ("auto", "ragged_dot", "blocks")
 MODES = ("full", "forward", "lora", "qlora")
 # LoRA / QLoRA preset: rank 16, alpha 32 on every attention and MLP projection, AdamW.
 LORA_RANK, LORA_ALPHA = 16, 32.0
@@ -63,6 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mode", choices=MODES, default="full")
     p.add_argument("--dispatch", choices=DISPATCHES, default=None,
                    help="MoE presets: token dispatch (default dropless)")
+    p.add_argument("--grouped-impl", choices=GROUPED_IMPLS, default=None,
+                   help="MoE presets, dropless: the expert product (default auto: blocks on CPU)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="MoE presets, --grouped-impl blocks/auto: rows per expert block (128)")
     p.add_argument("--capacity-factor", type=float, default=None,
                    help="MoE presets, capacity dispatch: slots C = ceil(cf * T * k / E) "
                         "(default 1.25)")
@@ -74,6 +80,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="remat policy: none | full | dots | dots_no_batch | save_attn_out")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype (params and optimizer state stay float32)")
+    p.add_argument("--attention-impl", default="auto",
+                   choices=("auto", "xla", "blocked", "cudnn"),
+                   help="attention core (ModelConfig.attention_impl; auto: blocked on CPU)")
+    p.add_argument("--fused-head", type=int, default=1, choices=(0, 1),
+                   help="1: LM head fused with the cross-entropy (the SFT default); 0: logits, "
+                        "then token_cross_entropy")
     p.add_argument("--scan-layers", type=int, default=1, choices=(0, 1),
                    help="1: lax.scan over stacked layers (default); 0: unrolled layers")
     p.add_argument("--devices", type=int, default=0,
@@ -100,7 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
     if args.preset not in MOE_PRESETS:
-        for flag in ("dispatch", "capacity_factor"):
+        for flag in ("dispatch", "capacity_factor", "grouped_impl", "block_size"):
             if getattr(args, flag) is not None:
                 p.error(f"--{flag.replace('_', '-')} applies to MoE presets only "
                         f"({', '.join(MOE_PRESETS)}), not --preset {args.preset}")
@@ -112,6 +124,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.capacity_factor = 1.25
         elif args.capacity_factor <= 0:
             p.error("--capacity-factor must be > 0")
+        args.grouped_impl = args.grouped_impl or "auto"
+        if args.block_size is None:
+            args.block_size = 128
+        elif args.block_size < 1:
+            p.error("--block-size must be >= 1")
     return args
 
 
@@ -229,6 +246,8 @@ def moe_fields(model_cfg, args, metrics: dict) -> dict:
     from ftjax.models import moe
     e, k = model_cfg.num_experts, model_cfg.num_experts_per_tok
     out = {"dispatch": model_cfg.moe_dispatch, "experts": e, "top_k": k,
+           "grouped_impl": moe.grouped_impl(model_cfg) if model_cfg.moe_dispatch == "dropless"
+           else None, "block_size": model_cfg.moe_block_size,
            "expert_intermediate": model_cfg.expert_width,
            "active_params_per_token": active_params_per_token(model_cfg)}
     if model_cfg.moe_dispatch == "capacity":
@@ -259,12 +278,15 @@ def main(argv=None) -> dict:
     from ftjax.train.step import jit_train_step, make_train_step, sft_loss
 
     fields = dict(dtype=args.dtype, param_dtype="float32", remat=args.remat,
-                  scan_layers=bool(args.scan_layers), rope_theta=10000.0, norm_eps=1e-5,
+                  scan_layers=bool(args.scan_layers), attention_impl=args.attention_impl,
+                  rope_theta=10000.0, norm_eps=1e-5,
                   tie_embeddings=False, max_position_embeddings=max(4096, args.seq))
     if args.preset in MOE_PRESETS:
         model_cfg = models.preset("mixtral", **MOE_PRESETS[args.preset], **fields,
                                   moe_dispatch=args.dispatch,
-                                  capacity_factor=args.capacity_factor)
+                                  capacity_factor=args.capacity_factor,
+                                  moe_grouped_impl=args.grouped_impl,
+                                  moe_block_size=args.block_size)
     else:
         model_cfg = models.preset("llama", size=args.preset, **fields)
     is_moe = model_cfg.num_experts > 0
@@ -294,7 +316,7 @@ def main(argv=None) -> dict:
 
     batches = [placement.put_batch(host_batch()) for _ in range(n_batches)]
 
-    loss_fn = sft_loss(model_cfg)
+    loss_fn = sft_loss(model_cfg, fused_head=bool(args.fused_head))
     total_steps = 1 + args.warmup + args.steps
     init_fn = lambda: models.init(model_cfg, jax.random.PRNGKey(args.seed))
     params = jax.jit(init_fn, out_shardings=placement.params)()
@@ -396,6 +418,8 @@ def main(argv=None) -> dict:
         run_one(1 + i)
 
     times, cpu_times, loss_last = [], [], loss_first
+    rss = monitor.peak_rss_mb()  # init, transforms, compile and warm-up included
+    steps_only = monitor.reset_peak_rss()
     if args.profile:
         jax.profiler.start_trace(args.profile)
     for i in range(args.steps):
@@ -406,7 +430,8 @@ def main(argv=None) -> dict:
     if args.profile:
         jax.profiler.stop_trace()
         summarize_profile(args.profile, compiled.as_text(), args.steps)
-    rss = monitor.peak_rss_mb()
+    rss = max(rss, monitor.peak_rss_mb())
+    rss_steps = monitor.vm_hwm_mb() if steps_only else None
 
     median = statistics.median(times)
     tokens = args.batch * args.seq
@@ -430,9 +455,10 @@ def main(argv=None) -> dict:
         "tokens_per_s": m["tokens_per_s"],
         "compile_s": compile_s,
         "mfu": m["mfu"],
-        "mfu_6n": m["mfu"] * fpt_6n / fpt,
+        "mfu_6n": m["mfu"] if fpt_6n == fpt else m["mfu"] * fpt_6n / fpt,
         "flops_convention": loop.flops_convention(training, adapter_params is not None),
         "peak_rss_mb": rss,
+        "peak_rss_steps_mb": rss_steps,
         "step_time_min_s": min(times),
         "step_time_max_s": max(times),
         "cpu_time_median_s": statistics.median(cpu_times),
@@ -443,6 +469,8 @@ def main(argv=None) -> dict:
         "dtype": args.dtype,
         "remat": args.remat,
         "scan_layers": bool(args.scan_layers),
+        "attention_impl": args.attention_impl,
+        "fused_head": bool(args.fused_head),
         "flops_per_token": fpt,
         "flops_per_token_6n": fpt_6n,
         "loss_first": loss_first,

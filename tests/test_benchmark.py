@@ -76,6 +76,8 @@ def test_benchmark_full_tiny_prints_one_sane_json_line():
     assert row["flops_convention"] == "6N+attn (PaLM)"  # full: the PaLM figure itself
     assert row["flops_per_token_6n"] == row["flops_per_token"] and row["mfu_6n"] == row["mfu"]
     assert row["peak_rss_mb"] > 50
+    if row["peak_rss_steps_mb"] is not None:  # Linux: the timed steps' own peak
+        assert 0 < row["peak_rss_steps_mb"] <= row["peak_rss_mb"]
     # The real step: random tokens start near log(V), AdamW steps lower the loss, and the old
     # state's buffers were donated.
     assert abs(row["loss_first"] - math.log(SIZES["tiny"]["vocab_size"])) < 0.5
@@ -184,6 +186,7 @@ def test_benchmark_mixtral_tiny_prints_moe_fields(mode, dispatch):
         assert 0.0 <= row["moe_dropped"] < 0.5
     else:
         assert row["moe_dropped"] == 0.0
+        assert row["grouped_impl"] == "blocks"  # auto on CPU (docs/moe.md)
     if mode == "lora":  # adapters on 4 attention projections and 3 stacked expert kernels
         r, d, f, n_layers, e = 16, 256, 512, 4, 8
         attn = r * ((d + 256) + 2 * (d + 128) + (256 + d))
@@ -199,3 +202,9 @@ def test_moe_flags_are_rejected_for_dense_presets():
         mod.parse_args(["--preset", "mixtral-tiny", "--capacity-factor", "2"])  # dropless
     args = mod.parse_args(["--preset", "mixtral-tiny", "--dispatch", "capacity"])
     assert (args.dispatch, args.capacity_factor) == ("capacity", 1.25)
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--preset", "tiny", "--grouped-impl", "blocks"])
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--preset", "mixtral-tiny", "--block-size", "0"])
+    args = mod.parse_args(["--preset", "mixtral-tiny"])
+    assert (args.grouped_impl, args.block_size) == ("auto", 128)
