@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 def cli() -> None:
     """The `ftjax` console script: configuration errors are one clear line and exit code 2."""
+    from ftjax import hostmem
+    hostmem.reexec_tuned()  # CPU: reuse the step's host buffers (FTJAX_HOST_MALLOC=system: off)
     from ftjax import cli as cli_lib
     cli_lib.run_main(main)
 

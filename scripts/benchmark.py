@@ -203,16 +203,18 @@ def summarize_profile(trace_dir: str, hlo_text: str, steps: int, top: int = 30) 
         if m:
             op = re.search(r'op_name="([^"]*)"', line)
             meta.setdefault(m.group(1), (m.group(2)[:40], op.group(1) if op else ""))
-    total, count = collections.Counter(), collections.Counter()
+    total, count, events = collections.Counter(), collections.Counter(), []
     for plane in ProfileData.from_file(files[-1]).planes:
         for line in plane.lines:
             if line.name == "python":
                 continue
             for ev in line.events:
-                if ev.name.startswith(("ThunkExecutor", "SlinkyThreadPool")):
+                if ev.name.startswith(("ThunkExecutor", "SlinkyThreadPool", "Threadpool",
+                                       "while")):
                     continue  # containers and waits, not ops
                 total[ev.name] += ev.duration_ns
                 count[ev.name] += 1
+                events.append((ev.start_ns, ev.start_ns + ev.duration_ns, ev.name))
     if not total:
         log("the trace holds no XLA op events")
         return
@@ -222,6 +224,48 @@ def summarize_profile(trace_dir: str, hlo_text: str, steps: int, top: int = 30) 
         shape, op = meta.get(name, ("?", ""))
         log(f"  {ns / 1e6 / steps:8.2f} ms x{count[name] // steps:<3d} {name[:32]:32s} "
             f"{shape:40s} {op[-80:]}")
+    # Wall time by op class: each moment is shared equally among the ops running then (XLA
+    # runs independent ops side by side, and a product also spreads over the pool's threads
+    # without showing it), so the classes add up to the time any op was running.
+    edges = sorted([(t0, 1, i) for i, (t0, _, _) in enumerate(events)]
+                   + [(t1, -1, i) for i, (_, t1, _) in enumerate(events)],
+                   key=lambda e: (e[0], e[1]))
+    classes, active, last = collections.Counter(), set(), None
+    for t, kind, i in edges:
+        if active and t > last:
+            for j in active:
+                name = events[j][2]
+                classes[op_class(name, meta.get(name, ("", ""))[1])] += (t - last) / len(active)
+        (active.add if kind == 1 else active.discard)(i)
+        last = t
+    busy = sum(classes.values())
+    log(f"profile by op class: ms of wall time per step, shared among concurrent ops "
+        f"({busy / 1e6 / steps:.1f} ms with an op running; docs/performance.md):")
+    for cls, ns in classes.most_common():
+        log(f"  {ns / 1e6 / steps:8.2f} ms {100 * ns / busy:5.1f}%  {cls}")
+
+
+def op_class(name: str, op_name: str) -> str:
+    """The class of one XLA:CPU op for the profile breakdown, from its HLO name and the jax
+    op it came from: matrix products (split into the LM head, attention's score/value
+    products and the rest), then the non-matmul fusions by what they do."""
+    n = name.lower()
+    if n.startswith(("dot", "convolution")) or "dot_general" in op_name:
+        if "btv" in op_name or "btd,vd" in op_name:
+            return "matmul: LM head (fwd + bwd)"
+        if "bkgt" in op_name:  # the attention core's einsums (layers._core_*)
+            return "matmul: attention scores / values"
+        return "matmul: projections and MLP"
+    if "while" in n or "conditional" in n or "call" == n[:4]:
+        return "control flow (scan / while overhead)"
+    if any(k in n for k in ("gather", "scatter", "dynamic-slice", "dynamic-update", "dynamic_")):
+        return "gather / scatter / dynamic slices (embeddings, scan carries)"
+    if n.startswith(("copy", "transpose", "bitcast", "concatenate", "slice", "pad")) or \
+            n.startswith("wrapped_broadcast") or n.startswith("broadcast"):
+        return "copies, transposes, broadcasts"
+    if "reduce" in n or "reduce" in op_name:
+        return "reductions (softmax, norms, loss sums, grad norms)"
+    return "elementwise fusions (norms, rope, activations, softmax, optimizer)"
 
 
 def active_params_per_token(model_cfg) -> int:
@@ -272,7 +316,7 @@ def main(argv=None) -> dict:
     import ml_collections
     import numpy as np
 
-    from ftjax import models, monitor, sharding
+    from ftjax import hostmem, models, monitor, sharding
     from ftjax.train import loop, optim
     from ftjax.train.state import create_state
     from ftjax.train.step import jit_train_step, make_train_step, sft_loss
@@ -459,6 +503,7 @@ def main(argv=None) -> dict:
         "flops_convention": loop.flops_convention(training, adapter_params is not None),
         "peak_rss_mb": rss,
         "peak_rss_steps_mb": rss_steps,
+        "host_malloc": hostmem.active(),
         "step_time_min_s": min(times),
         "step_time_max_s": max(times),
         "cpu_time_median_s": statistics.median(cpu_times),
@@ -495,4 +540,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    from ftjax import hostmem
+    hostmem.reexec_tuned()  # the allocator ftjax's entry points use (docs/performance.md)
     main()

@@ -139,4 +139,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    from ftjax import hostmem
+    hostmem.reexec_tuned()
     main()

@@ -61,6 +61,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--grad-clip", type=float, default=1.0, help="0 disables clipping")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--malloc", choices=("system", "tuned"), default="system",
+                   help="host allocator: system (glibc defaults, as users run transformers) or "
+                        "tuned (ftjax.hostmem's settings, as scripts/benchmark.py runs)")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler over the timed steps: op classes and top ops to stderr")
     p.add_argument("--peak-flops", type=float, default=0.0,
                    help="peak FLOP/s per device for MFU (0: ftjax's measured matmul)")
     args = p.parse_args(argv)
@@ -72,6 +77,42 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def log(msg: str) -> None:
     print(f"[benchmark_torch] {msg}", file=sys.stderr, flush=True)
+
+
+def op_class(name: str) -> str:
+    """The class of one aten op, matching scripts/benchmark.py's `op_class` for XLA ops."""
+    n = name.lower()
+    if any(k in n for k in ("mm", "matmul", "linear", "addmm", "bmm", "baddbmm")):
+        return "matmul (all)"
+    if "attention" in n or "sdpa" in n or "flash" in n:
+        return "attention kernel (sdpa, fwd + bwd)"
+    if any(k in n for k in ("copy", "contiguous", "transpose", "permute", "clone", "cat",
+                            "expand", "view", "reshape", "_to_copy", "t_", "slice", "split")):
+        return "copies, transposes, views"
+    if any(k in n for k in ("embedding", "index", "gather", "scatter", "nll_loss")):
+        return "gather / scatter / index (embeddings, loss)"
+    if any(k in n for k in ("sum", "mean", "max", "norm", "softmax", "logsumexp")):
+        return "reductions (softmax, norms, loss, grad norms)"
+    if n.startswith("optimizer") or "adam" in n or "foreach" in n:
+        return "optimizer"
+    return "elementwise (norms, rope, activations, ...)"
+
+
+def summarize_profile(prof, steps: int) -> None:
+    """Logs self CPU time per step by op class (summed over threads, like scripts/benchmark.py
+    --profile for XLA) and the top aten ops, to stderr."""
+    import collections
+    rows = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in rows) / 1e3 / steps
+    log(f"profile: {total:.1f} ms of self CPU time in ops per step; top 20:")
+    for e in sorted(rows, key=lambda e: -e.self_cpu_time_total)[:20]:
+        log(f"  {e.self_cpu_time_total / 1e3 / steps:8.2f} ms x{e.count // steps:<4d} {e.key}")
+    classes = collections.Counter()
+    for e in rows:
+        classes[op_class(e.key)] += e.self_cpu_time_total
+    log("profile by op class (ms per step; docs/performance.md):")
+    for cls, us in classes.most_common():
+        log(f"  {us / 1e3 / steps:8.2f} ms {100 * us / sum(classes.values()):5.1f}%  {cls}")
 
 
 def peak_rss_mb() -> float:
@@ -161,18 +202,25 @@ def main(argv=None) -> dict:
     for i in range(args.warmup):
         step(*batches[(1 + i) % 2])
     times, cpu_times, loss_last = [], [], loss_first
+    prof = None
+    if args.profile:
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        prof.__enter__()
     for i in range(args.steps):
         t0, c0 = time.perf_counter(), time.process_time()
         loss_last = step(*batches[(1 + args.warmup + i) % 2])
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        summarize_profile(prof, args.steps)
     rss = peak_rss_mb()
 
     # Same FLOPs convention and peak as ftjax (imported only now, after the timed steps).
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from ftjax import models, monitor
+    from ftjax import hostmem, models, monitor
     from ftjax.train import loop
     ft_cfg = models.preset("llama", size=args.preset, max_position_embeddings=max(4096, args.seq))
     training = args.mode != "forward"
@@ -186,6 +234,7 @@ def main(argv=None) -> dict:
     tokens_per_s = args.batch * args.seq / median
     row = {
         "framework": "torch",
+        "host_malloc": hostmem.active(),
         "preset": args.preset,
         "mode": args.mode,
         "batch": args.batch,
@@ -230,4 +279,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    if "--malloc" in sys.argv and sys.argv[sys.argv.index("--malloc") + 1:][:1] == ["tuned"]:
+        sys.path.insert(0, ROOT)
+        from ftjax import hostmem
+        hostmem.reexec_tuned()
     main()
