@@ -474,8 +474,8 @@ def main(argv=None) -> dict:
     if args.profile:
         jax.profiler.stop_trace()
         summarize_profile(args.profile, compiled.as_text(), args.steps)
-    rss = max(rss, monitor.peak_rss_mb())
     rss_steps = monitor.vm_hwm_mb() if steps_only else None
+    rss = max(rss, monitor.peak_rss_mb(), rss_steps or 0.0)
 
     median = statistics.median(times)
     tokens = args.batch * args.seq
