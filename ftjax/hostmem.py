@@ -76,3 +76,17 @@ def reexec_tuned(argv: list[str] | None = None) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable] + argv[1:], env)
+
+
+def trim() -> bool:
+    """Returns the free pages of the heap to the system (glibc `malloc_trim(0)`), keeping the
+    address space. Call it after compiling, before the steps: the tuned allocator never trims
+    by itself, so the compiler's freed working memory would otherwise stay resident next to the
+    step's buffers. Returns False where there is no glibc."""
+    if not _glibc():
+        return False
+    import ctypes
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import models, monitor, sharding
+from ftjax import hostmem, models, monitor, sharding
 from ftjax.peft import core as peft_core
 from ftjax.io import fingerprint as base_fingerprint
 from ftjax.io.checkpoint import Checkpointer, abstract_with_shardings
@@ -399,6 +399,8 @@ def train(run: Run, loss_fn: LossFn, batches: Any, *, eval_batches: Sequence[dic
         state, m = step_fn(state, batch)
         step += 1
         pending.append(m)
+        if step == start + 1 and jax.default_backend() == "cpu":
+            hostmem.trim()  # the compiler's freed host memory, not kept next to the steps'
         if progress.enabled and step == start + 1 and step % log_every and step != steps:
             # The first step's loss at once (it includes compilation); metrics keep their
             # log_every rows.
