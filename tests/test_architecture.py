@@ -16,8 +16,9 @@ ALLOWED = {
     "infer": {"models", "data"},
     "align": {"models", "peft", "data", "sharding", "workdir"},
     "io": {"models", "peft", "workdir"},
-    "train": {"models", "peft", "sharding", "data", "io", "monitor", "workdir", "paths"},
-    "workdir": set(), "paths": set(), "monitor": {"workdir"}, "plots": {"workdir"},
+    "train": {"models", "peft", "sharding", "data", "io", "monitor", "workdir", "paths",
+              "hostmem"},
+    "workdir": set(), "paths": set(), "hostmem": set(), "monitor": {"workdir"}, "plots": {"workdir"},
 }
 
 
