@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from ftjax.models import layers, moe
 from ftjax.models.config import ModelConfig
-from ftjax.peft.core import attend, embed, linear
+from ftjax.peft.core import DENSE_NAME, attend, embed, linear
 
 Params = dict[str, Any]
 
@@ -152,11 +152,13 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
             "index": jnp.zeros((), jnp.int32)}
 
 
+_CP = jax.checkpoint_policies
+_DENSE = _CP.save_only_these_names(DENSE_NAME)  # peft.core.dense products (custom VJPs)
 _REMAT = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+    "full": _CP.nothing_saveable,
+    "dots": _CP.save_from_both_policies(_CP.checkpoint_dots, _DENSE),
+    "dots_no_batch": _CP.save_from_both_policies(_CP.dots_with_no_batch_dims_saveable, _DENSE),
+    "save_attn_out": _CP.save_only_these_names("attn_out"),
 }
 
 

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 
 class StructuredWeight(abc.ABC):
@@ -119,8 +120,18 @@ def linear(x: jax.Array, w: Any, dtype=None) -> jax.Array:
     return dense(x, w)
 
 
-@jax.custom_vjp
+# The name every `dense` product's output carries for remat policies (jax.checkpoint sees a
+# custom VJP as one opaque call, not a dot, so the "dots" policies save it by this name).
+DENSE_NAME = "dense_out"
+
+
 def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., in] @ w [in, out] (`_dense`), its output named DENSE_NAME for remat policies."""
+    return checkpoint_name(_dense(x, w), DENSE_NAME)
+
+
+@jax.custom_vjp
+def _dense(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., in] @ w [in, out], with the textbook backward: dx = dy w^T, dw = x^T dy.
 
     The same products autodiff forms; the difference is an optimization barrier on dy. Without
@@ -133,7 +144,7 @@ def dense(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _dense_fwd(x, w):
-    return dense(x, w), (x, w)
+    return _dense(x, w), (x, w)
 
 
 def _dense_bwd(res, dy):
@@ -144,7 +155,7 @@ def _dense_bwd(res, dy):
     return dx, dw
 
 
-dense.defvjp(_dense_fwd, _dense_bwd)
+_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 @jax.tree_util.register_dataclass
