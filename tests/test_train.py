@@ -224,3 +224,24 @@ def test_nan_loss_fails_loudly(tmp_path):
     c.optimizer.warmup_steps = 0
     with pytest.raises(FloatingPointError, match="non-finite"):
         _train(c, tmp_path, _loader(c))
+
+
+def test_logged_mfu_counts_a_lora_step_by_the_frozen_base_convention(tmp_path):
+    from ftjax.peft.lora import apply_lora
+    c = tiny_config(steps=3)
+    c.monitor = ml_collections.ConfigDict(dict(peak_flops=1e12))
+    mcfg = model_cfg_of(c)
+    transform = lambda p, key: apply_lora(p, key, rank=4, alpha=8.0,
+                                          targets=(r"layers/attn/(q|v)_proj/kernel",))
+    res = loop.train(Run.of(c, str(tmp_path), model_cfg=mcfg, transform=transform,
+                            train_patterns=(),
+                            init_params=lambda: models.init(mcfg, jax.random.PRNGKey(0))),
+                     sft_loss(mcfg), _loader(c))
+    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    row = [r for r in rows if r.get("split") == "train" and r.get("mfu")][-1]
+    fpt = row["mfu"] * 1e12 * jax.device_count() / row["tokens_per_s"]  # mfu is per device
+    n = loop.adapter_params_per_token(mcfg, res.state.params)
+    assert n == 2 * 4 * ((32 + 32) + (32 + 16))  # 2 layers x r (in + out) of q [32, 32], v [32, 16]
+    want = loop.flops_per_token(mcfg, c.train.seq_len, adapter_params=n)
+    assert fpt == pytest.approx(want, rel=1e-3)
+    assert want < 0.9 * loop.flops_per_token(mcfg, c.train.seq_len)  # not PaLM's 6N count

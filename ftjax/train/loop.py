@@ -378,7 +378,12 @@ def train(run: Run, loss_fn: LossFn, batches: Any, *, eval_batches: Sequence[dic
     seq_len = int(tcfg.seq_len)
     tokens_per_step = int(tcfg.batch_size) * seq_len
     peak = float(cfg.get("monitor", {}).get("peak_flops", 0.0) or 0.0)
-    thr = monitor.Throughput(tokens_per_step, flops_per_token(model_cfg, seq_len),
+    # A frozen base with adapters: count what the step computes (4N + 6N_adapter + attention,
+    # docs/performance.md "FLOP conventions"); full fine-tuning and frozen plain weights (HFT):
+    # PaLM's 6N.
+    adapters = adapter_params_per_token(model_cfg, train_abs) if has_frozen else 0.0
+    thr = monitor.Throughput(tokens_per_step,
+                             flops_per_token(model_cfg, seq_len, adapter_params=adapters or None),
                              peak_flops_per_device=peak or None)
     start = int(jax.device_get(state.step))
     progress = monitor.Progress(steps, start_step=start, desc=name,
