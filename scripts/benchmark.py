@@ -81,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype (params and optimizer state stay float32)")
     p.add_argument("--attention-impl", default="auto",
-                   choices=("auto", "xla", "blocked", "cudnn"),
+                   choices=("auto", "xla", "blocked", "cudnn", "splash"),
                    help="attention core (ModelConfig.attention_impl; auto: blocked on CPU)")
     p.add_argument("--fused-head", type=int, default=1, choices=(0, 1),
                    help="1: LM head fused with the cross-entropy (the SFT default); 0: logits, "

@@ -1,7 +1,8 @@
 """The attention cores (`ModelConfig.attention_impl`) compute the same function.
 
 `xla` (full scores) is the reference; `blocked` skips the key blocks a causal / sliding-window
-mask hides; `cudnn` calls `jax.nn.dot_product_attention` (XLA's implementation off GPU). All
+mask hides; `cudnn` calls `jax.nn.dot_product_attention` (XLA's implementation off GPU);
+`splash` runs the Pallas TPU kernel (in interpret mode off TPU) from the mask's structure. All
 must give the same logits and gradients, with packed segments, padding, GQA, a sliding window,
 q/k-norm and sequence lengths that are not a multiple of the block.
 """
@@ -75,8 +76,58 @@ def test_auto_resolves_by_use():
     assert layers.attention_impl(cfg, 29, 29, cached=False) == "blocked"
     assert layers.attention_impl(cfg, 1, 40, cached=True) == "xla"       # decoding
     assert layers.attention_impl(cfg, 8, 8, cached=False) == "xla"        # one block
-    cfg = dataclasses.replace(cfg, attention_impl="blocked")
-    assert layers.attention_impl(cfg, 1, 40, cached=True) == "xla"
+    for impl in ("blocked", "splash"):   # both assume T == S self-attention
+        cfg = dataclasses.replace(cfg, attention_impl=impl)
+        assert layers.attention_impl(cfg, 1, 40, cached=True) == "xla"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_splash_core_agrees_on_logits_and_grads(case):
+    """The Pallas kernel (interpret mode here) against the reference core at T = 256: two
+    blocks of 128, so the causal / window block skipping and the segment ids are exercised."""
+    cfg = models.ModelConfig(**(BASE | CASES[case]), attention_impl="xla")
+    params = models.init(cfg, jax.random.PRNGKey(1))
+    tokens, seg = _batch(t=256)
+    seg = seg.at[1, 150:].set(3)      # a third document across the block boundary
+    grad = jax.jit(jax.grad(_loss, argnums=1, has_aux=True), static_argnums=0)
+    g_ref, logits_ref = grad(cfg, params, tokens, seg)
+    g, logits = grad(dataclasses.replace(cfg, attention_impl="splash"), params, tokens, seg)
+    np.testing.assert_allclose(logits, logits_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        scale = float(jnp.max(jnp.abs(b)))
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_splash_block_sizes_and_mesh_names():
+    from ftjax.models import splash
+    from ftjax.sharding.rules import MESH_AXES
+    assert set(splash.BATCH_AXES) | {splash.HEAD_AXIS} <= set(MESH_AXES)
+    assert [splash.block_size(t) for t in (128, 384, 1024)] == [128, 128, 512]
+    for t in (29, 200):
+        with pytest.raises(ValueError, match="divisible by 128"):
+            splash.block_size(t)
+    assert splash.supported(512, 512, 128, cached=False)
+    assert not splash.supported(512, 512, 64, cached=False)   # head_dim not lane-sized
+    assert not splash.supported(1, 512, 128, cached=True)
+
+
+def test_splash_core_sharded_equals_unsharded_reference():
+    """Training with the splash core on a data x fsdp x tensor mesh (the kernel runs per
+    shard through shard_map: batch over data/fsdp, kv heads over tensor) follows the
+    single-device run with the reference core step for step."""
+    from tests.test_train import random_batch, run_steps, tiny_config
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (fake) devices")
+    batches = [random_batch(40 + i, t=128) for i in range(3)]
+    ref_c = tiny_config(steps=3, seq=128)
+    ref_c.model.attention_impl = "xla"
+    ref, pref = run_steps(ref_c, batches, devices=jax.devices()[:1], mesh={"data": 1})
+    c = tiny_config(steps=3, seq=128)
+    c.model.attention_impl = "splash"
+    out, pout = run_steps(c, batches, rules="fsdp_tp", mesh={"data": 2, "fsdp": 2, "tensor": 2})
+    np.testing.assert_allclose(out, ref, rtol=2e-5)
+    for a, b in zip(jax.tree.leaves(pout), jax.tree.leaves(pref)):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-3)
 
 
 def test_cached_decoding_equals_full_forward_with_blocked_prefill():

@@ -17,7 +17,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
 DTYPES = ("float32", "bfloat16")
 ROUTERS = ("topk_softmax", "softmax_topk")
 MOE_DISPATCHES = ("dropless", "capacity")
-ATTENTION_IMPLS = ("auto", "xla", "blocked", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "blocked", "cudnn", "splash")
 MOE_GROUPED_IMPLS = ("auto", "ragged_dot", "blocks")
 
 

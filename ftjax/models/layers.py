@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftjax.models import splash
 from ftjax.models.config import ModelConfig
 from ftjax.peft.core import linear
 
@@ -86,8 +87,13 @@ def mask_bias(mask: jax.Array) -> jax.Array:
 
 
 def attention(p: Params, x: jax.Array, positions: jax.Array, mask: jax.Array,
-              cfg: ModelConfig, cache: Optional[dict] = None, cache_index=None):
-    """Grouped-query self-attention. Returns (output [B, T, D], updated layer cache or None)."""
+              cfg: ModelConfig, cache: Optional[dict] = None, cache_index=None,
+              segment_ids: Optional[jax.Array] = None):
+    """Grouped-query self-attention. Returns (output [B, T, D], updated layer cache or None).
+
+    mask: the boolean or additive [B, 1, T, S] mask (`attention_mask`); segment_ids [B, T]:
+    the ids it was built from, needed by the `splash` core (which takes the structure, not
+    the mask)."""
     b, t, _ = x.shape
     hd, nh, nkv = cfg.dim_per_head, cfg.num_heads, cfg.num_kv_heads
     dt = x.dtype
@@ -119,7 +125,13 @@ def attention(p: Params, x: jax.Array, positions: jax.Array, mask: jax.Array,
     if mask.dtype == jnp.bool_:
         mask = mask_bias(mask)
     impl = attention_impl(cfg, t, k.shape[1], cached=cache is not None)
-    out = ATTENTION_CORES[impl](q, k, v, mask, scale, cfg).reshape(b, t, nh * hd)
+    if impl == "splash":
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        out = splash.core(q, k, v, segment_ids, scale, cfg)
+    else:
+        out = ATTENTION_CORES[impl](q, k, v, mask, scale, cfg)
+    out = out.reshape(b, t, nh * hd)
     out = linear(out, p["o_proj"]["kernel"], dt)
     if "bias" in p["o_proj"]:
         out = out + p["o_proj"]["bias"].astype(dt)
@@ -128,7 +140,7 @@ def attention(p: Params, x: jax.Array, positions: jax.Array, mask: jax.Array,
 
 # ------------------------------------------------------------------------------------------
 # The attention core: softmax(q k^T * scale + bias) v over q [B, T, H, hd], k, v [B, S, K, hd].
-# Three implementations of the same function, chosen by `cfg.attention_impl` (docs/performance.md):
+# Four implementations of the same function, chosen by `cfg.attention_impl` (docs/performance.md):
 #   xla      the reference: full [B, K, G, T, S] scores, one einsum each way.
 #   blocked  query blocks of `cfg.attention_block` rows; each attends only to the key range its
 #            causal (and sliding-window) mask can reach, so the fully masked blocks above the
@@ -136,16 +148,22 @@ def attention(p: Params, x: jax.Array, positions: jax.Array, mask: jax.Array,
 #            round-off; about 2x cheaper forward and backward on CPU at T = 512.
 #   cudnn    `jax.nn.dot_product_attention`: cuDNN's fused (flash) kernel on GPU; elsewhere the
 #            same call runs JAX's XLA implementation, which is how CPU tests check it agrees.
-# "auto" picks cudnn on GPU for 16-bit compute, blocked for self-attention without a cache
-# elsewhere, and xla for cached (decoding) steps.
+#   splash   Pallas splash attention (`models/splash.py`): the TPU flash kernel, given the mask's
+#            structure (causal / window + segment ids); interpret mode off TPU, for tests.
+# "auto" picks splash on TPU and cudnn on GPU for 16-bit compute (where the shapes suit the
+# kernel), blocked for self-attention without a cache elsewhere, and xla for cached (decoding)
+# steps. A cached step never uses blocked or splash (they assume T == S self-attention).
 # ------------------------------------------------------------------------------------------
 
 def attention_impl(cfg: ModelConfig, t: int, s: int, cached: bool) -> str:
     """The core `cfg.attention_impl` resolves to for T queries over S keys."""
     impl = cfg.attention_impl
     if impl != "auto":
-        return impl if not (cached and impl == "blocked") else "xla"
-    if jax.default_backend() == "gpu" and jnp.dtype(cfg.dtype).itemsize == 2 and not cached:
+        return impl if not (cached and impl in ("blocked", "splash")) else "xla"
+    backend, half = jax.default_backend(), jnp.dtype(cfg.dtype).itemsize == 2
+    if backend == "tpu" and splash.supported(t, s, cfg.dim_per_head, cached):
+        return "splash"
+    if backend == "gpu" and half and not cached:
         return "cudnn"
     if cached or t != s or t <= cfg.attention_block:
         return "xla"

@@ -163,10 +163,11 @@ _REMAT = {
 
 
 def _block(lp: Params, h: jax.Array, positions, mask, cfg: ModelConfig, layer_cache, index,
-           valid, rng):
+           segment_ids, rng):
     """One pre-norm decoder block; returns (h, (new layer cache, MoE layer stats or None))."""
+    valid = segment_ids != 0
     a, new_cache = layers.attention(lp["attn"], layers.norm(lp["attn_norm"], h, cfg), positions,
-                                    mask, cfg, layer_cache, index)
+                                    mask, cfg, layer_cache, index, segment_ids=segment_ids)
     a = checkpoint_name(a, "attn_out")
     h = h + a
     x = layers.norm(lp["mlp_norm"], h, cfg)
@@ -226,7 +227,7 @@ def apply(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
 
     def body(h, xs):
         lp, layer_cache, layer_rng = xs
-        return _block(lp, h, positions, mask, cfg, layer_cache, offset, valid, layer_rng)
+        return _block(lp, h, positions, mask, cfg, layer_cache, offset, segment_ids, layer_rng)
 
     if cfg.remat != "none":
         body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)

@@ -156,6 +156,14 @@ def make_eval_step(loss_fn: LossFn):
 
 def jit_train_step(train_step, state_sharding, batch_sharding):
     """Jits the step once with explicit in/out shardings; the old state's buffers are donated."""
-    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-    return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
+    mesh = batch_sharding.mesh
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def traced_under_mesh(state, batch):
+        # Kernels that cannot be partitioned by XLA (the splash attention core) read the mesh
+        # to run per shard (models/splash.py).
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return train_step(state, batch)
+
+    return jax.jit(traced_under_mesh, in_shardings=(state_sharding, batch_sharding),
                    out_shardings=(state_sharding, replicated), donate_argnums=(0,))
