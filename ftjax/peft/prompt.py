@@ -237,7 +237,7 @@ def prompt_apply(params: Any, cfg: ModelConfig, tokens: jax.Array, *, base_apply
         aux["hidden"] = aux["hidden"][:, k * n:]
     if cache is not None:
         aux["cache"][CACHE_MARK] = jnp.asarray(k * n, jnp.int32)
-    return logits[:, k * n:], aux
+    return (None if logits is None else logits[:, k * n:]), aux  # None: compute_logits=False
 
 
 # ------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import numpy as np
 
 from ftjax import models
 from ftjax.models.config import ModelConfig
+from ftjax.models.heads import last_token_index
 from ftjax.train.batches import as_rank2
 from ftjax.train.losses import classification_cross_entropy, focal_loss
 from ftjax.train.step import LossFn
@@ -42,14 +43,6 @@ def head_params(hidden_size: int, num_classes: int, std: float = 0.02
         return {HEAD: init_head(jax.random.fold_in(key, 0x636C73), hidden_size, num_classes,
                                 std)}
     return fn
-
-
-def last_token_index(segment_ids: jax.Array) -> jax.Array:
-    """[B] index of each row's last real (segment id != 0) token; 0 for an all-padding row."""
-    t = segment_ids.shape[-1]
-    real = segment_ids != 0
-    last = t - 1 - jnp.argmax(real[:, ::-1], axis=-1)
-    return jnp.where(real.any(-1), last, 0)
 
 
 def head_logits(head: dict, hidden: jax.Array, segment_ids: jax.Array) -> jax.Array:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16", so safetensors can read bf16)
 import numpy as np
@@ -65,8 +65,9 @@ def _read_headers(path: str, files: list[str]) -> dict[str, tuple[str, tuple, st
     return out
 
 
-def load_pretrained(path: str, dtype: Any = None, *,
-                    check_only: bool = False) -> tuple[ModelConfig, dict | None]:
+def load_pretrained(path: str, dtype: Any = None, *, check_only: bool = False,
+                    hf_config: Optional[dict] = None, extra_tensors: Sequence[str] = ()
+                    ) -> tuple[ModelConfig, dict | None]:
     """Reads a local Hugging Face directory into `(ModelConfig, params)`.
 
     The architecture comes from config.json; tensors are streamed one at a time into
@@ -74,10 +75,12 @@ def load_pretrained(path: str, dtype: Any = None, *,
     host memory), recorded as `cfg.param_dtype`. Leaves are host numpy arrays: place them with
     `jax.device_put(params, shardings)`. Raises `HFCheckpointError` listing every problem.
     Every check reads only config.json and the safetensors headers; `check_only` stops after
-    them and returns `(cfg, None)`.
+    them and returns `(cfg, None)`. hf_config replaces config.json (e.g. a sequence
+    classification config read as its causal LM, `seqcls.py`); extra_tensors are tensors the
+    file may hold outside the causal LM's layout (read separately by the caller).
     """
     path = os.fspath(path)
-    c = read_config(path)
+    c = hf_config if hf_config is not None else read_config(path)
     problems: list[str] = []
     family, fields, cfg_problems = parse_config(c)
     problems += [f"config.json: {p}" for p in cfg_problems]
@@ -101,7 +104,8 @@ def load_pretrained(path: str, dtype: Any = None, *,
         missing = [k for k in layout if k not in headers]
         if missing and headers:
             problems.append(f"missing tensors ({len(missing)}): {missing}")
-        unexpected = sorted((k for k in headers if k not in layout and not ignorable(k, cfg)),
+        unexpected = sorted((k for k in headers if k not in layout and not ignorable(k, cfg)
+                             and k not in extra_tensors),
                             key=natural_key)
         if unexpected:
             problems.append(f"unexpected tensors ({len(unexpected)}): {unexpected}")
