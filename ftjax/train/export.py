@@ -94,3 +94,19 @@ def save_model(out: str, model_cfg: Any, params: Any, tok: Any, template: str, *
     files = save_pretrained(os.fspath(out), model_cfg, params,
                             extra_config=special_token_ids(tok), **save_kw)
     return files + write_tokenizer(os.fspath(out), tok, template, tokenizer_dir)
+
+
+def save_reward_model(out: str, model_cfg: Any, params: Any, tok: Any, template: str, *,
+                      tokenizer_dir: Optional[str] = None, **save_kw: Any) -> list[str]:
+    """A complete transformers `*ForSequenceClassification` directory (one label) for a reward
+    model: merged backbone plus `score` (`io.hf.seqcls`), the tokenizer's special ids in
+    config.json (pad_token_id is how transformers finds the last token), tokenizer files and
+    the chat template."""
+    from ftjax.io.hf.seqcls import save_reward_model as save
+    ids = special_token_ids(tok)
+    if ids["pad_token_id"] is None:
+        raise ValueError("a reward model needs a tokenizer with a pad token: transformers finds "
+                         "each row's last token by config.pad_token_id")
+    files = save(os.fspath(out), model_cfg, params, pad_token_id=int(ids["pad_token_id"]),
+                 extra_config=ids, **save_kw)
+    return files + write_tokenizer(os.fspath(out), tok, template, tokenizer_dir)
