@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 SCORE = "score"   # the top-level params key of the scalar head
+VALUE = "value"   # PPO's value head on the policy (same layout, read at every token)
 
 
 def last_token_index(segment_ids: jax.Array) -> jax.Array:
@@ -39,8 +40,8 @@ def score_head(hidden_size: int, std: float = 0.02) -> Callable[[Any, jax.Array]
 
 
 def backbone(params: dict) -> dict:
-    """The params without the scalar head (what `models.apply` takes)."""
-    return {k: v for k, v in params.items() if k != SCORE}
+    """The params without the scalar heads (what `models.apply` takes)."""
+    return {k: v for k, v in params.items() if k not in (SCORE, VALUE)}
 
 
 def token_scores(params: dict, cfg, inputs: jax.Array, segment_ids: jax.Array,
