@@ -39,6 +39,13 @@ def score_head(hidden_size: int, std: float = 0.02) -> Callable[[Any, jax.Array]
     return fn
 
 
+def value_head(hidden_size: int, std: float = 0.02) -> Callable[[Any, jax.Array], dict]:
+    """`Run.build(add_params=...)`: PPO's value head on the policy (read at every token)."""
+    def fn(params, key):
+        return {VALUE: init_score(jax.random.fold_in(key, 0x76616C), hidden_size, std)}
+    return fn
+
+
 def backbone(params: dict) -> dict:
     """The params without the scalar heads (what `models.apply` takes)."""
     return {k: v for k, v in params.items() if k not in (SCORE, VALUE)}

@@ -400,7 +400,13 @@ def train(run: Run, loss_fn: LossFn, batches: Any, *, eval_batches: Sequence[dic
     thr.tick(start)
     step = start
     while step < steps:
-        batch = placement.put_batch(draw(train_iter, step, state.full_params))
+        try:
+            batch = placement.put_batch(draw(train_iter, step, state.full_params))
+        except BaseException:
+            # A producer that fails (a reward function, a data error, an interrupt) must not
+            # take the checkpoint being written in the background with it.
+            ckpt.wait()
+            raise
         state, m = step_fn(state, batch)
         step += 1
         pending.append(m)

@@ -136,9 +136,9 @@ class Rollouts(OnPolicy):
                              f"{name}.max_new_tokens={self.max_new}; raise train.seq_len")
         self.prompts = fit_prompts(self.examples, run.tokenizer, budget,
                                    str(s.get("long_prompts", "refuse")), name)
-        self.rewards = resolve_rewards(tuple(s.reward_funcs))
+        self.rewards = resolve_rewards(tuple(s.reward_funcs)) if "reward_funcs" in s else []
         w = tuple(float(x) for x in (s.get("reward_weights") or ())) or (1.0,) * len(self.rewards)
-        if len(w) != len(self.rewards):
+        if self.rewards and len(w) != len(self.rewards):
             raise ValueError(f"{name}.reward_weights has {len(w)} weights for "
                              f"{len(self.rewards)} reward functions")
         self.weights = np.asarray(w, np.float64)
@@ -174,6 +174,28 @@ class Rollouts(OnPolicy):
     def extra_forward(self, params, placed: dict) -> dict:
         """Per-token arrays a trainer needs from the sampling policy (PPO: values)."""
         return {}
+
+    def score(self, examples: list[dict], texts: list[str], finished: np.ndarray
+              ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(weighted reward [N], {function name: its rewards [N]}) of the completions."""
+        per_fn = {}
+        for fname, fn in self.rewards:
+            values = np.zeros(len(texts), np.float64)
+            for j, (ex, text) in enumerate(zip(examples, texts)):
+                try:
+                    value = float(fn(ex["prompt"], text, ex))
+                except Exception as e:  # noqa: BLE001 (named and re-raised)
+                    raise RewardError(f"[{self.name}] reward function {fname!r} raised on "
+                                      f"prompt {ex['prompt'][:60]!r}, completion "
+                                      f"{text[:60]!r}: {type(e).__name__}: {e}") from e
+                if not math.isfinite(value):
+                    raise RewardError(f"[{self.name}] reward function {fname!r} returned "
+                                      f"{value} on prompt {ex['prompt'][:60]!r}, completion "
+                                      f"{text[:60]!r}; rewards must be finite numbers")
+                values[j] = value
+            per_fn[fname] = values
+        rewards = sum(w * per_fn[f] for w, (f, _) in zip(self.weights, self.rewards))
+        return np.asarray(rewards, np.float64), per_fn
 
     # -- the producer --------------------------------------------------------------------------
     def next_batch(self, step: int, params: Any) -> dict:
@@ -211,22 +233,8 @@ class Rollouts(OnPolicy):
         gen_s = time.perf_counter() - t0
         texts = [tok.decode(ids) for ids in outs]
         finished = np.array([len(ids) < self.max_new for ids in outs])
-        per_fn = np.zeros((len(self.rewards), len(outs)), np.float64)
-        for f, (fname, fn) in enumerate(self.rewards):
-            for j, text in enumerate(texts):
-                ex = self.examples[picks[j // k]]
-                try:
-                    value = float(fn(ex["prompt"], text, ex))
-                except Exception as e:  # noqa: BLE001 (named and re-raised)
-                    raise RewardError(f"[{self.name}] reward function {fname!r} raised on "
-                                      f"prompt {ex['prompt'][:60]!r}, completion "
-                                      f"{text[:60]!r}: {type(e).__name__}: {e}") from e
-                if not math.isfinite(value):
-                    raise RewardError(f"[{self.name}] reward function {fname!r} returned "
-                                      f"{value} on prompt {ex['prompt'][:60]!r}, completion "
-                                      f"{text[:60]!r}; rewards must be finite numbers")
-                per_fn[f, j] = value
-        rewards = (self.weights[:, None] * per_fn).sum(0)
+        rewards, per_fn = self.score([self.examples[picks[j // k]] for j in range(len(outs))],
+                                     texts, finished)
         batch = self._rows(prompts, outs, finished)
         extras: dict = {"texts": texts, "finished": finished, "picks": picks}
         if self.want_old or self.reference:
@@ -244,9 +252,9 @@ class Rollouts(OnPolicy):
         rec = {"step": step, "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
                "completion_length": float(np.mean([len(o) for o in outs])),
                "finished": float(finished.mean()), "rollout_tok_s": n_tok / max(gen_s, 1e-9)}
-        for f, (fname, _) in enumerate(self.rewards):
-            rec[f"reward_{fname}"] = float(per_fn[f].mean())
-            rec[f"reward_{fname}_std"] = float(per_fn[f].std())
+        for fname, values in per_fn.items():
+            rec[f"reward_{fname}"] = float(values.mean())
+            rec[f"reward_{fname}_std"] = float(values.std())
         rec.update(extras.get("metrics", {}))
         self.history.append(rec)
         every = int(run.cfg.train.log_every)
