@@ -16,7 +16,7 @@ from ftjax.trainers.ppo import DEFAULTS
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, tasks="dmy2iso", steps=80, peft="lora", kl=0.05, lr=0.0,
+    arg = common.parse_arg(arg, tasks="dmy2iso", steps=200, peft="lora", kl=0.2, lr=0.0,
                            epochs=4, rm="")
     c = common.base(trainer="ppo")
     c.model = base_model()

@@ -197,3 +197,85 @@ def test_grpo_resume_equals_uninterrupted_and_a_failing_reward_keeps_checkpoints
     from ftjax.io.checkpoint import Checkpointer
     steps = Checkpointer(str(tmp_path / "c")).all_steps()
     assert steps and max(steps) in (2, 4), steps
+
+
+def _reward_model_dir(tmp_path, run):
+    """A reward model over the run's base (random score head), as the reward trainer exports."""
+    from ftjax.models import heads
+    from ftjax.train.export import save_reward_model
+    params = jax.device_get(run.starting_params())
+    params = {k: v for k, v in params.items() if k not in ("value",)}
+    from ftjax.peft.core import merge
+    params = merge(params)
+    params["score"] = heads.init_score(jax.random.PRNGKey(5), run.model_cfg.hidden_size, 0.3)
+    out = str(tmp_path / "rm")
+    save_reward_model(out, run.model_cfg, params, run.tokenizer, "")
+    return out
+
+
+def test_ppo_rollout_rewards_gae_and_loss(tmp_path):
+    from ftjax.models.heads import value_head
+    from ftjax.train.reward_model import RewardModel
+    from ftjax.train.run import model_config
+    from ftjax.trainers.ppo import PPORollouts
+    cfg = resolve_config(config_utils.load_config("configs/ppo_synthetic.py"),
+                         [("ppo.prompts_per_step", "8"), ("train.batch_size", "8"),
+                          ("ppo.max_new_tokens", "8"), ("data.n_per_task", "100"),
+                          ("ppo.kl_coef", "0.3"), ("ppo.whiten_rewards", "False"),
+                          ("train.checkpoint_every", "0")])
+    mcfg = model_config(cfg.model)
+    r = Run.build(cfg, str(tmp_path / "w"), name="ppo", model_cfg=mcfg,
+                  add_params=value_head(mcfg.hidden_size, 0.5))
+    rm = RewardModel.from_pretrained(_reward_model_dir(tmp_path, r))
+    train, _ = synthetic_examples(cfg)
+    prod = PPORollouts(r, train, cfg.ppo, rm, reference="strip", old_logps=True)
+    params = r.starting_params()
+    # perturb the LoRA factors so that the policy differs from the reference (KL != 0)
+    params = jax.tree.map(lambda x: x, params)
+    b = prod.next_batch(0, params)
+    mask = b["loss_mask"]
+    tok = r.tokenizer
+    texts, prompts, finished = [], [], []
+    for i in range(8):
+        m = mask[i] > 0
+        ids = b["targets"][i][m].tolist()
+        finished.append(ids[-1] == tok.eos_id)
+        texts.append(tok.decode([t for t in ids if t != tok.eos_id]))
+        prompts.append(_decode(tok, b["inputs"][i][:np.argmax(m) + 1].tolist()).rstrip("\n"))
+    score = rm.score(list(zip(prompts, texts))) - 1.0 * (~np.asarray(finished))
+    kl = (b["old_logps"] - b["ref_logps"]) * mask
+    rew = -0.3 * kl
+    last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1] > 0, axis=1)
+    rew[np.arange(8), last] += score
+    v = b["old_values"] * mask               # V = 0 outside the completion
+    rew = rew * mask
+    adv = np.zeros_like(rew)
+    for i in range(8):                       # GAE as the paper writes it, gamma 1, lam 0.95
+        a = 0.0
+        for t in range(mask.shape[1] - 1, -1, -1):
+            nv = v[i, t + 1] if t + 1 < mask.shape[1] else 0.0
+            a = rew[i, t] + nv - v[i, t] + 0.95 * a
+            adv[i, t] = a
+    adv = adv * mask
+    np.testing.assert_allclose(b["returns"], (adv + v) * mask, rtol=1e-4, atol=1e-4)
+    m = mask > 0
+    white = (adv - adv[m].mean()) / np.sqrt(adv[m].var(ddof=1) + 1e-8)
+    np.testing.assert_allclose(b["advantages"][m], white[m], rtol=1e-4, atol=1e-4)
+    # the loss at the sampling policy: ratio 1, so pg = -mean(A) over the completion tokens,
+    # and V = V_old, so vf = 0.5 * mean((V - R)^2)
+    s = pg.PPOSettings()
+    jb = {k: jnp.asarray(x) for k, x in b.items()}
+    obj, st = pg.ppo_loss(r.model_cfg, s, r.method.apply_fn)(jax.device_get(params), jb, None)
+    n = float(mask.sum())
+    pg_want = -b["advantages"][m].mean()
+    vf_want = 0.5 * np.mean((b["old_values"][m] - b["returns"][m]) ** 2)
+    np.testing.assert_allclose(float(st["policy_loss"]) / n, pg_want, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(float(st["value_loss"]) / n, vf_want, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(float(obj) / n, pg_want + 0.1 * vf_want, rtol=1e-3, atol=1e-4)
+    # the value loss trains the value head only (hidden states detached)
+    g = jax.grad(lambda p: pg.ppo_loss(r.model_cfg, pg.PPOSettings(vf_coef=1.0))(
+        p, {**jb, "advantages": jnp.zeros_like(jb["advantages"])}, None)[0])(
+        jax.device_get(params))
+    assert float(jnp.abs(g["value"]["kernel"]).max()) > 0
+    others = [x for k, sub in g.items() if k != "value" for x in jax.tree.leaves(sub)]
+    assert max(float(jnp.abs(x).max()) for x in others) == 0.0

@@ -26,7 +26,16 @@ from ftjax.models.heads import SCORE, VALUE, backbone
 from ftjax.models.moe import add_moe_losses
 
 
-def _policy_logps(params, model_cfg, batch, apply_fn, bind_rng, rng, hidden=False):
+def sampling_logps(logits, targets, temperature: float):
+    """log-probs of the targets under the distribution the sampler drew from: logits divided by
+    the sampling temperature (as TRL's trainers compute them); temperature 0 (greedy) or 1
+    leaves them unchanged."""
+    t = float(temperature)
+    return token_logps(logits if t in (0.0, 1.0) else logits.astype(jnp.float32) / t, targets)
+
+
+def _policy_logps(params, model_cfg, batch, apply_fn, bind_rng, rng, hidden=False,
+                  temperature: float = 1.0):
     policy = params if (bind_rng is None or rng is None) else bind_rng(params, rng)
     jitter = model_cfg.num_experts > 0 and model_cfg.router_jitter > 0
     kw = {"rng": jax.random.fold_in(rng, 1)} if jitter and rng is not None else {}
@@ -34,7 +43,7 @@ def _policy_logps(params, model_cfg, batch, apply_fn, bind_rng, rng, hidden=Fals
     logits, aux = apply_fn(backbone(policy), model_cfg, batch["inputs"],
                            positions=batch["positions"], segment_ids=batch["segment_ids"],
                            return_hidden=hidden, **kw)
-    return token_logps(logits, batch["targets"]), aux, policy
+    return sampling_logps(logits, batch["targets"], temperature), aux, policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +57,7 @@ class GRPOSettings:
     bias_correction_kl: bool = False
     max_completion_length: int = 16
     off_policy: bool = False      # num_iterations > 1: the batch carries old_logps
+    temperature: float = 1.0      # the sampling temperature (log-probs of what was sampled)
 
 
 def grpo_loss(model_cfg: ModelConfig, s: GRPOSettings, apply_fn=None, bind_rng=None):
@@ -59,7 +69,8 @@ def grpo_loss(model_cfg: ModelConfig, s: GRPOSettings, apply_fn=None, bind_rng=N
         raise ValueError(f"grpo.loss_type={s.loss_type!r}: choose one of {rl.GRPO_LOSS_TYPES}")
 
     def loss_fn(params, batch, rng):
-        lp, aux, _ = _policy_logps(params, model_cfg, batch, apply_fn, bind_rng, rng)
+        lp, aux, _ = _policy_logps(params, model_cfg, batch, apply_fn, bind_rng, rng,
+                                   temperature=s.temperature)
         mask = batch["loss_mask"].astype(jnp.float32)
         old = batch["old_logps"] if s.off_policy else None
         ref = batch["ref_logps"] if s.beta > 0 or "ref_logps" in batch else None
@@ -98,13 +109,15 @@ class RLOOSettings:
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
     off_policy: bool = False
+    temperature: float = 1.0
 
 
 def rloo_loss(model_cfg: ModelConfig, s: RLOOSettings, apply_fn=None, bind_rng=None):
     """RLOO (`rl.rloo_loss`: sequence-level clipped ratio; the KL is already in the rewards,
     hence in the advantages): the mean over the rows with a completion."""
     def loss_fn(params, batch, rng):
-        lp, aux, _ = _policy_logps(params, model_cfg, batch, apply_fn, bind_rng, rng)
+        lp, aux, _ = _policy_logps(params, model_cfg, batch, apply_fn, bind_rng, rng,
+                                   temperature=s.temperature)
         mask = batch["loss_mask"].astype(jnp.float32)
         seq = jnp.sum(lp * mask, -1)
         old = jnp.sum(batch["old_logps"] * mask, -1) if s.off_policy else None
@@ -130,11 +143,15 @@ class PPOSettings:
     cliprange: float = 0.2
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
+    temperature: float = 1.0
 
 
 def token_values(params, hidden):
-    """[B, T] values from the policy's final hidden states through the value head."""
-    return (hidden.astype(jnp.float32) @ params[VALUE]["kernel"].astype(jnp.float32))[..., 0]
+    """[B, T] values from the policy's final hidden states through the value head. The
+    hidden states are detached: the value loss trains the head only, so a badly scaled return
+    never pulls the policy's shared layers (the value head reads the policy's features)."""
+    h = jax.lax.stop_gradient(hidden.astype(jnp.float32))
+    return (h @ params[VALUE]["kernel"].astype(jnp.float32))[..., 0]
 
 
 def ppo_loss(model_cfg: ModelConfig, s: PPOSettings, apply_fn=None, bind_rng=None):
@@ -143,7 +160,7 @@ def ppo_loss(model_cfg: ModelConfig, s: PPOSettings, apply_fn=None, bind_rng=Non
     state at each input position, which predicts the return from its target token on."""
     def loss_fn(params, batch, rng):
         lp, aux, _ = _policy_logps(params, model_cfg, batch, apply_fn, bind_rng, rng,
-                                   hidden=True)
+                                   hidden=True, temperature=s.temperature)
         values = token_values(params, aux["hidden"])
         mask = batch["loss_mask"].astype(jnp.float32)
         pg, pg_clip = rl.ppo_policy_loss(lp, batch["old_logps"], batch["advantages"], mask,

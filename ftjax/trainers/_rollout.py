@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from ftjax.align.logps import token_logps
+from ftjax.align.pg import sampling_logps
 from ftjax.align.reference import strip_adapters
 from ftjax.data.batching import SEPARATOR, bos_prefix
 from ftjax.infer.generate import generate_ids
@@ -147,20 +147,21 @@ class Rollouts(OnPolicy):
         self.reference, self.ref_params = reference, ref_params
         self.want_old = old_logps
         apply_fn = run.method.apply_fn
+        temp = float(s.temperature)
 
         def logps(params, batch):
             from ftjax import models
             fwd = apply_fn or models.apply
             logits, _ = fwd(backbone(params), run.model_cfg, batch["inputs"],
                             positions=batch["positions"], segment_ids=batch["segment_ids"])
-            return token_logps(logits, batch["targets"])
+            return sampling_logps(logits, batch["targets"], temp)
 
         def ref_logps(params, batch):
             from ftjax import models
             logits, _ = models.apply(strip_adapters(backbone(params)), run.model_cfg,
                                      batch["inputs"], positions=batch["positions"],
                                      segment_ids=batch["segment_ids"])
-            return token_logps(logits, batch["targets"])
+            return sampling_logps(logits, batch["targets"], temp)
 
         self._logps = jax.jit(logps)
         self._ref_logps = jax.jit(ref_logps)

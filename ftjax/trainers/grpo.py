@@ -106,7 +106,7 @@ def run(cfg: Any, workdir: str) -> dict:
                                importance_level=str(s.importance_sampling_level),
                                bias_correction_kl=bool(s.use_bias_correction_kl),
                                max_completion_length=int(s.max_new_tokens),
-                               off_policy=iters > 1)
+                               off_policy=iters > 1, temperature=float(s.temperature))
     score = held_out_score(r, held_out, int(cfg.data.max_new_tokens))
     before = score(r.starting_params())
     print(f"[grpo] held-out exact match before: {before:.3f} over {len(held_out)} prompts; "

@@ -38,7 +38,7 @@ DEFAULTS = {"ppo": dict(
     kl_coef=0.05,               # per-token k1 KL penalty folded into the reward
     missing_eos_penalty=1.0,    # subtracted from the score of a completion without eos
     gamma=1.0, lam=0.95,
-    whiten_rewards=False,       # whiten the per-token rewards before GAE
+    whiten_rewards=False,       # scale the per-token rewards to unit variance before GAE
     cliprange=0.2, cliprange_value=0.2, vf_coef=0.1,
     num_ppo_epochs=4,           # optimizer steps per rollout
     reference="auto",           # auto | strip | copy
@@ -124,27 +124,34 @@ def run(cfg: Any, workdir: str) -> dict:
     ref_params = r.starting_params() if mode == "copy" else None
     max_new = int(cfg.data.max_new_tokens)
 
-    def held_out_score(params) -> float:
+    def held_out_score(params) -> tuple[float, float]:
+        """(mean reward-model score, exact match) of greedy completions to held-out prompts."""
         p = gather(params)
         texts = generate_text({k: v for k, v in p.items() if k != "value"}, r.model_cfg,
                               r.tokenizer, [e["prompt"] for e in held_out],
                               max_new_tokens=max_new, apply_fn=r.method.apply_fn)
-        return float(np.mean(rm.score([(e["prompt"], t) for e, t in zip(held_out, texts)])))
+        score = float(np.mean(rm.score([(e["prompt"], t) for e, t in zip(held_out, texts)])))
+        return score, float(np.mean([t.strip() == e["answer"].strip()
+                                     for e, t in zip(held_out, texts)]))
 
-    before = held_out_score(r.starting_params())
-    print(f"[ppo] held-out reward-model score before: {before:.3f} over {len(held_out)} prompts;"
-          f" reference={mode}, kl_coef={s.kl_coef}, epochs={iters}")
+    before, em_before = held_out_score(r.starting_params())
+    print(f"[ppo] held-out reward-model score before: {before:.3f} (exact match {em_before:.3f})"
+          f" over {len(held_out)} prompts; reference={mode}, kl_coef={s.kl_coef}, "
+          f"epochs={iters}")
     producer = PPORollouts(r, train_ex, s, rm, reference=mode, ref_params=ref_params,
                            old_logps=True)
-    settings = pg.PPOSettings(float(s.cliprange), float(s.cliprange_value), float(s.vf_coef))
+    settings = pg.PPOSettings(float(s.cliprange), float(s.cliprange_value), float(s.vf_coef),
+                              float(s.temperature))
     result = r.train(pg.ppo_loss(r.model_cfg, settings, r.method.apply_fn, r.method.bind_rng),
                      producer)
-    after = held_out_score(result.params)
+    after, em_after = held_out_score(result.params)
     h = producer.history
-    print(f"[ppo] held-out reward-model score {before:.3f} -> {after:.3f}; KL per completion "
+    print(f"[ppo] held-out reward-model score {before:.3f} -> {after:.3f}, exact match "
+          f"{em_before:.3f} -> {em_after:.3f}; KL per completion "
           f"{np.mean([x['kl'] for x in h[-5:]]):.3f} (last 5 rollouts)")
     summary = {"trainer": "ppo", "reward_model": rm_dir, "score_before": before,
-               "score_after": after, "n_eval": len(held_out), "rollouts": h,
+               "score_after": after, "exact_match_before": em_before,
+               "exact_match_after": em_after, "n_eval": len(held_out), "rollouts": h,
                "kl_last": float(np.mean([x["kl"] for x in h[-5:]])) if h else None,
                "reference": mode,
                "final_loss": result.history[-1]["loss"] if result.history else None,

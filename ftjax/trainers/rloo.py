@@ -60,7 +60,8 @@ def run(cfg: Any, workdir: str) -> dict:
     train_ex, held_out = synthetic_examples(cfg)
     mode = reference_mode(r, str(s.reference), "rloo") if beta > 0 else None
     ref_params = r.starting_params() if mode == "copy" else None
-    settings = pg.RLOOSettings(float(s.epsilon_low), float(s.epsilon_high), iters > 1)
+    settings = pg.RLOOSettings(float(s.epsilon_low), float(s.epsilon_high), iters > 1,
+                               float(s.temperature))
     score = held_out_score(r, held_out, int(cfg.data.max_new_tokens))
     before = score(r.starting_params())
     print(f"[rloo] held-out exact match before: {before:.3f} over {len(held_out)} prompts; "
