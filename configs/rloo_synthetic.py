@@ -11,16 +11,16 @@ from ftjax.trainers.rloo import DEFAULTS
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, tasks="add", steps=100, peft="full", beta=0.05, lr=0.0, mu=1)
+    arg = common.parse_arg(arg, tasks="add", steps=200, peft="full", beta=0.05, lr=0.0, mu=1)
     c = common.base(trainer="rloo")
     c.model = base_model()
     c.model.init_from = SHIPPED_BASE
-    lr = arg.lr or (1e-4 if arg.peft == "full" else 1e-3)
+    lr = arg.lr or (3e-4 if arg.peft == "full" else 1e-3)
     c.optimizer = common.optimizer("adamw", learning_rate=lr,
                                    warmup_steps=common.warmup(5, arg.steps), weight_decay=0.0)
     c.train = common.train(steps=arg.steps, batch_size=64, seq_len=48, log_every=10,
                            eval_every=0, checkpoint_every=20 * arg.mu, keep_checkpoints=1)
-    c.data = ml_collections.ConfigDict(dict(tasks=tuple(arg.tasks.split("+")), n_per_task=2000,
+    c.data = ml_collections.ConfigDict(dict(tasks=tuple(arg.tasks.split("+")), n_per_task=8000,
                                             seed=0, test_frac=0.2, eval_examples=200,
                                             max_new_tokens=16))
     c.rloo = ml_collections.ConfigDict(dict(DEFAULTS["rloo"], beta=arg.beta,

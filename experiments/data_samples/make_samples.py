@@ -15,6 +15,8 @@ bad-input errors.
     qa.parquet            question,answer      caesar (map with field_map=
                                                "instruction=question,output=answer")
     preference.jsonl      prompt/chosen/rejected  reverse (rejected: the sorted letters)
+    unpaired.jsonl        prompt/completion/label reverse, each prompt once: the answer (true)
+                                               or the sorted letters (false), by a seeded coin
     classification.csv    text,label           payloads of four tasks, imbalanced labels
 """
 from __future__ import annotations
@@ -84,6 +86,16 @@ def main() -> None:
          "rejected": "".join(sorted(e["prompt"].split(" ", 1)[1]))}
         for e in distinct("reverse", 300)
         if e["answer"] != "".join(sorted(e["prompt"].split(" ", 1)[1]))])
+    coin = DeterministicRng("samples", "unpaired")
+    unpaired = []
+    for e in distinct("reverse", 300):
+        wrong = "".join(sorted(e["prompt"].split(" ", 1)[1]))
+        if wrong == e["answer"]:
+            continue
+        good = coin.randint(0, 1) == 1
+        unpaired.append({"prompt": e["prompt"], "completion": e["answer"] if good else wrong,
+                         "label": good})
+    write_jsonl("unpaired.jsonl", unpaired)
     # Classification: what kind of payload is this? Imbalanced on purpose (math is common).
     classes = {"math": ("add", 200), "date": ("format", 100), "word": ("reverse", 60),
                "fact": ("lookup", 40)}

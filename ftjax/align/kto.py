@@ -186,3 +186,81 @@ def kto_loss(model_cfg: ModelConfig, settings: Settings, apply_fn=None, bind_rng
         return add_moe_losses(objective, stats, pol["aux"], model_cfg)
 
     return loss_fn
+
+
+def _tokens_of(row: Mapping[str, np.ndarray]) -> tuple[list[int], int]:
+    """(the row's token sequence [prompt + completion], index where the completion starts)."""
+    n = int((row["segment_ids"] > 0).sum())
+    if n == 0:
+        return [], 0
+    if len(np.unique(row["segment_ids"][:n])) > 1:
+        raise ValueError("KTO rows must hold one example each (packing is off for unpaired data)")
+    mask = row["loss_mask"][:n] > 0
+    first = int(np.argmax(mask)) if mask.any() else n
+    tokens = list(row["inputs"][:n]) + [int(row["targets"][n - 1])]
+    return tokens, first + 1      # targets[t] is tokens[t + 1]
+
+
+def _row(tokens: list[int], start: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """The causal-LM row of `tokens` with the loss on tokens[start:] (cut to seq_len + 1)."""
+    tokens = tokens[:seq_len + 1]
+    n = len(tokens) - 1
+    out = {"inputs": np.full(seq_len, pad_id, np.int32), "targets": np.full(seq_len, pad_id,
+                                                                            np.int32),
+           "loss_mask": np.zeros(seq_len, np.float32), "segment_ids": np.zeros(seq_len, np.int32),
+           "positions": np.zeros(seq_len, np.int32)}
+    if n <= 0:
+        return out
+    out["inputs"][:n] = tokens[:-1]
+    out["targets"][:n] = tokens[1:]
+    out["loss_mask"][max(start - 1, 0):n] = 1.0
+    out["segment_ids"][:n] = 1
+    out["positions"][:n] = np.arange(n)
+    return out
+
+
+def kl_layout(batch: Mapping[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
+    """The data pipeline's unpaired batch (sft keys + label) -> the KTO layout: `chosen_*` the
+    rows as they are, `rejected_*` their KL rows (row i's prompt tokens followed by the
+    completion tokens of the next real row, cyclically within the batch, as TRL builds them),
+    `label` [B, 1]. Token-level, so any chat template's prompt / completion split is kept."""
+    keys = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+    b, t = batch["inputs"].shape
+    rows = [{k: batch[k][i] for k in keys} for i in range(b)]
+    seqs = [_tokens_of(r) for r in rows]
+    real = [i for i, (tok, _) in enumerate(seqs) if tok]
+    out = {f"chosen_{k}": np.asarray(batch[k]) for k in keys}
+    kl = [_row([], 0, t, pad_id) for _ in range(b)]
+    for j, i in enumerate(real):
+        partner = real[(j + 1) % len(real)]
+        p_tok, p_start = seqs[i]
+        c_tok, c_start = seqs[partner]
+        kl[i] = _row(p_tok[:p_start] + c_tok[c_start:], p_start, t, pad_id)
+    for k in keys:
+        out[f"rejected_{k}"] = np.stack([r[k] for r in kl])
+    out["label"] = np.asarray(batch["label"]).reshape(b, 1).astype(np.int32)
+    return out
+
+
+class WithKLRows:
+    """Wraps the pipeline's unpaired loader: every batch in the KTO layout (`kl_layout`);
+    resumable through the wrapped loader's state."""
+
+    def __init__(self, inner: Any, pad_id: int):
+        self.inner, self.pad_id = inner, int(pad_id)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return kl_layout(next(self.inner), self.pad_id)
+
+    def get_state(self) -> dict:
+        return self.inner.get_state()
+
+    def set_state(self, state) -> None:
+        self.inner.set_state(state)
+
+    def close(self) -> None:
+        if hasattr(self.inner, "close"):
+            self.inner.close()

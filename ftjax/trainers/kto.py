@@ -47,11 +47,9 @@ def unpaired_examples(cfg: Any) -> list[dict]:
 def run(cfg: Any, workdir: str) -> dict:
     t, kcfg = cfg.train, cfg.kto
     optim.make_optimizer(cfg.optimizer, int(t.steps))
-    if uses_files(cfg):
-        raise ValueError("trainer 'kto' reads the synthetic suite (data.tasks) for now; "
-                         "unpaired files (data.format=unpaired) are not wired to it yet: "
-                         "unset data.source / data.sources")
     r = Run.build(cfg, workdir, name="kto")
+    if uses_files(cfg):
+        return run_files(cfg, workdir, r)
     r.check_exportable()
     tok, method = r.tokenizer, r.method
     examples = unpaired_examples(cfg)
@@ -124,4 +122,98 @@ def run(cfg: Any, workdir: str) -> dict:
 def _fmt(m: dict) -> str:
     keys = ("eval_accuracy", "eval_margin", "eval_rewards_chosen", "eval_rewards_rejected",
             "eval_logps_accuracy")
+    return " ".join(f"{k}={m[k]:.4f}" for k in keys if m.get(k) is not None)
+
+
+def kto_evaluator(loss_fn, placement, batches):
+    """`(step, params) -> metrics` over every validation example: the KTO loss, the KL
+    baseline, and the mean implicit reward beta * log(pi / pi_ref) of desirable and of
+    undesirable examples, and their gap (which training should widen)."""
+    step_fn = jax.jit(lambda p, b: loss_fn(p, b, None)[1])
+
+    def evaluate(step: int, params) -> dict:
+        tot: dict[str, float] = {}
+        for b in batches:
+            st = jax.device_get(step_fn(params, placement.put_batch(b)))
+            for k, v in st.items():
+                if np.ndim(v) == 0:
+                    tot[k] = tot.get(k, 0.0) + float(v)
+        n = max(tot.get("tokens", 0.0), 1.0)
+        rd = tot["rewards_desirable"] / max(tot["n_desirable"], 1.0)
+        ru = tot["rewards_undesirable"] / max(tot["n_undesirable"], 1.0)
+        return {"eval_loss": tot["nll"] / n, "eval_kl": tot["kl"] / n,
+                "eval_rewards_desirable": rd, "eval_rewards_undesirable": ru,
+                "eval_reward_gap": rd - ru, "eval_examples": tot.get("tokens", 0.0)}
+
+    return evaluate
+
+
+def run_files(cfg: Any, workdir: str, r: Run) -> dict:
+    """KTO on the user's unpaired data (data.format=unpaired: prompt, completion, label)
+    through the data pipeline; KL rows are built in each batch from the next example's
+    completion (`align.kto.kl_layout`), so the reference is strip or a frozen copy."""
+    from ftjax.data import pipeline
+    from ftjax.data.errors import DataError
+    from ftjax.train.run import prepare_data
+    t, kcfg, tok, method = cfg.train, cfg.kto, r.tokenizer, r.method
+    prepared = prepare_data(cfg, tok, workdir)
+    if prepared.kind != "unpaired":
+        raise DataError(f"trainer 'kto' trains on unpaired feedback (prompt, completion, label), "
+                        f"but this data is {prepared.kind!r}; set data.format=unpaired (and "
+                        "data.field_map if the fields are named differently)")
+    eval_split = cfg.data.get("eval_split", "validation")
+    if eval_split not in prepared.splits:
+        raise DataError(f"data.eval_split={eval_split!r} is not a split of the prepared data "
+                        f"({sorted(prepared.splits)}); keep a validation ratio in "
+                        "data.splits.ratios")
+    mode = str(kcfg.reference)
+    if mode == "precompute":
+        raise ValueError("kto.reference='precompute' needs KL rows fixed per example, which the "
+                         "synthetic data has; with files the KL rows are built per batch: use "
+                         "strip (adapters), copy or auto")
+    mode = reference.resolve_mode(mode, r.abstract_params, method.train_patterns,
+                                  cfg.get("peft"))
+    mode = "copy" if mode == "precompute" else mode
+    settings = kto.from_config(kcfg, mode)
+    bs, seq = int(t.batch_size), int(t.seq_len)
+    pi, pc = jax.process_index(), jax.process_count()
+    train_iter = kto.WithKLRows(pipeline.make_loader(prepared, "train", tok, bs, seq,
+                                                     int(cfg.seed), pi, pc), tok.pad_id)
+    eval_batches = [kto.kl_layout(b, tok.pad_id)
+                    for b in pipeline.eval_batches(prepared, eval_split, tok, bs, seq, pi, pc)]
+    if mode == "copy":
+        train_iter = precompute.WithReference(train_iter, r.starting_params(), r.model_cfg,
+                                              r.placement, method.apply_fn)
+        eval_batches = [train_iter.attach(b) for b in eval_batches]
+    n_train = len(prepared.split("train"))
+    print(f"[kto] {n_train} unpaired training examples from files; loss {settings.loss_type} "
+          f"beta={settings.beta} reference={mode}")
+    loss_fn = kto.kto_loss(r.model_cfg, settings, method.apply_fn, method.bind_rng)
+    evaluate = kto_evaluator(loss_fn, r.placement, eval_batches)
+    before = evaluate(0, r.starting_params()) if bool(kcfg.eval_before) else {}
+    if before:
+        print("[kto] before: " + _fmt_files(before))
+    try:
+        result = r.train(loss_fn, train_iter, on_eval=evaluate)
+    finally:
+        train_iter.close()
+    after = dict(result.evals[-1]) if result.evals else evaluate(int(t.steps), result.params)
+    after.pop("step", None)
+    print("[kto] after:  " + _fmt_files(after))
+    summary = {"trainer": "kto", "loss_type": settings.loss_type, "beta": settings.beta,
+               "reference": mode, "train_examples": n_train,
+               "data": {"source": "files", "fingerprint": prepared.fingerprint,
+                        "splits": {k: len(v) for k, v in prepared.splits.items()}},
+               "before": before, "after": after,
+               "final_loss": result.history[-1]["loss"] if result.history else None,
+               "evals": result.evals, "wall_s": result.wall_s,
+               "resumed_from": result.resumed_from,
+               "exported_hf_dir": r.export_hf(result.params)}
+    r.write_summary(summary)
+    return summary
+
+
+def _fmt_files(m: dict) -> str:
+    keys = ("eval_loss", "eval_kl", "eval_rewards_desirable", "eval_rewards_undesirable",
+            "eval_reward_gap")
     return " ".join(f"{k}={m[k]:.4f}" for k in keys if m.get(k) is not None)
