@@ -120,6 +120,14 @@ def test_rloo_advantages_are_leave_one_out_of_kl_penalised_rewards(tmp_path):
     np.testing.assert_allclose(adv.sum(1), 0.0, atol=1e-5)   # leave-one-out sums to 0
     h = prod.history[-1]
     assert h["reward_with_kl"] == pytest.approx(h["reward"], abs=1e-4)
+    # the KL to the start is 0 at the start, and positive once the adapters move
+    assert prod.kl_to_start(params, train[:8])["kl_per_token"] == pytest.approx(0, abs=1e-5)
+    import dataclasses
+    moved = jax.device_get(params)
+    for name in ("q_proj", "v_proj"):
+        w = moved["layers"]["attn"][name]["kernel"]
+        moved["layers"]["attn"][name]["kernel"] = dataclasses.replace(w, b=w.b + 0.3)
+    assert prod.kl_to_start(moved, train[:8])["kl_per_token"] > 1e-3
 
 
 def test_bad_reward_functions_and_long_prompts_are_named(tmp_path):

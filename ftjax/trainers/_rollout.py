@@ -264,6 +264,32 @@ class Rollouts(OnPolicy):
                 f"{key}={v:.3f}" for key, v in rec.items() if key != "step"))
         return batch
 
+    def kl_to_start(self, params: Any, examples: Sequence[dict], ref_params: Any = None,
+                    seed: int = 1) -> dict:
+        """KL(π || π_start) estimated on completions the policy samples (at the rollout
+        temperature) for `examples`' prompts: the mean over completions of Σ_t (log π - log
+        π_start), the unbiased k1 estimate, and its mean per token. π_start is `ref_params`
+        (a frozen starting copy) or, without one, the policy with its adapters stripped."""
+        tok, run = self.run.tokenizer, self.run
+        budget = self.seq_len - self.max_new - 1
+        prompts = fit_prompts(examples, tok, budget, "truncate", self.name)
+        prompts = (prompts * (-(-self.rows // len(prompts))))[:self.rows]
+        outs = generate_ids(backbone(params), run.model_cfg, tok, prompts,
+                            max_new_tokens=self.max_new, batch_size=len(prompts),
+                            temperature=float(self.s.temperature), top_k=int(self.s.top_k),
+                            rng=jax.random.fold_in(jax.random.PRNGKey(run.seed + seed), 10**6),
+                            apply_fn=run.method.apply_fn)
+        finished = np.array([len(o) < self.max_new for o in outs])
+        batch = self._rows(prompts, outs, finished)
+        placed = run.placement.put_batch({k: v[self._local()] for k, v in batch.items()})
+        lp = self._global(self._logps(params, placed))
+        ref = self._global(self._logps(ref_params, placed) if ref_params is not None
+                           else self._ref_logps(params, placed))
+        mask = batch["loss_mask"]
+        per_seq = ((lp - ref) * mask).sum(1)
+        return {"kl_per_completion": float(per_seq.mean()),
+                "kl_per_token": float(per_seq.sum() / max(mask.sum(), 1.0))}
+
     def _local(self):
         pc, pi = jax.process_count(), jax.process_index()
         return slice(pi * self.rows // pc, (pi + 1) * self.rows // pc)

@@ -116,11 +116,18 @@ def run(cfg: Any, workdir: str) -> dict:
     result = r.train(pg.grpo_loss(r.model_cfg, settings, r.method.apply_fn,
                                   r.method.bind_rng), producer)
     after = score(result.params)
+    start_copy = ref_params if ref_params is not None else (
+        None if reference.strip_safe(r.abstract_params, r.method.train_patterns,
+                                     cfg.get("peft"))[0] else r.starting_params())
+    kl = producer.kl_to_start(result.params, held_out, start_copy)
+    del start_copy
     h = producer.history
     print(f"[grpo] held-out exact match {before:.3f} -> {after:.3f}; mean reward "
           f"{np.mean([x['reward'] for x in h[:5]]):.3f} (first 5 rollouts) -> "
-          f"{np.mean([x['reward'] for x in h[-5:]]):.3f} (last 5)")
+          f"{np.mean([x['reward'] for x in h[-5:]]):.3f} (last 5); KL to the start "
+          f"{kl['kl_per_completion']:.3f} per completion ({kl['kl_per_token']:.4f} per token)")
     summary = {"trainer": "grpo", "exact_match_before": before, "exact_match_after": after,
+               "kl_to_start": kl,
                "n_eval": len(held_out), "rollouts": h, "loss_type": settings.loss_type,
                "beta": beta, "reference": mode,
                "kl_last": result.history[-1].get("kl") if result.history else None,
