@@ -72,7 +72,6 @@ def test_sharded_reward_checkpoint_loads_in_transformers(tmp_path):
     seqcls.save_reward_model(str(tmp_path), cfg, params, pad_token_id=PAD)
     # the same model written in shards: the head goes to its own file, listed in the index
     d2 = tmp_path / "sharded"
-    from ftjax.io.hf import save_pretrained  # noqa: F401  (shard size through save_reward_model)
     orig = seqcls.save_pretrained
     seqcls.save_pretrained = lambda *a, **k: orig(*a, **{**k, "shard_size_mb": 0.05})
     try:

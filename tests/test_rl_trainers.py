@@ -2,7 +2,6 @@
 rollout batches hold the policy's own samples with the advantages their rewards give, the
 losses in the training layout equal closed forms, bad reward functions and long prompts are
 named, 8 devices equal 1, a resumed run equals an uninterrupted one, and short runs learn."""
-import math
 
 import jax
 import jax.numpy as jnp

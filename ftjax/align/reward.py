@@ -10,7 +10,6 @@ the step's division gives TRL RewardTrainer's means.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
