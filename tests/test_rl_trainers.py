@@ -286,3 +286,24 @@ def test_ppo_rollout_rewards_gae_and_loss(tmp_path):
     assert float(jnp.abs(g["value"]["kernel"]).max()) > 0
     others = [x for k, sub in g.items() if k != "value" for x in jax.tree.leaves(sub)]
     assert max(float(jnp.abs(x).max()) for x in others) == 0.0
+
+
+def test_minibatches_visit_each_generated_row_once_per_epoch(tmp_path):
+    cfg = _cfg(extra=[("train.batch_size", "8"), ("grpo.num_mini_batches", "2"),
+                      ("grpo.num_iterations", "2")])
+    r = Run.build(cfg, str(tmp_path), name="grpo")
+    train, _ = synthetic_examples(cfg)
+    prod = GRPORollouts(r, train, cfg.grpo, name="grpo", old_logps=True)
+    assert prod.iters == 4 and prod.total == 16
+    params = r.starting_params()
+    steps = [prod.next_batch(s, params) for s in range(4)]
+    gen = prod.cache[1]
+    key = lambda b, i: (b["inputs"][i].tobytes(), float(b["advantages"][i, 0]))
+    everything = sorted(key(gen, i) for i in range(16))
+    for epoch in (0, 1):
+        seen = sorted(key(b, i) for b in steps[2 * epoch:2 * epoch + 2] for i in range(8))
+        assert seen == everything
+    assert [key(steps[0], i) for i in range(8)] != [key(steps[2], i) for i in range(8)]
+    with pytest.raises(ValueError, match="num_mini_batches"):
+        cfg.grpo.num_mini_batches = 3
+        GRPORollouts(r, train, cfg.grpo, name="grpo")

@@ -5,8 +5,9 @@ Every `num_iterations` steps it samples `group_size` completions for each of
 KV-cache sampler, scores them with the reward functions, and builds the rollout batch of
 `align.pg`: prompt + completion rows, the sampling policy's per-token log-probs (`old_logps`),
 the reference's (`ref_logps`, when asked) and what the trainer adds (advantages, returns).
-The steps in between reuse that batch (TRL's num_iterations / PPO epochs: the clipped ratio
-then moves away from 1).
+The steps in between reuse that generation (TRL's num_iterations / PPO epochs: the clipped
+ratio then moves away from 1), each epoch split into `num_mini_batches` minibatches of
+train.batch_size rows in a fresh seeded order.
 
 Deterministic: prompts are visited in a seeded order by step, and the sampling key is
 `fold_in(seed, rollout step)`, so a run resumed at a rollout boundary draws exactly what an
@@ -119,16 +120,22 @@ class Rollouts(OnPolicy):
 
     def __init__(self, run, examples: Sequence[dict], s: Any, *, name: str,
                  reference: Optional[str] = None, ref_params: Any = None,
-                 old_logps: bool = True):
+                 old_logps: bool = True, epochs: Optional[int] = None):
         t = run.cfg.train
         self.run, self.s, self.name = run, s, name
         self.examples = list(examples)
         self.n_prompts, self.group = int(s.prompts_per_step), int(s.group_size)
         self.rows, self.seq_len = int(t.batch_size), int(t.seq_len)
-        if self.n_prompts * self.group != self.rows:
+        self.mb = int(s.get("num_mini_batches", 1))
+        if self.mb < 1:
+            raise ValueError(f"{name}.num_mini_batches={self.mb} must be >= 1")
+        self.total = self.rows * self.mb     # rollouts per generation
+        if self.n_prompts * self.group != self.total:
             raise ValueError(f"{name}.prompts_per_step ({self.n_prompts}) x {name}.group_size "
-                             f"({self.group}) = {self.n_prompts * self.group} rollouts per step, "
-                             f"but train.batch_size={self.rows}; make them equal")
+                             f"({self.group}) = {self.n_prompts * self.group} rollouts per "
+                             f"generation, but train.batch_size ({self.rows}) x "
+                             f"{name}.num_mini_batches ({self.mb}) = {self.total}; make them "
+                             "equal")
         self.max_new = int(s.max_new_tokens)
         budget = self.seq_len - self.max_new - 1
         if budget < 2:
@@ -142,7 +149,8 @@ class Rollouts(OnPolicy):
             raise ValueError(f"{name}.reward_weights has {len(w)} weights for "
                              f"{len(self.rewards)} reward functions")
         self.weights = np.asarray(w, np.float64)
-        self.iters = int(s.get("num_iterations", 1))
+        self.epochs = int(epochs if epochs is not None else s.get("num_iterations", 1))
+        self.iters = self.epochs * self.mb   # optimizer steps per generation
         self.order = np.random.default_rng(run.seed).permutation(len(self.examples))
         self.reference, self.ref_params = reference, ref_params
         self.want_old = old_logps
@@ -209,6 +217,11 @@ class Rollouts(OnPolicy):
                                    "multiple of num_iterations")
             self.cache = (start, self._rollout(start, params))
         glob = self.cache[1]
+        epoch, m = divmod(step - start, self.mb)
+        if self.mb > 1:   # each epoch visits the generation's rows once, in a fresh order
+            order = np.random.default_rng([self.run.seed, start, epoch]).permutation(self.total)
+            rows = np.sort(order[m * self.rows:(m + 1) * self.rows])
+            glob = {k: v[rows] for k, v in glob.items()}
         pc, pi = jax.process_count(), jax.process_index()
         lo, hi = pi * self.rows // pc, (pi + 1) * self.rows // pc
         return {k: v[lo:hi] for k, v in glob.items()}
@@ -239,7 +252,8 @@ class Rollouts(OnPolicy):
         batch = self._rows(prompts, outs, finished)
         extras: dict = {"texts": texts, "finished": finished, "picks": picks}
         if self.want_old or self.reference:
-            placed = run.placement.put_batch({key: batch[key][self._local()] for key in batch})
+            placed = run.placement.put_batch({key: batch[key][self._local(self.total)]
+                                              for key in batch})
             if self.want_old:
                 batch["old_logps"] = self._global(self._logps(params, placed))
             if self.reference == "strip":
@@ -290,9 +304,10 @@ class Rollouts(OnPolicy):
         return {"kl_per_completion": float(per_seq.mean()),
                 "kl_per_token": float(per_seq.sum() / max(mask.sum(), 1.0))}
 
-    def _local(self):
+    def _local(self, rows: Optional[int] = None):
+        rows = self.rows if rows is None else rows
         pc, pi = jax.process_count(), jax.process_index()
-        return slice(pi * self.rows // pc, (pi + 1) * self.rows // pc)
+        return slice(pi * rows // pc, (pi + 1) * rows // pc)
 
     def _rows(self, prompts: list[list[int]], outs: list[list[int]], finished) -> dict:
         tok, t = self.run.tokenizer, self.seq_len

@@ -34,13 +34,16 @@ DEFAULTS = {"grpo": dict(
     delta=0.0,                          # > 0 caps the ratio from above (INTELLECT-2); 0 = off
     importance_sampling_level="token",  # token | sequence (GSPO)
     use_bias_correction_kl=False,
-    num_iterations=1,                   # optimizer steps per rollout (mu)
+    num_iterations=1,                   # passes over each generation (mu)
+    num_mini_batches=1,                 # optimizer steps per pass: prompts_per_step *
+                                        # group_size = train.batch_size * num_mini_batches
     reference="auto",                   # auto | strip | copy (used when beta > 0)
     long_prompts="refuse",              # refuse | truncate prompts over the rollout budget
 )}
 CHECKS = {"grpo": dict(prompts_per_step=">= 1", group_size=">= 2", max_new_tokens=">= 1",
                        temperature=">= 0", top_k=">= 0", beta=">= 0", epsilon_low=">= 0",
                        epsilon_high=">= 0", delta=">= 0", num_iterations=">= 1",
+                       num_mini_batches=">= 1",
                        scale_rewards=rl.SCALE_REWARDS, loss_type=rl.GRPO_LOSS_TYPES,
                        importance_sampling_level=rl.IMPORTANCE_LEVELS,
                        long_prompts=("refuse", "truncate"),
@@ -58,8 +61,10 @@ class GRPORollouts(Rollouts):
 def check_cycle(cfg: Any, iters: int, name: str) -> None:
     every = int(cfg.train.checkpoint_every)
     if iters > 1 and every and every % iters:
-        raise ValueError(f"train.checkpoint_every={every} must be a multiple of "
-                         f"{name}.num_iterations={iters}: a run resumes at a rollout boundary")
+        raise ValueError(f"train.checkpoint_every={every} must be a multiple of the {iters} "
+                         f"optimizer steps of one generation ({name}.num_iterations x "
+                         f"num_mini_batches; ppo: num_ppo_epochs x num_mini_batches): a run "
+                         "resumes at a rollout boundary")
 
 
 def reference_mode(r: Run, mode: str, name: str) -> str:
@@ -91,7 +96,7 @@ def held_out_score(r: Run, held_out, max_new: int):
 
 def run(cfg: Any, workdir: str) -> dict:
     s = cfg.grpo
-    iters = int(s.num_iterations)
+    iters = int(s.num_iterations) * int(s.num_mini_batches)
     check_cycle(cfg, iters, "grpo")
     r = Run.build(cfg, workdir, name="grpo")
     r.check_exportable()
@@ -110,7 +115,8 @@ def run(cfg: Any, workdir: str) -> dict:
     score = held_out_score(r, held_out, int(cfg.data.max_new_tokens))
     before = score(r.starting_params())
     print(f"[grpo] held-out exact match before: {before:.3f} over {len(held_out)} prompts; "
-          f"loss {settings.loss_type}, beta={beta}, reference={mode}, mu={iters}")
+          f"loss {settings.loss_type}, beta={beta}, reference={mode}, steps per generation "
+          f"{iters}")
     producer = GRPORollouts(r, train_ex, s, name="grpo", reference=mode, ref_params=ref_params,
                             old_logps=iters > 1)
     result = r.train(pg.grpo_loss(r.model_cfg, settings, r.method.apply_fn,

@@ -9,8 +9,9 @@ not exported). Each rollout (`trainers/_rollout.py`): sample one completion per 
 it (minus `missing_eos_penalty` when it never ended), per-token rewards
 r_t = -kl_coef * KL_t (k1 against the reference) with the score added at the last completion
 token (`align.rl.ppo_rewards`), GAE(gamma, lam) with the sampling policy's values
-(`align.rl.gae`), advantages whitened. `num_ppo_epochs` optimizer steps per rollout on the
-clipped policy loss + vf_coef x the clipped value loss (`align.pg.ppo_loss`).
+(`align.rl.gae`), advantages whitened over the whole generation. `num_ppo_epochs` passes over
+it, each in `num_mini_batches` optimizer steps, on the clipped policy loss + vf_coef x the
+clipped value loss (`align.pg.ppo_loss`).
 Held-out: the reward model's mean score of greedy completions on held-out prompts, before and
 after, and the KL of the last rollouts.
 """
@@ -40,7 +41,9 @@ DEFAULTS = {"ppo": dict(
     gamma=1.0, lam=0.95,
     whiten_rewards=False,       # scale the per-token rewards to unit variance before GAE
     cliprange=0.2, cliprange_value=0.2, vf_coef=0.1,
-    num_ppo_epochs=4,           # optimizer steps per rollout
+    num_ppo_epochs=4,           # passes over each generation
+    num_mini_batches=1,         # optimizer steps per pass (prompts_per_step * group_size =
+                                # train.batch_size * num_mini_batches)
     reference="auto",           # auto | strip | copy
     long_prompts="refuse",
     value_std=0.02,
@@ -49,15 +52,14 @@ CHECKS = {"ppo": dict(prompts_per_step=">= 1", group_size=">= 1", max_new_tokens
                       temperature=">= 0", top_k=">= 0", kl_coef=">= 0",
                       missing_eos_penalty=">= 0", gamma="in [0, 1]", lam="in [0, 1]",
                       cliprange="> 0", cliprange_value="> 0", vf_coef=">= 0",
-                      num_ppo_epochs=">= 1", reference=("auto", "strip", "copy"),
+                      num_ppo_epochs=">= 1", num_mini_batches=">= 1", reference=("auto", "strip", "copy"),
                       long_prompts=("refuse", "truncate"), value_std="> 0")}
 
 
 class PPORollouts(Rollouts):
     def __init__(self, run, examples, s, reward_model: RewardModel, **kw):
         self.rm = reward_model
-        super().__init__(run, examples, s, name="ppo", **kw)
-        self.iters = int(s.num_ppo_epochs)
+        super().__init__(run, examples, s, name="ppo", epochs=int(s.num_ppo_epochs), **kw)
 
         def values(params, batch):
             from ftjax import models
@@ -105,7 +107,7 @@ class PPORollouts(Rollouts):
 
 def run(cfg: Any, workdir: str) -> dict:
     s = cfg.ppo
-    iters = int(s.num_ppo_epochs)
+    iters = int(s.num_ppo_epochs) * int(s.num_mini_batches)
     check_cycle(cfg, iters, "ppo")
     if not s.reward_model:
         raise ValueError("ppo.reward_model is empty: name a *ForSequenceClassification directory "
@@ -137,7 +139,7 @@ def run(cfg: Any, workdir: str) -> dict:
     before, em_before = held_out_score(r.starting_params())
     print(f"[ppo] held-out reward-model score before: {before:.3f} (exact match {em_before:.3f})"
           f" over {len(held_out)} prompts; reference={mode}, kl_coef={s.kl_coef}, "
-          f"epochs={iters}")
+          f"optimizer steps per generation={iters}")
     producer = PPORollouts(r, train_ex, s, rm, reference=mode, ref_params=ref_params,
                            old_logps=True)
     settings = pg.PPOSettings(float(s.cliprange), float(s.cliprange_value), float(s.vf_coef),

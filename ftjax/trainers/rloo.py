@@ -27,13 +27,15 @@ DEFAULTS = {"rloo": dict(
     beta=0.05,                  # KL (k1, summed per sequence) subtracted from the reward
     normalize_advantages=False,
     epsilon_low=0.2, epsilon_high=0.2,
-    num_iterations=1,
+    num_iterations=1,           # passes over each generation
+    num_mini_batches=1,         # optimizer steps per pass (see grpo)
     reference="auto",           # auto | strip | copy (used when beta > 0)
     long_prompts="refuse",
 )}
 CHECKS = {"rloo": dict(prompts_per_step=">= 1", group_size=">= 2", max_new_tokens=">= 1",
                        temperature=">= 0", top_k=">= 0", beta=">= 0", epsilon_low=">= 0",
                        epsilon_high=">= 0", num_iterations=">= 1",
+                       num_mini_batches=">= 1",
                        long_prompts=("refuse", "truncate"),
                        reference=("auto", "strip", "copy"))}
 
@@ -53,7 +55,7 @@ class RLOORollouts(Rollouts):
 
 def run(cfg: Any, workdir: str) -> dict:
     s = cfg.rloo
-    iters, beta = int(s.num_iterations), float(s.beta)
+    iters, beta = int(s.num_iterations) * int(s.num_mini_batches), float(s.beta)
     check_cycle(cfg, iters, "rloo")
     r = Run.build(cfg, workdir, name="rloo")
     r.check_exportable()
