@@ -211,7 +211,8 @@ def test_preference_batches_keep_pairs_in_the_same_row():
     b = next(make_loader(p, "train", TOK, 4, 32, seed=0))
     keys = {f"{h}_{k}" for h in ("chosen", "rejected") for k in
             ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
-    assert set(b) == keys
+    assert set(b) == keys | {"margin"}
+    np.testing.assert_array_equal(b["margin"], np.zeros((4, 1), np.float32))  # none given
     for r in range(4):
         c = TOK.decode(b["chosen_inputs"][r][b["chosen_segment_ids"][r] > 0].tolist())
         j = TOK.decode(b["rejected_inputs"][r][b["rejected_segment_ids"][r] > 0].tolist())
@@ -329,3 +330,24 @@ def test_state_refuses_another_worker_count():
     state = make_loader(p, "train", TOK, 4, 64, seed=0).get_state()
     with pytest.raises(DataError, match="num_workers=0 but this loader has num_workers=2"):
         make_loader(p, "train", TOK, 4, 64, seed=0, num_workers=2).set_state(state)
+
+
+def test_preference_margin_column_follows_its_pair():
+    """An optional per-pair `margin` (reward models' Bradley-Terry margin) rides in the batch
+    as [B, 1], row i with pair i; a non-number is refused naming the field."""
+    from ftjax.data.formats import to_canonical
+    ex = [{"prompt": [{"role": "user", "content": f"q{i}"}],
+           "chosen": [{"role": "assistant", "content": f"good {i}"}],
+           "rejected": [{"role": "assistant", "content": f"bad {i}"}], "margin": i / 4}
+          for i in range(12)]
+    p = Prepared.from_examples({"train": ex}, "preference", template=PLAIN)
+    b = next(make_loader(p, "train", TOK, 4, 32, seed=0))
+    assert b["margin"].shape == (4, 1)
+    for r in range(4):
+        c = TOK.decode(b["chosen_inputs"][r][b["chosen_segment_ids"][r] > 0].tolist())
+        i = int(c.split("\n")[0][1:])
+        assert b["margin"][r, 0] == np.float32(i / 4)
+    rec = {"prompt": "q", "chosen": "a", "rejected": "b", "margin": "large"}
+    with pytest.raises(Exception, match="margin"):
+        to_canonical(rec, "preference")
+    assert to_canonical(dict(rec, margin="1.5"), "preference")["margin"] == 1.5

@@ -29,6 +29,7 @@ found, the fields present, and the fix.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Mapping, Optional
 
 from ftjax.data.errors import DataError
@@ -44,7 +45,7 @@ FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "instruction": (("instruction", "output"), ("input", "system")),
     "chat": (("messages",), ()),
     "sharegpt": (("conversations",), ("system",)),
-    "preference": (("chosen", "rejected"), ("prompt",)),
+    "preference": (("chosen", "rejected"), ("prompt", "margin")),
     "unpaired": (("prompt", "completion", "label"), ()),
     "classification": (("text", "label"), ()),
     "text": (("text",), ()),
@@ -210,6 +211,20 @@ def _label_bool(r: _Reader) -> bool:
     raise r.fail("label", f"must be a boolean (true/false, 1/0, yes/no), got {value!r}")
 
 
+def _margin(r: _Reader) -> float:
+    value = r.get("margin")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(float(value)):
+        raise r.fail("margin", f"must be a finite number (how much chosen is preferred), "
+                               f"got {value!r}")
+    return float(value)
+
+
 def _label_str(r: _Reader) -> str:
     value = r.get("label")
     if isinstance(value, bool):
@@ -265,7 +280,10 @@ def to_canonical(record: Mapping[str, Any], fmt: str, field_map: Optional[Mappin
         if prompt[-1]["role"] == "assistant":
             raise r.fail("prompt", "ends with an assistant message; the completion must follow "
                                    "a user (or system) turn")
-        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        if r.has("margin"):   # how much chosen is preferred (reward models' margin)
+            out["margin"] = _margin(r)
+        return out
     if fmt == "unpaired":
         prompt = r.messages("prompt", default_role="user")
         completion = _needs_assistant(r, "completion",

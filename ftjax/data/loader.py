@@ -44,6 +44,7 @@ class _RowFn:
             for half in ("chosen", "rejected"):
                 for k, v in _one_row(el[half], self.seq_len, self.overflow, self.pad_id).items():
                     row[f"{half}_{k}"] = v
+            row["margin"] = np.asarray([el.get("margin", 0.0)], np.float32)  # [1]: rank-2 batch
             return row
         if self.kind == "classification":
             return _classification_row(el, self.seq_len, self.overflow, self.pad_id)

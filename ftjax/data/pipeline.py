@@ -30,7 +30,8 @@ Packing runs after the workers, in order, so the batches do not depend on `num_w
 
 Batch layouts (numpy, per process `[B/P, ...]`):
   sft / text      inputs targets loss_mask segment_ids positions  [B, T] (see `packing`)
-  preference      chosen_<key> and rejected_<key> for each key above; pair i in row i of both
+  preference      chosen_<key> and rejected_<key> for each key above; pair i in row i of both;
+                  margin float32 [B, 1] (the record's optional `margin`, else 0)
   unpaired        the sft keys + label int32 [B] (1 desirable) + label_weight float32 [B]
   classification  inputs segment_ids positions [B, T] + label int32 [B] + label_weight [B]
 Evaluation (`eval_batches`): every example once, the last batch filled with empty rows

@@ -87,7 +87,8 @@ class _Encoder:
         if self.kind in ("sft", "text"):
             return templates.tokenize_sft(ex, self.tok, **kw)
         if self.kind == "preference":
-            return templates.tokenize_preference(ex, self.tok, **kw)
+            el = templates.tokenize_preference(ex, self.tok, **kw)
+            return {**el, "margin": float(ex.get("margin", 0.0))}
         if self.kind == "unpaired":
             return templates.tokenize_unpaired(ex, self.tok, **kw)
         label_to_id = {lab: i for i, lab in enumerate(self.labels)} if self.labels else \
