@@ -70,15 +70,14 @@ def test_sharded_reward_checkpoint_loads_in_transformers(tmp_path):
     import transformers as tf
     cfg, params = _model("llama")
     seqcls.save_reward_model(str(tmp_path), cfg, params, pad_token_id=PAD)
-    # the same model written in shards: the head goes to its own file, listed in the index
+    # the same model written in shards: the head goes into the last one, listed in the index
+    import json
     d2 = tmp_path / "sharded"
-    orig = seqcls.save_pretrained
-    seqcls.save_pretrained = lambda *a, **k: orig(*a, **{**k, "shard_size_mb": 0.05})
-    try:
-        files = seqcls.save_reward_model(str(d2), cfg, params, pad_token_id=PAD)
-    finally:
-        seqcls.save_pretrained = orig
-    assert "score.safetensors" in files and "model.safetensors.index.json" in files
+    files = seqcls.save_reward_model(str(d2), cfg, params, pad_token_id=PAD, shard_size_mb=0.05)
+    shards = sorted(f for f in files if f.endswith(".safetensors"))
+    assert len(shards) > 1 and "model.safetensors.index.json" in files
+    index = json.loads((d2 / "model.safetensors.index.json").read_text())
+    assert index["weight_map"][seqcls.SCORE_KEY] == shards[-1]
     ids, seg = _rows()
     outs = []
     for d in (tmp_path, d2):

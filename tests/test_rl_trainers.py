@@ -236,10 +236,14 @@ def test_ppo_rollout_rewards_gae_and_loss(tmp_path):
     rm = RewardModel.from_pretrained(_reward_model_dir(tmp_path, r))
     train, _ = synthetic_examples(cfg)
     prod = PPORollouts(r, train, cfg.ppo, rm, reference="strip", old_logps=True)
-    params = r.starting_params()
-    # perturb the LoRA factors so that the policy differs from the reference (KL != 0)
-    params = jax.tree.map(lambda x: x, params)
+    import dataclasses
+    params = jax.device_get(r.starting_params())
+    # move the LoRA factors so that the policy differs from the reference (KL != 0)
+    for name in ("q_proj", "v_proj"):
+        w = params["layers"]["attn"][name]["kernel"]
+        params["layers"]["attn"][name]["kernel"] = dataclasses.replace(w, b=w.b + 0.05)
     b = prod.next_batch(0, params)
+    assert np.abs((b["old_logps"] - b["ref_logps"]) * b["loss_mask"]).max() > 1e-3
     mask = b["loss_mask"]
     tok = r.tokenizer
     texts, prompts, finished = [], [], []
@@ -272,7 +276,7 @@ def test_ppo_rollout_rewards_gae_and_loss(tmp_path):
     # and V = V_old, so vf = 0.5 * mean((V - R)^2)
     s = pg.PPOSettings()
     jb = {k: jnp.asarray(x) for k, x in b.items()}
-    obj, st = pg.ppo_loss(r.model_cfg, s, r.method.apply_fn)(jax.device_get(params), jb, None)
+    obj, st = pg.ppo_loss(r.model_cfg, s, r.method.apply_fn)(params, jb, None)
     n = float(mask.sum())
     pg_want = -b["advantages"][m].mean()
     vf_want = 0.5 * np.mean((b["old_values"][m] - b["returns"][m]) ** 2)
@@ -281,8 +285,7 @@ def test_ppo_rollout_rewards_gae_and_loss(tmp_path):
     np.testing.assert_allclose(float(obj) / n, pg_want + 0.1 * vf_want, rtol=1e-3, atol=1e-4)
     # the value loss trains the value head only (hidden states detached)
     g = jax.grad(lambda p: pg.ppo_loss(r.model_cfg, pg.PPOSettings(vf_coef=1.0))(
-        p, {**jb, "advantages": jnp.zeros_like(jb["advantages"])}, None)[0])(
-        jax.device_get(params))
+        p, {**jb, "advantages": jnp.zeros_like(jb["advantages"])}, None)[0])(params)
     assert float(jnp.abs(g["value"]["kernel"]).max()) > 0
     others = [x for k, sub in g.items() if k != "value" for x in jax.tree.leaves(sub)]
     assert max(float(jnp.abs(x).max()) for x in others) == 0.0

@@ -22,7 +22,7 @@ from ftjax import models
 from ftjax.align import rl
 from ftjax.align.logps import token_logps
 from ftjax.models.config import ModelConfig
-from ftjax.models.heads import SCORE, VALUE, backbone
+from ftjax.models.heads import VALUE, backbone
 from ftjax.models.moe import add_moe_losses
 
 
@@ -43,7 +43,7 @@ def _policy_logps(params, model_cfg, batch, apply_fn, bind_rng, rng, hidden=Fals
     logits, aux = apply_fn(backbone(policy), model_cfg, batch["inputs"],
                            positions=batch["positions"], segment_ids=batch["segment_ids"],
                            return_hidden=hidden, **kw)
-    return sampling_logps(logits, batch["targets"], temperature), aux, policy
+    return sampling_logps(logits, batch["targets"], temperature), aux
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +69,7 @@ def grpo_loss(model_cfg: ModelConfig, s: GRPOSettings, apply_fn=None, bind_rng=N
         raise ValueError(f"grpo.loss_type={s.loss_type!r}: choose one of {rl.GRPO_LOSS_TYPES}")
 
     def loss_fn(params, batch, rng):
-        lp, aux, _ = _policy_logps(params, model_cfg, batch, apply_fn, bind_rng, rng,
+        lp, aux = _policy_logps(params, model_cfg, batch, apply_fn, bind_rng, rng,
                                    temperature=s.temperature)
         mask = batch["loss_mask"].astype(jnp.float32)
         old = batch["old_logps"] if s.off_policy else None
@@ -116,7 +116,7 @@ def rloo_loss(model_cfg: ModelConfig, s: RLOOSettings, apply_fn=None, bind_rng=N
     """RLOO (`rl.rloo_loss`: sequence-level clipped ratio; the KL is already in the rewards,
     hence in the advantages): the mean over the rows with a completion."""
     def loss_fn(params, batch, rng):
-        lp, aux, _ = _policy_logps(params, model_cfg, batch, apply_fn, bind_rng, rng,
+        lp, aux = _policy_logps(params, model_cfg, batch, apply_fn, bind_rng, rng,
                                    temperature=s.temperature)
         mask = batch["loss_mask"].astype(jnp.float32)
         seq = jnp.sum(lp * mask, -1)
@@ -159,7 +159,7 @@ def ppo_loss(model_cfg: ModelConfig, s: PPOSettings, apply_fn=None, bind_rng=Non
     completion tokens (positions of `loss_mask`); the value head reads the policy's hidden
     state at each input position, which predicts the return from its target token on."""
     def loss_fn(params, batch, rng):
-        lp, aux, _ = _policy_logps(params, model_cfg, batch, apply_fn, bind_rng, rng,
+        lp, aux = _policy_logps(params, model_cfg, batch, apply_fn, bind_rng, rng,
                                    hidden=True, temperature=s.temperature)
         values = token_values(params, aux["hidden"])
         mask = batch["loss_mask"].astype(jnp.float32)
@@ -180,4 +180,4 @@ def ppo_loss(model_cfg: ModelConfig, s: PPOSettings, apply_fn=None, bind_rng=Non
 
 
 __all__ = ["GRPOSettings", "RLOOSettings", "PPOSettings", "grpo_loss", "rloo_loss",
-           "ppo_loss", "token_values", "VALUE", "SCORE"]
+           "ppo_loss", "token_values", "sampling_logps"]

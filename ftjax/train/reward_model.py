@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax.data.batching import SEPARATOR, bos_prefix, encode_example
+from ftjax.data.batching import SEPARATOR, bos_prefix
 from ftjax.models.config import ModelConfig
 from ftjax.models.heads import sequence_scores
 
@@ -43,27 +43,15 @@ class RewardModel:
                else CharTokenizer())
         return cls(jax.tree.map(jnp.asarray, params), cfg, tok, **kw)
 
-    def _row(self, text: Text, seq_len: int) -> dict:
+    def _ids(self, text: Text) -> list[int]:
+        """The token ids the score reads: `[bos] string`, or for a (prompt, completion) pair
+        `[bos] prompt SEPARATOR completion [eos]`, the trainer's rows (`data.batching`)."""
         tok = self.tokenizer
         if isinstance(text, str):
-            ids = bos_prefix(tok) + list(tok.encode(text))
-            row = {"inputs": np.full(seq_len, tok.pad_id, np.int32),
-                   "segment_ids": np.zeros(seq_len, np.int32),
-                   "positions": np.zeros(seq_len, np.int32)}
-            row["inputs"][:len(ids)] = ids
-            row["segment_ids"][:len(ids)] = 1
-            row["positions"][:len(ids)] = np.arange(len(ids))
-            return row
+            return bos_prefix(tok) + list(tok.encode(text))
         prompt, completion = text
-        return encode_example(tok, {"prompt": prompt, "answer": completion}, seq_len)
-
-    def _length(self, text: Text) -> int:
-        tok = self.tokenizer
-        if isinstance(text, str):
-            return len(bos_prefix(tok)) + len(tok.encode(text))
-        prompt, completion = text   # [bos] prompt SEPARATOR completion [eos], all in the inputs
-        return (len(bos_prefix(tok)) + len(tok.encode(prompt + SEPARATOR))
-                + len(tok.encode(completion)) + 1)
+        return (bos_prefix(tok) + list(tok.encode(prompt + SEPARATOR))
+                + list(tok.encode(completion)) + [tok.eos_id])
 
     def score(self, texts: Sequence[Text]) -> np.ndarray:
         """[N] float32 rewards of strings or (prompt, completion) pairs."""
@@ -74,22 +62,24 @@ class RewardModel:
             if not (isinstance(t, str) or (isinstance(t, (tuple, list)) and len(t) == 2)):
                 raise TypeError(f"RewardModel.score: text {i} is {type(t).__name__}; pass strings "
                                 "or (prompt, completion) pairs")
-        lengths = [self._length(t) for t in texts]
+        ids = [self._ids(t) for t in texts]
         limit = self.cfg.max_position_embeddings
-        too_long = [i for i, n in enumerate(lengths) if n > limit]
+        too_long = [i for i, x in enumerate(ids) if len(x) > limit]
         if too_long:
             raise ValueError(f"RewardModel.score: texts {too_long[:5]} have "
-                             f"{max(lengths[i] for i in too_long)} tokens, more than the model's "
-                             f"{limit} positions; shorten them")
-        seq_len = min(limit, -(-max(lengths) // self.bucket) * self.bucket)
+                             f"{max(len(ids[i]) for i in too_long)} tokens, more than the "
+                             f"model's {limit} positions; shorten them")
+        seq_len = min(limit, -(-max(len(x) for x in ids) // self.bucket) * self.bucket)
         out = []
-        for lo in range(0, len(texts), self.batch_size):
-            chunk = texts[lo:lo + self.batch_size]
-            rows = [self._row(t, seq_len) for t in chunk]
-            rows += [{k: np.zeros_like(v) for k, v in rows[0].items()}] \
-                * (self.batch_size - len(rows))
-            b = {k: np.stack([r[k] for r in rows]) for k in ("inputs", "segment_ids",
-                                                              "positions")}
+        for lo in range(0, len(ids), self.batch_size):
+            chunk = ids[lo:lo + self.batch_size]
+            b = {"inputs": np.full((self.batch_size, seq_len), self.tokenizer.pad_id, np.int32),
+                 "segment_ids": np.zeros((self.batch_size, seq_len), np.int32),
+                 "positions": np.zeros((self.batch_size, seq_len), np.int32)}
+            for i, x in enumerate(chunk):    # right-padded; rows past the chunk stay empty
+                b["inputs"][i, :len(x)] = x
+                b["segment_ids"][i, :len(x)] = 1
+                b["positions"][i, :len(x)] = np.arange(len(x))
             s = self._fwd(self.params, b["inputs"], b["segment_ids"], b["positions"])
             out.append(np.asarray(jax.device_get(s))[:len(chunk)])
         return np.concatenate(out).astype(np.float32)

@@ -157,22 +157,19 @@ class Rollouts(OnPolicy):
         apply_fn = run.method.apply_fn
         temp = float(s.temperature)
 
-        def logps(params, batch):
+        def logps(params, batch, strip=False, extras=False):
+            """Per-token log-probs of the targets at the sampling temperature, under params
+            (strip: with the adapters removed, i.e. the reference); with `extras`, also what
+            `from_hidden` reads off the same forward (PPO's values)."""
             from ftjax import models
-            fwd = apply_fn or models.apply
-            logits, _ = fwd(backbone(params), run.model_cfg, batch["inputs"],
-                            positions=batch["positions"], segment_ids=batch["segment_ids"])
-            return sampling_logps(logits, batch["targets"], temp)
+            p = strip_adapters(backbone(params)) if strip else backbone(params)
+            fwd = models.apply if strip else (apply_fn or models.apply)
+            logits, aux = fwd(p, run.model_cfg, batch["inputs"], positions=batch["positions"],
+                              segment_ids=batch["segment_ids"], return_hidden=extras)
+            lp = sampling_logps(logits, batch["targets"], temp)
+            return (lp, self.from_hidden(params, aux["hidden"])) if extras else lp
 
-        def ref_logps(params, batch):
-            from ftjax import models
-            logits, _ = models.apply(strip_adapters(backbone(params)), run.model_cfg,
-                                     batch["inputs"], positions=batch["positions"],
-                                     segment_ids=batch["segment_ids"])
-            return sampling_logps(logits, batch["targets"], temp)
-
-        self._logps = jax.jit(logps)
-        self._ref_logps = jax.jit(ref_logps)
+        self._logps = jax.jit(logps, static_argnames=("strip", "extras"))
         self.cache: Optional[tuple[int, dict]] = None
         self.history: list[dict] = []
 
@@ -180,8 +177,11 @@ class Rollouts(OnPolicy):
     def finish(self, batch: dict, rewards: np.ndarray, extras: dict) -> dict:
         raise NotImplementedError
 
-    def extra_forward(self, params, placed: dict) -> dict:
-        """Per-token arrays a trainer needs from the sampling policy (PPO: values)."""
+    wants_hidden = False   # subclasses that read `from_hidden` set it
+
+    def from_hidden(self, params, hidden) -> dict:
+        """Per-token arrays a trainer reads off the sampling policy's final hidden states in
+        the old-log-prob forward (PPO: values); traced inside it."""
         return {}
 
     def score(self, examples: list[dict], texts: list[str], finished: np.ndarray
@@ -255,13 +255,14 @@ class Rollouts(OnPolicy):
             placed = run.placement.put_batch({key: batch[key][self._local(self.total)]
                                               for key in batch})
             if self.want_old:
-                batch["old_logps"] = self._global(self._logps(params, placed))
+                lp, more = self._logps(params, placed, extras=True) if self.wants_hidden \
+                    else (self._logps(params, placed), {})
+                batch["old_logps"] = self._global(lp)
+                extras.update({key: self._global(v) for key, v in more.items()})
             if self.reference == "strip":
-                batch["ref_logps"] = self._global(self._ref_logps(params, placed))
+                batch["ref_logps"] = self._global(self._logps(params, placed, strip=True))
             elif self.reference == "copy":
                 batch["ref_logps"] = self._global(self._logps(self.ref_params, placed))
-            extras.update({key: self._global(v)
-                           for key, v in self.extra_forward(params, placed).items()})
         batch = self.finish(batch, rewards, extras)
         n_tok = int(sum(len(o) for o in outs))
         rec = {"step": step, "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
@@ -298,7 +299,7 @@ class Rollouts(OnPolicy):
         placed = run.placement.put_batch({k: v[self._local()] for k, v in batch.items()})
         lp = self._global(self._logps(params, placed))
         ref = self._global(self._logps(ref_params, placed) if ref_params is not None
-                           else self._ref_logps(params, placed))
+                           else self._logps(params, placed, strip=True))
         mask = batch["loss_mask"]
         per_seq = ((lp - ref) * mask).sum(1)
         return {"kl_per_completion": float(per_seq.mean()),

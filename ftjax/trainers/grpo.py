@@ -112,30 +112,36 @@ def run(cfg: Any, workdir: str) -> dict:
                                bias_correction_kl=bool(s.use_bias_correction_kl),
                                max_completion_length=int(s.max_new_tokens),
                                off_policy=iters > 1, temperature=float(s.temperature))
-    score = held_out_score(r, held_out, int(cfg.data.max_new_tokens))
-    before = score(r.starting_params())
-    print(f"[grpo] held-out exact match before: {before:.3f} over {len(held_out)} prompts; "
-          f"loss {settings.loss_type}, beta={beta}, reference={mode}, steps per generation "
-          f"{iters}")
     producer = GRPORollouts(r, train_ex, s, name="grpo", reference=mode, ref_params=ref_params,
                             old_logps=iters > 1)
-    result = r.train(pg.grpo_loss(r.model_cfg, settings, r.method.apply_fn,
-                                  r.method.bind_rng), producer)
+    loss_fn = pg.grpo_loss(r.model_cfg, settings, r.method.apply_fn, r.method.bind_rng)
+    return train_on_rollouts(r, "grpo", producer, loss_fn, held_out, ref_params,
+                             {"loss_type": settings.loss_type, "beta": beta, "reference": mode,
+                              "steps_per_generation": iters})
+
+
+def train_on_rollouts(r: Run, name: str, producer: Rollouts, loss_fn, held_out, ref_params,
+                      info: dict) -> dict:
+    """What GRPO and RLOO share around `Run.train`: held-out exact match (greedy) before and
+    after, the KL to the starting policy at the end, and summary.json (with `info`)."""
+    score = held_out_score(r, held_out, int(r.cfg.data.max_new_tokens))
+    before = score(r.starting_params())
+    print(f"[{name}] held-out exact match before: {before:.3f} over {len(held_out)} prompts; "
+          + ", ".join(f"{k}={v}" for k, v in info.items()))
+    result = r.train(loss_fn, producer)
     after = score(result.params)
     start_copy = ref_params if ref_params is not None else (
         None if reference.strip_safe(r.abstract_params, r.method.train_patterns,
-                                     cfg.get("peft"))[0] else r.starting_params())
+                                     r.cfg.get("peft"))[0] else r.starting_params())
     kl = producer.kl_to_start(result.params, held_out, start_copy)
     del start_copy
     h = producer.history
-    print(f"[grpo] held-out exact match {before:.3f} -> {after:.3f}; mean reward "
+    print(f"[{name}] held-out exact match {before:.3f} -> {after:.3f}; mean reward "
           f"{np.mean([x['reward'] for x in h[:5]]):.3f} (first 5 rollouts) -> "
           f"{np.mean([x['reward'] for x in h[-5:]]):.3f} (last 5); KL to the start "
           f"{kl['kl_per_completion']:.3f} per completion ({kl['kl_per_token']:.4f} per token)")
-    summary = {"trainer": "grpo", "exact_match_before": before, "exact_match_after": after,
-               "kl_to_start": kl,
-               "n_eval": len(held_out), "rollouts": h, "loss_type": settings.loss_type,
-               "beta": beta, "reference": mode,
+    summary = {"trainer": name, "exact_match_before": before, "exact_match_after": after,
+               "kl_to_start": kl, "n_eval": len(held_out), "rollouts": h, **info,
                "kl_last": result.history[-1].get("kl") if result.history else None,
                "final_loss": result.history[-1]["loss"] if result.history else None,
                "wall_s": result.wall_s, "resumed_from": result.resumed_from,

@@ -103,14 +103,25 @@ def run(cfg: Any, workdir: str) -> dict:
     before = evaluate(0, r.starting_params()) if bool(kcfg.eval_before) else {}
     if before:
         print("[kto] before: " + _fmt(before))
-    result = r.train(loss_fn, train_iter, on_eval=evaluate)
-    after = dict(result.evals[-1]) if result.evals else evaluate(int(t.steps), result.params)
+    return _train_and_report(r, loss_fn, train_iter, evaluate, before, _fmt, {
+        "loss_type": settings.loss_type, "beta": settings.beta, "reference": mode,
+        "train_examples": len(examples), "desirable": n_d, "weight_balance": balance,
+        "eval_pairs": pairs.n_eval})
+
+
+def _train_and_report(r: Run, loss_fn, train_iter, evaluate, before: dict, fmt,
+                      info: dict) -> dict:
+    """Both data paths: train, evaluate after, write summary.json (with `info`)."""
+    try:
+        result = r.train(loss_fn, train_iter, on_eval=evaluate)
+    finally:
+        if hasattr(train_iter, "close"):
+            train_iter.close()
+    after = dict(result.evals[-1]) if result.evals else evaluate(int(r.cfg.train.steps),
+                                                                 result.params)
     after.pop("step", None)
-    print("[kto] after:  " + _fmt(after))
-    summary = {"trainer": "kto", "loss_type": settings.loss_type, "beta": settings.beta,
-               "reference": mode, "train_examples": len(examples), "desirable": n_d,
-               "weight_balance": balance, "eval_pairs": pairs.n_eval,
-               "before": before, "after": after,
+    print("[kto] after:  " + fmt(after))
+    summary = {"trainer": "kto", **info, "before": before, "after": after,
                "final_loss": result.history[-1]["loss"] if result.history else None,
                "evals": result.evals, "wall_s": result.wall_s,
                "resumed_from": result.resumed_from,
@@ -193,24 +204,11 @@ def run_files(cfg: Any, workdir: str, r: Run) -> dict:
     before = evaluate(0, r.starting_params()) if bool(kcfg.eval_before) else {}
     if before:
         print("[kto] before: " + _fmt_files(before))
-    try:
-        result = r.train(loss_fn, train_iter, on_eval=evaluate)
-    finally:
-        train_iter.close()
-    after = dict(result.evals[-1]) if result.evals else evaluate(int(t.steps), result.params)
-    after.pop("step", None)
-    print("[kto] after:  " + _fmt_files(after))
-    summary = {"trainer": "kto", "loss_type": settings.loss_type, "beta": settings.beta,
-               "reference": mode, "train_examples": n_train,
-               "data": {"source": "files", "fingerprint": prepared.fingerprint,
-                        "splits": {k: len(v) for k, v in prepared.splits.items()}},
-               "before": before, "after": after,
-               "final_loss": result.history[-1]["loss"] if result.history else None,
-               "evals": result.evals, "wall_s": result.wall_s,
-               "resumed_from": result.resumed_from,
-               "exported_hf_dir": r.export_hf(result.params)}
-    r.write_summary(summary)
-    return summary
+    return _train_and_report(r, loss_fn, train_iter, evaluate, before, _fmt_files, {
+        "loss_type": settings.loss_type, "beta": settings.beta, "reference": mode,
+        "train_examples": n_train,
+        "data": {"source": "files", "fingerprint": prepared.fingerprint,
+                 "splits": {k: len(v) for k, v in prepared.splits.items()}}})
 
 
 def _fmt_files(m: dict) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -29,7 +28,7 @@ from ftjax.infer.generate import generate_text
 from ftjax.models.heads import value_head
 from ftjax.train.reward_model import RewardModel
 from ftjax.train.run import Run, gather, model_config, resolve_path
-from ftjax.trainers._rollout import Rollouts
+from ftjax.trainers._rollout import RewardError, Rollouts
 from ftjax.trainers.grpo import check_cycle, reference_mode, synthetic_examples
 
 DEFAULTS = {"ppo": dict(
@@ -52,7 +51,8 @@ CHECKS = {"ppo": dict(prompts_per_step=">= 1", group_size=">= 1", max_new_tokens
                       temperature=">= 0", top_k=">= 0", kl_coef=">= 0",
                       missing_eos_penalty=">= 0", gamma="in [0, 1]", lam="in [0, 1]",
                       cliprange="> 0", cliprange_value="> 0", vf_coef=">= 0",
-                      num_ppo_epochs=">= 1", num_mini_batches=">= 1", reference=("auto", "strip", "copy"),
+                      num_ppo_epochs=">= 1", num_mini_batches=">= 1",
+                      reference=("auto", "strip", "copy"),
                       long_prompts=("refuse", "truncate"), value_std="> 0")}
 
 
@@ -61,29 +61,20 @@ class PPORollouts(Rollouts):
         self.rm = reward_model
         super().__init__(run, examples, s, name="ppo", epochs=int(s.num_ppo_epochs), **kw)
 
-        def values(params, batch):
-            from ftjax import models
-            from ftjax.models.heads import backbone
-            fwd = run.method.apply_fn or models.apply
-            _, aux = fwd(backbone(params), run.model_cfg, batch["inputs"],
-                         positions=batch["positions"], segment_ids=batch["segment_ids"],
-                         return_hidden=True)
-            return pg.token_values(params, aux["hidden"])
-        self._values = jax.jit(values)
+    wants_hidden = True   # the values come from the old-log-prob forward
+
+    def from_hidden(self, params, hidden):
+        return {"values": pg.token_values(params, hidden)}
 
     def score(self, examples, texts, finished):
         scores = self.rm.score([(ex["prompt"], t) for ex, t in zip(examples, texts)])
         scores = scores.astype(np.float64)
         bad = ~np.isfinite(scores)
         if bad.any():
-            from ftjax.trainers._rollout import RewardError
             raise RewardError(f"[ppo] the reward model returned {scores[bad][0]} for "
                               f"{int(bad.sum())} completions (e.g. {texts[int(np.argmax(bad))]!r})")
         penalised = scores - float(self.s.missing_eos_penalty) * (~finished)
         return penalised, {"model": scores}
-
-    def extra_forward(self, params, placed):
-        return {"values": self._values(params, placed)}
 
     def finish(self, batch, rewards, extras):
         s = self.s

@@ -14,11 +14,11 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax.align import pg, reference, rl
+from ftjax.align import pg, rl
 from ftjax.train.run import Run
 from ftjax.trainers._rollout import Rollouts
-from ftjax.trainers.grpo import (check_cycle, held_out_score, reference_mode,
-                                 synthetic_examples)
+from ftjax.trainers.grpo import (check_cycle, reference_mode, synthetic_examples,
+                                 train_on_rollouts)
 
 DEFAULTS = {"rloo": dict(
     prompts_per_step=16, group_size=4,
@@ -64,30 +64,8 @@ def run(cfg: Any, workdir: str) -> dict:
     ref_params = r.starting_params() if mode == "copy" else None
     settings = pg.RLOOSettings(float(s.epsilon_low), float(s.epsilon_high), iters > 1,
                                float(s.temperature))
-    score = held_out_score(r, held_out, int(cfg.data.max_new_tokens))
-    before = score(r.starting_params())
-    print(f"[rloo] held-out exact match before: {before:.3f} over {len(held_out)} prompts; "
-          f"beta={beta}, reference={mode}, mu={iters}")
     producer = RLOORollouts(r, train_ex, s, name="rloo", reference=mode, ref_params=ref_params,
                             old_logps=iters > 1 or beta > 0)
-    result = r.train(pg.rloo_loss(r.model_cfg, settings, r.method.apply_fn,
-                                  r.method.bind_rng), producer)
-    after = score(result.params)
-    start_copy = ref_params if ref_params is not None else (
-        None if reference.strip_safe(r.abstract_params, r.method.train_patterns,
-                                     cfg.get("peft"))[0] else r.starting_params())
-    kl = producer.kl_to_start(result.params, held_out, start_copy)
-    del start_copy
-    h = producer.history
-    print(f"[rloo] held-out exact match {before:.3f} -> {after:.3f}; mean reward "
-          f"{np.mean([x['reward'] for x in h[:5]]):.3f} (first 5 rollouts) -> "
-          f"{np.mean([x['reward'] for x in h[-5:]]):.3f} (last 5); KL to the start "
-          f"{kl['kl_per_completion']:.3f} per completion ({kl['kl_per_token']:.4f} per token)")
-    summary = {"trainer": "rloo", "exact_match_before": before, "exact_match_after": after,
-               "kl_to_start": kl,
-               "n_eval": len(held_out), "rollouts": h, "beta": beta, "reference": mode,
-               "final_loss": result.history[-1]["loss"] if result.history else None,
-               "wall_s": result.wall_s, "resumed_from": result.resumed_from,
-               "exported_hf_dir": r.export_hf(result.params)}
-    r.write_summary(summary)
-    return summary
+    loss_fn = pg.rloo_loss(r.model_cfg, settings, r.method.apply_fn, r.method.bind_rng)
+    return train_on_rollouts(r, "rloo", producer, loss_fn, held_out, ref_params,
+                             {"beta": beta, "reference": mode, "steps_per_generation": iters})

@@ -35,7 +35,8 @@ def _host_leaves(params: dict) -> dict[str, np.ndarray]:
 
 def save_pretrained(path: str, cfg: ModelConfig, params: dict, *, shard_size_mb: float = 5000,
                     dtype: Any = None, extra_config: Optional[dict] = None,
-                    tokenizer_dir: Optional[str] = None, moe_layout: str = "hub") -> list[str]:
+                    tokenizer_dir: Optional[str] = None, moe_layout: str = "hub",
+                    extra_tensors: Optional[dict[str, np.ndarray]] = None) -> list[str]:
     """Writes a transformers directory: config.json, generation_config.json, safetensors.
 
     The family is `cfg.family`. Tensors are stored in `dtype` (default cfg.param_dtype; one of
@@ -45,7 +46,9 @@ def save_pretrained(path: str, cfg: ModelConfig, params: dict, *, shard_size_mb:
     adds config.json keys (bos/eos/pad token ids are null unless given there);
     `tokenizer_dir` copies tokenizer files from another directory. Mixtral experts are written
     per expert (`moe_layout="hub"`, as transformers itself saves them; readable by transformers
-    4 and 5) or stacked (`"fused"`, transformers 5's state-dict names). Returns the files written.
+    4 and 5) or stacked (`"fused"`, transformers 5's state-dict names). `extra_tensors` (HF
+    name -> array, stored as given) go into the last file, e.g. a classification head's
+    `score.weight`. Returns the files written.
     """
     path = os.fspath(path)
     storage = dtype_name(dtype if dtype is not None else cfg.param_dtype)
@@ -96,8 +99,10 @@ def save_pretrained(path: str, cfg: ModelConfig, params: dict, *, shard_size_mb:
                 and old not in names:
             os.remove(os.path.join(path, old))
     weight_map = {}
+    extra = {k: np.ascontiguousarray(v) for k, v in (extra_tensors or {}).items()}
     for name, idx in zip(names, shards):
-        tensors = {}
+        tensors = dict(extra) if name == names[-1] else {}
+        weight_map.update({k: name for k in tensors})
         for i in idx:
             e = layout[i]
             parts = [flat[p] if layer is None else flat[p][layer] for p, layer in e.targets]
@@ -107,7 +112,8 @@ def save_pretrained(path: str, cfg: ModelConfig, params: dict, *, shard_size_mb:
         del tensors
     written = list(names)
     if n_shards > 1:
-        index = {"metadata": {"total_size": int(sum(sizes))}, "weight_map": weight_map}
+        total = int(sum(sizes)) + sum(int(v.nbytes) for v in extra.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         write_json(os.path.join(path, "model.safetensors.index.json"), index)
         written.append("model.safetensors.index.json")
     write_json(os.path.join(path, "config.json"), hf_config)

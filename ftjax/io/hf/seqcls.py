@@ -9,16 +9,15 @@ computes logits) plus `{"score": {"kernel": [d, 1]}}` (`models.heads`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Optional
 
 import numpy as np
 
-from ftjax.io.files import save_safetensors, write_json
+from ftjax.io.files import write_json
 from ftjax.io.hf.config import read_config
 from ftjax.io.hf.families import HF_FAMILIES, HFCheckpointError, family_of
-from ftjax.io.hf.load import load_pretrained
+from ftjax.io.hf.load import dtype_name, load_pretrained
 from ftjax.io.hf.save import save_pretrained
 from ftjax.models.config import ModelConfig
 
@@ -36,13 +35,13 @@ def seqcls_architecture(cfg: ModelConfig) -> str:
 
 def save_reward_model(path: str, cfg: ModelConfig, params: dict, *, pad_token_id: int,
                       extra_config: Optional[dict] = None, dtype: Any = None,
-                      tokenizer_dir: Optional[str] = None) -> list[str]:
+                      tokenizer_dir: Optional[str] = None, **save_kw: Any) -> list[str]:
     """Writes params (the backbone plus `score`) as a transformers `*ForSequenceClassification`
     directory with one label, which `AutoModelForSequenceClassification.from_pretrained` loads.
 
     pad_token_id goes into config.json: transformers finds each row's last real token by it.
     Structured (adapter) weights must be merged first (`peft.core.merge`). Returns the files
-    written."""
+    written. `save_kw` goes to `save_pretrained` (e.g. shard_size_mb)."""
     if "score" not in params:
         raise ValueError("reward-model params need a 'score' head ({'kernel': [d, 1]}); got "
                          f"top-level keys {sorted(params)}")
@@ -51,27 +50,13 @@ def save_reward_model(path: str, cfg: ModelConfig, params: dict, *, pad_token_id
         raise ValueError(f"score kernel has shape {list(kernel.shape)}, expected "
                          f"[{cfg.hidden_size}, 1]")
     body = {k: v for k, v in params.items() if k not in ("score", "lm_head")}
-    # Tied embeddings make the layout skip lm_head, which a classification model does not have.
+    storage = dtype_name(dtype if dtype is not None else cfg.param_dtype)
+    # Tied embeddings make the layout skip lm_head, which a classification model does not have;
+    # the head is stored [1, d], as torch's Linear holds it.
     files = save_pretrained(path, dataclasses.replace(cfg, tie_embeddings=True), body,
-                            dtype=dtype, extra_config=extra_config, tokenizer_dir=tokenizer_dir)
-    storage = read_config(path)["torch_dtype"]
-    weights = os.path.join(path, "model.safetensors")
-    index = os.path.join(path, "model.safetensors.index.json")
-    score = kernel.T.astype(np.dtype(storage))   # [1, d], as torch's Linear stores it
-    if os.path.exists(index):   # sharded: the head goes into a file of its own
-        name = "score.safetensors"
-        save_safetensors(os.path.join(path, name), {SCORE_KEY: score})
-        with open(index) as f:
-            idx = json.load(f)
-        idx["weight_map"][SCORE_KEY] = name
-        idx["metadata"]["total_size"] = int(idx["metadata"]["total_size"]) + score.nbytes
-        write_json(index, idx)
-        files.append(name)
-    else:
-        from safetensors.numpy import load_file
-        tensors = load_file(weights)
-        tensors[SCORE_KEY] = score
-        save_safetensors(weights, tensors)
+                            dtype=dtype, extra_config=extra_config, tokenizer_dir=tokenizer_dir,
+                            extra_tensors={SCORE_KEY: kernel.T.astype(np.dtype(storage))},
+                            **save_kw)
     c = read_config(path)
     c.update({"architectures": [seqcls_architecture(cfg)], "num_labels": 1,
               "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
