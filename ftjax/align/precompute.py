@@ -51,7 +51,7 @@ def is_real(batch: Mapping[str, np.ndarray]) -> np.ndarray:
            (np.asarray(batch["rejected_loss_mask"]).sum(1) > 0)
 
 
-def _global_host(x: Any) -> np.ndarray:
+def global_host(x: Any) -> np.ndarray:
     """A batch-sharded device array, or this process's host rows, as the whole global batch on
     every host (rows in process order, as the batch sharding lays them out)."""
     if jax.process_count() == 1:
@@ -70,11 +70,11 @@ def compute_table(ref_params: Any, model_cfg: ModelConfig, batches: Iterable[dic
     for b in batches:
         c, r = fn(ref_params, placement.put_batch(b))
         digests = np.frombuffer(row_keys(b).tobytes(), np.uint8).reshape(-1, 16)
-        k = _global_host(digests)
-        real = _global_host(is_real(b).astype(np.uint8)) > 0
+        k = global_host(digests)
+        real = global_host(is_real(b).astype(np.uint8)) > 0
         keys.append(np.ascontiguousarray(k[real]).view("S16").reshape(-1))
-        chosen.append(_global_host(c)[real, 0])
-        rejected.append(_global_host(r)[real, 0])
+        chosen.append(global_host(c)[real, 0])
+        rejected.append(global_host(r)[real, 0])
     return {"keys": np.concatenate(keys), "chosen": np.concatenate(chosen).astype(np.float32),
             "rejected": np.concatenate(rejected).astype(np.float32)}
 
@@ -164,7 +164,7 @@ class WithReference(PassthroughIterator):
         rows = len(batch["chosen_inputs"])
         out = dict(batch)
         for name, v in (("ref_chosen_logps", c), ("ref_rejected_logps", r)):
-            full = _global_host(v)
+            full = global_host(v)
             lo, hi = sharding.local_batch_rows(self.placement.batch, full.shape[0])
             if hi - lo != rows:
                 raise ValueError(f"the loader yielded {rows} rows but this process holds rows "

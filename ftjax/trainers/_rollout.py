@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from ftjax.align.pg import sampling_logps
+from ftjax.align.precompute import global_host
 from ftjax.align.reference import strip_adapters
 from ftjax.data.batching import SEPARATOR, bos_prefix
 from ftjax.infer.generate import generate_ids
@@ -226,9 +227,7 @@ class Rollouts(OnPolicy):
         lo, hi = pi * self.rows // pc, (pi + 1) * self.rows // pc
         return {k: v[lo:hi] for k, v in glob.items()}
 
-    def _global(self, x) -> np.ndarray:
-        from ftjax.align.precompute import _global_host
-        return _global_host(x)
+    _global = staticmethod(global_host)   # a batch-sharded array as the whole global batch
 
     def _rollout(self, step: int, params: Any) -> dict:
         s, tok, run = self.s, self.run.tokenizer, self.run
