@@ -66,81 +66,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _flat_with_fields(tree: Any) -> dict[str, Any]:
-    """'layers/attn/q_proj/kernel/a' -> array: every array leaf, fields of structured weights
-    included (the names orbax stores them under)."""
-    import jax
-    from ftjax.peft.core import path_str
-    return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def restore_peft_run(workdir: str, step: Optional[int] = None):
-    """(ModelConfig, trained params, initial params, base params, run config, step, paths).
-
-    The params carry the method's structured weights (LoRAWeight, DoRAWeight, ...); the
-    initial ones are the transform's output before training (with the run's key), the base
-    ones the untransformed model; paths lists the leaves read from the checkpoint. When
-    frozen leaves come from the rebuilt base, its fingerprint must match the checkpoint's.
-    """
-    import jax
-    import numpy as np
-    from ftjax import models
-    from ftjax.io.restore import read_run_config, restore_params
-    from ftjax.peft import get_method
-    from ftjax.train import loop
-    from ftjax.train.run import initial_params, model_config
-
-    run_cfg = read_run_config(workdir)
-    model_cfg = model_config(run_cfg.model)
-    saved, step = restore_params(workdir, step)
-    method = get_method(run_cfg.get("peft"), apply_fn=models.apply)
-    if method.apply_fn is not None:
-        raise ValueError(f"peft.method={method.name!r} changes the model's inputs (apply_fn); "
+    """(ModelConfig, trained params, initial params, base params, run config, step, paths):
+    `ftjax.train.restore_run.restore_run` for the methods this script exports (those that
+    only transform weights)."""
+    from ftjax.train.restore_run import restore_run
+    r = restore_run(workdir, step)
+    if r.method.apply_fn is not None:
+        raise ValueError(f"peft.method={r.method.name!r} changes the model's inputs (apply_fn); "
                          "it has no merged or PEFT LoRA form")
-    base = jax.tree.map(np.asarray, initial_params(run_cfg, model_cfg)())
-    key = loop.transform_key(int(run_cfg.seed))
-    initial = jax.jit(method.transform)(base, key) if method.transform else base
-
-    trained_flat = {k: v for k, v in _flat_with_fields(saved).items() if v is not None}
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(initial)
-    from ftjax.peft.core import path_str
-    used, new, problems = set(), [], []
-    for p, x in leaves:
-        k = path_str(p)
-        if k in trained_flat:
-            t = trained_flat[k]
-            if tuple(t.shape) != tuple(x.shape):
-                problems.append(f"{k}: checkpoint {list(t.shape)}, rebuilt {list(x.shape)}")
-            used.add(k)
-            new.append(t)
-        else:
-            new.append(x)
-    unused = sorted(set(trained_flat) - used)
-    if unused:
-        problems.append(f"checkpoint leaves with no place in the rebuilt params: {unused}")
-    if problems:
-        raise ValueError(f"checkpoint step {step} of {workdir!r} does not match the params "
-                         f"rebuilt from its config ({method.name}): " + "; ".join(problems))
-    if len(used) < len(leaves):  # frozen leaves come from the rebuilt base: is it the same?
-        check_base(workdir, step, run_cfg, base)
-    trained = jax.tree_util.tree_unflatten(treedef, new)
-    return model_cfg, trained, initial, base, run_cfg, step, sorted(used)
-
-
-def check_base(workdir: str, step: int, run_cfg: Any, base: Any) -> None:
-    """Refuses when the rebuilt base differs from the one checkpoint `step` trained on (its
-    recorded fingerprint); says so when the checkpoint predates fingerprints."""
-    from ftjax.io import fingerprint
-    from ftjax.io.restore import read_checkpoint_data
-    from ftjax.train.run import base_source
-    saved = read_checkpoint_data(workdir, step).get("_base")
-    if saved is None:
-        print(f"warning: checkpoint step {step} of {workdir} records no base fingerprint (written "
-              "by an older ftjax), so the rebuilt base cannot be checked against the one it "
-              "trained on", file=sys.stderr)
-        return
-    fingerprint.check(saved, fingerprint.fingerprint(base),
-                      f"the base rebuilt from {base_source(run_cfg)} for {workdir} step {step}")
+    initial = r.initial if r.initial is not None else r.params
+    base = r.base if r.base is not None else r.params
+    return r.model_cfg, r.params, initial, base, r.run_cfg, r.step, r.used
 
 
 def main(argv=None) -> str:

@@ -1,0 +1,139 @@
+"""The evaluation stage: a model and a list of tasks in, `eval_results.json` and a markdown
+table out (plus per-example samples, and TensorBoard scalars for a workdir).
+
+    python -m ftjax.eval --model WORKDIR_OR_HF_DIR [--adapter PEFT_DIR] [--step N] \\
+        --tasks a.jsonl,b.jsonl:num_fewshot=5 --out DIR
+
+`evaluate` is also what a training run calls every `train.eval_every` steps when its config
+has `eval.tasks` (`task_evaluator`), on the params as training holds them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+
+from ftjax.eval.tasks import TaskSpec, load_task, parse_task_spec, run_task, task_from_dict
+
+__all__ = ["evaluate", "load_tasks", "write_results", "markdown_table", "task_evaluator",
+           "flat_metrics", "SHIPPED_TASKS"]
+
+SHIPPED_DIR = "experiments/data_samples/eval"
+# `--tasks examples`: the shipped example files (made by scripts/make_eval_examples.py).
+SHIPPED_TASKS = ("dmy2iso_mc.jsonl", "dmy2iso_gen.jsonl", "add_sampled.jsonl",
+                 "synthetic_text.jsonl", "dmy2iso_prompted.jsonl")
+
+
+def load_tasks(specs: Sequence[Any]) -> list[tuple[TaskSpec, list[dict]]]:
+    """Tasks from spec strings (`PATH[:k=v,...]`, or `examples` for the shipped ones) or
+    config dicts (`{"path": ..., <options>}`); duplicate names are refused."""
+    out = []
+    for s in specs:
+        if isinstance(s, str) and s.strip() == "examples":
+            out += [load_task(f"{SHIPPED_DIR}/{f}") for f in SHIPPED_TASKS]
+        elif isinstance(s, str):
+            path, opts = parse_task_spec(s.strip())
+            out.append(load_task(path, opts))
+        else:
+            out.append(task_from_dict(s.to_dict() if hasattr(s, "to_dict") else dict(s)))
+    names = [t.name for t, _ in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"tasks named more than once: {dup}; give each a distinct name=")
+    return out
+
+
+def evaluate(engine: Any, tasks: Sequence[tuple[TaskSpec, list[dict]]], *,
+             template: Optional[str] = None, log: Callable[[str], None] = print
+             ) -> tuple[dict, dict]:
+    """(results by task name, samples by task name)."""
+    results, samples = {}, {}
+    for spec, records in tasks:
+        res, smp = run_task(engine, spec, records, template=template)
+        results[spec.name] = res
+        samples[spec.name] = smp
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in res["metrics"].items()
+                          if isinstance(v, float))
+        log(f"[eval] {spec.name} ({spec.kind}, n={res['n']}, {res['wall_s']:.1f}s): {shown}")
+    return results, samples
+
+
+def flat_metrics(results: dict) -> dict[str, float]:
+    """`{"<task>/<metric>": value}` for logging."""
+    return {f"{t}/{m}": float(v) for t, r in results.items() for m, v in r["metrics"].items()}
+
+
+def _num(v: float) -> str:
+    return f"{v:.4f}" if abs(v) < 1e4 else f"{v:.4g}"
+
+
+def markdown_table(results: dict, model: Optional[dict] = None) -> str:
+    lines = []
+    if model:
+        desc = ", ".join(f"{k}={v}" for k, v in model.items())
+        lines += [f"Model: {desc}", ""]
+    lines += ["| task | kind | metric | value | ± stderr | n |", "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        for m, v in r["metrics"].items():
+            se = r["stderr"].get(m)
+            lines.append(f"| {name} | {r['kind']} | {m} | {_num(v)} | "
+                         f"{'' if se is None else _num(se)} | {r['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out_dir: str, results: dict, samples: dict, *, model: dict,
+                  extra: Optional[dict] = None, tb_workdir: Optional[str] = None,
+                  step: int = 0) -> dict:
+    """Writes eval_results.json, eval_results.md and samples_<task>.jsonl to `out_dir`
+    (process 0), and TensorBoard scalars (`eval/<task>/<metric>`) under `tb_workdir`."""
+    payload = {"model": model, "tasks": results, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "jax": {"backend": jax.default_backend(), "devices": jax.device_count(),
+                       "processes": jax.process_count()}, **(extra or {})}
+    if jax.process_index() != 0:
+        return payload
+    from ftjax import workdir as wd
+    wd.write_json(out_dir, "eval_results.json", payload)
+    root = wd.path(out_dir)
+    (root / "eval_results.md").write_text(markdown_table(results, model))
+    for name, smp in samples.items():
+        (root / f"samples_{name}.jsonl").write_text(
+            "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in smp))
+    if tb_workdir:
+        from ftjax import monitor
+        with monitor.MetricWriter(tb_workdir) as w:
+            w.write(step, flat_metrics(results), prefix="eval_tasks")
+    return payload
+
+
+def task_evaluator(run: Any) -> Optional[Callable[[int, Any], dict]]:
+    """The training loop's `on_eval` for a config's `eval.tasks`: `(step, params) ->
+    {"<task>/<metric>": value}`, on the params as the run places them; results of each
+    evaluation also go to `<workdir>/eval/step_<N>/`. None when the config names no tasks."""
+    sec = run.cfg.get("eval", None)
+    specs = list(sec.get("tasks", ())) if sec is not None else []
+    if not specs:
+        return None
+    tasks = load_tasks(specs)
+    from ftjax.eval.engine import Engine
+    from ftjax.train.export import trained_template
+    _, template = trained_template(run.cfg, run.tokenizer)
+    kw = dict(batch_size=int(sec.get("batch_size", 16)))
+    if int(sec.get("max_len", 0) or 0):
+        kw["max_len"] = int(sec.max_len)
+    state = {}
+
+    def on_eval(step: int, params: Any) -> dict:
+        if "engine" not in state:
+            state["engine"] = Engine(params, run.model_cfg, run.tokenizer,
+                                     placement=run.placement, apply_fn=run.method.apply_fn,
+                                     **kw)
+        engine = state["engine"]
+        engine.params = params
+        results, samples = evaluate(engine, tasks, template=template)
+        write_results(os.path.join(str(run.workdir), "eval", f"step_{step}"), results, samples,
+                      model={"kind": "training", "workdir": str(run.workdir), "step": step})
+        return flat_metrics(results)
+    return on_eval
