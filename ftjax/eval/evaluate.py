@@ -18,8 +18,16 @@ import jax
 
 from ftjax.eval.tasks import TaskSpec, load_task, parse_task_spec, run_task, task_from_dict
 
-__all__ = ["evaluate", "load_tasks", "write_results", "markdown_table", "task_evaluator",
+__all__ = ["DEFAULTS", "evaluate", "load_tasks", "write_results", "markdown_table", "task_evaluator",
            "flat_metrics", "SHIPPED_TASKS"]
+
+# The `eval` section of a training config (opt-in): tasks run with every evaluation
+# (`train.eval_every`), their metrics logged as "<task>/<metric>".
+DEFAULTS = dict(
+    tasks=(),        # task specs ("PATH[:k=v,...]", "examples") or {"path": ..., <options>}
+    batch_size=16,   # rows per compiled evaluation batch
+    max_len=0,       # longest scored row (0 = the model's positions)
+)
 
 SHIPPED_DIR = "experiments/data_samples/eval"
 # `--tasks examples`: the shipped example files (made by scripts/make_eval_examples.py).

@@ -305,7 +305,11 @@ class Run:
     def train(self, loss_fn, batches, *, eval_batches: Sequence[dict] = (), on_eval=None,
               checkpointer=None):
         """`loop.train(self, ...)`: train (or resume) and return a `TrainResult`."""
+        from ftjax.eval.evaluate import task_evaluator  # the config's `eval.tasks`
         from ftjax.train import loop
+        tasks = task_evaluator(self)
+        if tasks is not None:
+            on_eval = tasks if on_eval is None else _both(on_eval, tasks)
         return loop.train(self, loss_fn, batches, eval_batches=eval_batches, on_eval=on_eval,
                           checkpointer=checkpointer)
 
@@ -355,6 +359,11 @@ def prepare_data(cfg: Any, tok, workdir: str):
     if jax.process_index() != 0:
         prepared = pipeline.prepare(cfg.data, tok, workdir, seq_len=seq_len, verbose=False)
     return prepared
+
+
+def _both(first, second):
+    """Two `on_eval` callbacks as one (their metrics merged)."""
+    return lambda step, params: {**first(step, params), **second(step, params)}
 
 
 def _with_added(transform, add_params):

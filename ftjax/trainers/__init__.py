@@ -84,6 +84,8 @@ def _fill_trainer_defaults(cfg) -> None:
     from ftjax.train import loop, optim
     defaults = {"train": loop.DEFAULTS, "optimizer": optim.DEFAULTS,
                 **getattr(get(cfg.get("trainer", "sft")), "DEFAULTS", {})}
+    from ftjax.eval.evaluate import DEFAULTS as eval_defaults  # tasks run with evaluations
+    defaults["eval"] = eval_defaults
     for section, fields in defaults.items():
         given = cfg.get(section)
         given = {} if given is None else given.to_dict()

@@ -121,6 +121,8 @@ def pretrain_base(cfg: Any, workdir: str) -> dict:
     bs, seq_len = int(t.batch_size), int(t.seq_len)
     pcfg = phase_config(cfg, train=b.train, optimizer=b.optimizer, seed=seed)
     pcfg.peft = ml_collections.ConfigDict(dict(method="full", train_patterns=()))
+    if pcfg.get("eval") is not None:
+        pcfg.eval.tasks = ()  # the config's eval tasks judge the fine-tuning, not the base
     run = Run.build(pcfg, workdir, name="pretrain", tokenizer=ftdata.CharTokenizer())
     model_cfg, tok = run.model_cfg, run.tokenizer
     loss_ex = [ex for t_ in tasks for ex in evals[t_][:PRETRAIN_EVAL_LOSS_EXAMPLES]]
