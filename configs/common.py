@@ -53,7 +53,9 @@ def warmup(steps_wanted: int, train_steps: int) -> int:
 
 def train(steps: int = 100, batch_size: int = 32, seq_len: int = 64, **kw) -> ml_collections.ConfigDict:
     """Loop settings (`ftjax/train/loop.py:DEFAULTS`): global batch (examples), accumulation,
-    logging, eval, checkpoints, early stopping."""
+    logging, eval, checkpoints, the best checkpoint by an eval metric (`best_metric`,
+    `best_mode`, `restore_best`), early stopping, loss-curve warnings (`diagnose`, ...;
+    docs/monitoring.md)."""
     cfg = dict(_loop.DEFAULTS, steps=steps, batch_size=batch_size, seq_len=seq_len)
     _check_known("train", kw, cfg)
     cfg.update(kw)

@@ -123,7 +123,26 @@ class MetricWriter:
         step = int(step)
         record = {"step": step, "split": prefix, **values,
                   **{k: v.tolist() for k, v in arrays.items()}, "time": time.time()}
-        line = json.dumps(record) + "\n"
+        self._append(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for name, value in values.items():
+                self._tb.add_scalar(f"{prefix}/{name}", value, step)
+            for name, value in arrays.items():
+                if value.size and np.all(np.isfinite(value)):
+                    self._tb.add_histogram(f"{prefix}/{name}", value.reshape(-1), step)
+
+    def event(self, step: int, kind: str, message: str, prefix: str = "warning") -> None:
+        """Records a non-numeric event (e.g. a loss-curve warning) as one JSON line
+        `{"step", "split": prefix, "kind", "message", "time"}`; not sent to TensorBoard."""
+        if not self.enabled:
+            return
+        if self._file is None:
+            raise RuntimeError("MetricWriter.event called after close()")
+        record = {"step": int(step), "split": prefix, "kind": str(kind),
+                  "message": str(message), "time": time.time()}
+        self._append(json.dumps(record) + "\n")
+
+    def _append(self, line: str) -> None:
         if self._remote:
             self._lines.append(line)
             if time.monotonic() - self._uploaded_at >= self._upload_every_s:
@@ -131,12 +150,6 @@ class MetricWriter:
         else:
             self._file.write(line)
             self._file.flush()
-        if self._tb is not None:
-            for name, value in values.items():
-                self._tb.add_scalar(f"{prefix}/{name}", value, step)
-            for name, value in arrays.items():
-                if value.size and np.all(np.isfinite(value)):
-                    self._tb.add_histogram(f"{prefix}/{name}", value.reshape(-1), step)
 
     def flush(self) -> None:
         """Flushes buffered TensorBoard events and, on object stores, uploads metrics.jsonl.
@@ -349,6 +362,15 @@ class Progress:
         elif self._calls % self.print_every == 0 or step >= self.total_steps:
             print(self.line(step, loss, tokens_per_s, **extra), file=self._out(), flush=True)
         self._last_step = step
+
+    def write(self, message: str) -> None:
+        """Prints a line (a warning, a note) without breaking the bar: above it on a terminal,
+        as a plain line otherwise. Prints even when the display is disabled (the caller
+        decides which process speaks)."""
+        if self._bar is not None:
+            self._bar.write(message, file=self._out())
+        else:
+            print(message, file=self._out(), flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -18,13 +18,15 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
 from ftjax import hostmem, models, monitor, sharding
+from ftjax import workdir as workdir_lib
 from ftjax.peft import core as peft_core
 from ftjax.io import fingerprint as base_fingerprint
 from ftjax.io.checkpoint import Checkpointer, abstract_with_shardings
 from ftjax.models.config import ModelConfig
-from ftjax.train import optim, param_groups
+from ftjax.train import curves, optim, param_groups
 from ftjax.train.batches import draw
 from ftjax.train.placement import Placement
 from ftjax.train.run import Run, base_source, host_params, is_host, transform_key  # noqa: F401 (host_params, Placement: re-exported)
@@ -45,8 +47,28 @@ DEFAULTS = dict(
     checkpoint_every=0,         # 0 = only at the end
     keep_checkpoints=3,
     async_checkpoint=True,
-    early_stopping_patience=0,  # evaluations without improvement; 0 = off
+    early_stopping_patience=0,  # evaluations without improvement of the watched metric
+                                # (best_metric, else eval_loss); 0 = off
     early_stopping_min_delta=0.0,
+    # Best checkpoint (docs/monitoring.md): an evaluation-row key ("eval_loss",
+    # "eval_exact_match" from an on_eval callback, ...); "" = off. The best params so far are
+    # kept in <workdir>/best (one orbax checkpoint) and early stopping watches this metric.
+    best_metric="",
+    best_mode="",               # "min" / "max"; "" = "min" if the name contains "loss" or
+                                # "perplexity", else "max"
+    restore_best=True,          # with best_metric: return the best params, not the last
+    # Loss-curve diagnosis (ftjax/train/curves.py): one warning line per episode, also
+    # written to metrics.jsonl as split "<name>_warning".
+    diagnose=True,
+    spike_factor=3.0,           # divergence: loss > factor x median of the last spike_window rows
+    spike_window=20,            #   (logged rows)
+    overfit_evals=3,            # overfitting: evaluations in a row with eval_loss up, train down
+    plateau_window=50,          # plateau: logged rows over which the smoothed loss must improve
+    plateau_tol=0.01,           #   by this relative amount
+    lr_window=20,               # lr_too_high: logged rows in which the loss zig-zags
+    lr_sign_changes=0.5,        #   (fraction of successive differences that flip sign)
+    lr_cv=0.2,                  #   with std/|mean| at least this, and no downward trend
+    diagnose_floor=0.05,        # spikes / fluctuations smaller than this (nats) are ignored
     progress=True,
     tensorboard=True,
 )
@@ -56,7 +78,60 @@ CHECKS = dict(
     steps=">= 1", batch_size=">= 1", seq_len=">= 2", accum_steps=">= 1", z_loss=">= 0",
     log_every=">= 1", eval_every=">= 0", checkpoint_every=">= 0", keep_checkpoints=">= 1",
     early_stopping_patience=">= 0", early_stopping_min_delta=">= 0",
+    best_mode=("", "min", "max"), restore_best=(True, False), diagnose=(True, False),
+    spike_factor="> 1", spike_window=">= 3", overfit_evals=">= 1", plateau_window=">= 4",
+    plateau_tol=">= 0", lr_window=">= 4", lr_sign_changes="in [0, 1]", lr_cv=">= 0",
+    diagnose_floor=">= 0",
 )
+assert set(curves.DEFAULTS) <= set(DEFAULTS)
+
+
+def metric_mode(metric: str, mode: str = "") -> str:
+    """"min" or "max" for `metric`: `mode` when given, else "min" for names containing
+    "loss" or "perplexity" and "max" for anything else (accuracy, exact match, reward)."""
+    if mode:
+        if mode not in ("min", "max"):
+            raise ValueError(f"train.best_mode must be 'min' or 'max' (or '' to infer), "
+                             f"got {mode!r}")
+        return mode
+    low = metric.lower()
+    return "min" if ("loss" in low or "perplexity" in low) else "max"
+
+
+def _improves(value: float, best: Optional[float], mode: str, min_delta: float = 0.0) -> bool:
+    """Whether `value` beats `best` by more than `min_delta` (a non-finite value never does)."""
+    if not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+class BestCheckpointer(Checkpointer):
+    """The best state so far by `train.best_metric`: one checkpoint in `<workdir>/best`, the
+    same {state, data} items as the regular ones; its `data` holds
+    `{"best": {"step", "metric", "value", "mode"}, "_trainable": ...}`."""
+
+    def __init__(self, workdir: str, *, async_save: bool = True):  # pylint: disable=super-init-not-called
+        self.directory = workdir_lib.path(workdir, "best")
+        options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data"))
+
+    def record(self) -> Optional[dict]:
+        """The saved best record ({"step", "metric", "value", "mode"}), or None."""
+        step = self.latest_step()
+        if step is None:
+            return None
+        return self.restore_data(step).get("best")
+
+    def clear(self, from_step: int = 0) -> None:
+        """Deletes the saved checkpoints at `from_step` or later (waiting for saves first)."""
+        self.wait()
+        for s in self.all_steps():
+            if s >= from_step:
+                self.manager.delete(s)
 
 
 @dataclasses.dataclass
@@ -67,6 +142,11 @@ class TrainResult:
     stopped_early: bool
     resumed_from: Optional[int]
     wall_s: float
+    # With train.best_metric: {"step", "metric", "value", "mode"} of the best evaluation (the
+    # checkpoint in <workdir>/best); None when off or before any evaluation.
+    best: Optional[dict] = None
+    # Loss-curve warnings (train.diagnose), each {"kind", "step", "message"}.
+    warnings: list[dict] = dataclasses.field(default_factory=list)
 
     @property
     def params(self) -> Any:
@@ -316,6 +396,9 @@ def train(run: Run, loss_fn: LossFn, batches: Any, *, eval_batches: Sequence[dic
       evaluation.
     Leaves that match no train pattern, and leaves of frozen `optimizer.param_groups` (spec
     None), are frozen: no gradients, no optimizer state, not checkpointed.
+    With `train.best_metric` the best state so far is kept in `<workdir>/best`, early stopping
+    watches that metric, and (`train.restore_best`) the result holds the best params, while the
+    last regular checkpoint stays the last step (so a resume continues from there).
     """
     t_start = time.time()
     cfg, name, model_cfg = run.cfg, run.name, run.model_cfg
@@ -332,6 +415,15 @@ def train(run: Run, loss_fn: LossFn, batches: Any, *, eval_batches: Sequence[dic
                                             for p, x in sig_leaves])}
     abstract_state, state_sh = setup.abstract_state, setup.state_shardings
     workdir, train_iter = run.workdir, batches
+    eval_every = int(tcfg.eval_every)
+    best_metric = str(tcfg.best_metric or "")
+    watch = best_metric or "eval_loss"   # what early stopping watches
+    mode = metric_mode(watch, str(tcfg.best_mode or "") if best_metric else "min")
+    if best_metric and not (eval_every and (eval_batches or on_eval)):
+        raise ValueError(
+            f"[{name}] train.best_metric={best_metric!r} needs evaluations: set "
+            f"train.eval_every > 0 and give the trainer validation data or an on_eval "
+            f"metric, or set train.best_metric=''")
 
     ckpt = checkpointer or Checkpointer(workdir, max_to_keep=tcfg.keep_checkpoints,
                                         async_save=bool(tcfg.async_checkpoint))
@@ -351,6 +443,7 @@ def train(run: Run, loss_fn: LossFn, batches: Any, *, eval_batches: Sequence[dic
         state, data_state = ckpt.restore(resumed_from, saved)
         data_state.pop("_trainable", None)
         base_fp = data_state.pop("_base", None)
+        watched = data_state.pop("_early_stopping", None)
         if has_frozen:  # frozen weights are not checkpointed: rebuild them from the base
             rebuilt, now_fp = place_initial_params(run, with_fingerprint=True)
             base_fingerprint.check(base_fp, now_fp, f"[{name}] the base rebuilt to resume "
@@ -362,6 +455,7 @@ def train(run: Run, loss_fn: LossFn, batches: Any, *, eval_batches: Sequence[dic
             train_iter.set_state(data_state)
         print(f"[{name}] resumed from checkpoint step {resumed_from} in {ckpt.directory}")
     else:
+        watched = None
         # Runs with frozen leaves record their base: exports and resumes rebuild it.
         initial, base_fp = (place_initial_params(run, with_fingerprint=True) if has_frozen
                             else (place_initial_params(run), None))
@@ -389,17 +483,65 @@ def train(run: Run, loss_fn: LossFn, batches: Any, *, eval_batches: Sequence[dic
     progress = monitor.Progress(steps, start_step=start, desc=name,
                                 enabled=None if tcfg.progress else False)
     log_every = int(tcfg.log_every)
-    eval_every = int(tcfg.eval_every)
     ckpt_every = int(tcfg.checkpoint_every)
     patience = int(tcfg.early_stopping_patience)
     min_delta = float(tcfg.early_stopping_min_delta)
+    primary = jax.process_index() == 0
+    doctor = curves.CurveDoctor.from_config(tcfg) if tcfg.diagnose else None
+    warnings: list[dict] = []
+
+    def report(w: curves.CurveWarning) -> None:
+        warnings.append(w.to_dict())
+        writer.event(w.step, w.kind, w.message, prefix=f"{name}_warning")
+        if primary:
+            progress.write(f"[{name}] warning at step {w.step} ({w.kind}): {w.message}")
+
+    # Early stopping: the best watched value and the evaluations since, carried in every
+    # regular checkpoint so that a resumed run stops where an uninterrupted one would.
+    best, best_step, bad_evals, stopped_early = None, None, 0, False
+    if watched and watched.get("metric") == watch:
+        best, best_step = watched.get("best"), watched.get("step")
+        bad_evals = int(watched.get("bad_evals", 0))
+        if patience and bad_evals >= patience:
+            stopped_early = True
+            print(f"[{name}] the run stopped early at step {start} ({watch} did not improve "
+                  f"for {bad_evals} evaluations); raise train.early_stopping_patience (or set "
+                  f"it to 0) to train on")
+    # The best checkpoint: the record in <workdir>/best is this run's (a fresh start discards
+    # one left by an attempt that wrote no regular checkpoint).
+    best_ckpt, best_rec = None, None
+    if best_metric:
+        best_ckpt = BestCheckpointer(workdir, async_save=bool(tcfg.async_checkpoint))
+        if resumed_from is None:
+            if best_ckpt.all_steps():
+                print(f"[{name}] discarding {best_ckpt.directory}: left by an earlier attempt "
+                      "that wrote no regular checkpoint")
+                best_ckpt.clear()
+        else:
+            best_rec = best_ckpt.record()
+            if best_rec is not None and (best_rec.get("metric") != best_metric
+                                         or best_rec.get("mode") != mode):
+                print(f"[{name}] {best_ckpt.directory} holds the best by "
+                      f"{best_rec.get('metric')} ({best_rec.get('mode')}); this run keeps "
+                      f"the best by {best_metric} ({mode}) and will replace it")
+                best_rec = None
+            elif best_rec is not None:
+                print(f"[{name}] best so far: {best_metric} = {best_rec['value']:.6g} at step "
+                      f"{best_rec['step']} ({best_ckpt.directory})")
+
+    def save_best(step: int, value: float) -> None:
+        nonlocal best_rec
+        best_rec = {"step": step, "metric": best_metric, "value": value, "mode": mode}
+        if any(s >= step for s in best_ckpt.all_steps()):
+            best_ckpt.clear(step)  # a resumed run that beat a later best of an earlier attempt
+        best_ckpt.save(step, state.replace(frozen=None),
+                       {"best": best_rec, "_trainable": signature}, force=True)
 
     history, evals, pending = [], [], []
-    best, bad_evals, stopped_early = math.inf, 0, False
     last_saved = resumed_from
     thr.tick(start)
     step = start
-    while step < steps:
+    while step < steps and not stopped_early:
         try:
             batch = placement.put_batch(draw(train_iter, step, state.full_params))
         except BaseException:
@@ -432,6 +574,9 @@ def train(run: Run, loss_fn: LossFn, batches: Any, *, eval_batches: Sequence[dic
             row["step"] = step
             history.append(row)
             _write_row(writer, step, row, prefix=name)
+            if doctor is not None:
+                for w in doctor.observe_train(row):
+                    report(w)
             extra = {}
             if "moe_aux_loss" in row:  # MoE: balance loss and dropped fraction, layer means
                 extra = {"moe_aux": float(np.mean(row["moe_aux_loss"])),
@@ -448,25 +593,66 @@ def train(run: Run, loss_fn: LossFn, batches: Any, *, eval_batches: Sequence[dic
             evals.append(ev)
             _write_row(writer, step, ev, prefix=f"{name}_eval", moe_prefix="eval_")
             thr.tick(step)  # do not count evaluation time as training throughput
-            if patience and "eval_loss" in ev:
-                if ev["eval_loss"] < best - min_delta:
-                    best, bad_evals = ev["eval_loss"], 0
-                else:
-                    bad_evals += 1
-                    if bad_evals >= patience:
-                        stopped_early = True
+            if best_metric and best_metric not in ev:
+                ckpt.wait()
+                raise ValueError(
+                    f"[{name}] train.best_metric={best_metric!r} is not in the evaluation row "
+                    f"at step {step} (keys: {sorted(k for k in ev if k != 'step')}); name one "
+                    f"of them")
+            if watch in ev:
+                value = float(np.asarray(ev[watch]))
+                if best_metric and _improves(value, best_rec and best_rec["value"], mode):
+                    save_best(step, value)
+                if patience:
+                    if _improves(value, best, mode, min_delta):
+                        best, best_step, bad_evals = value, step, 0
+                    else:
+                        bad_evals += 1
+                        if bad_evals >= patience:
+                            stopped_early = True
+            if doctor is not None:
+                for w in doctor.observe_eval(ev):
+                    report(w)
         due = (ckpt_every and step % ckpt_every == 0) or step == steps or stopped_early
         if due and step != last_saved:
             last_saved = step
             data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else {}
-            data_state = dict(data_state, _trainable=signature, _base=base_fp)
+            data_state = dict(data_state, _trainable=signature, _base=base_fp,
+                              _early_stopping={"metric": watch, "best": best,
+                                               "step": best_step, "bad_evals": bad_evals})
             ckpt.save(step, state.replace(frozen=None), data_state, force=True)
         if stopped_early:
-            print(f"[{name}] early stopping at step {step}: eval loss has not improved by "
-                  f"{min_delta} for {patience} evaluations (best {best:.4f})")
+            best_txt = "none finite" if best is None else f"{best:.6g} at step {best_step}"
+            progress.write(
+                f"[{name}] early stopping at step {step}: {watch} has not improved by "
+                f"{min_delta} for {patience} evaluations (best {best_txt})")
             break
     progress.close()
     ckpt.wait()
+    if best_ckpt is not None:
+        best_ckpt.wait()
+        if tcfg.restore_best and best_rec is not None:
+            why = (f"best {best_metric} = {best_rec['value']:.6g} ({mode}) at step "
+                   f"{best_rec['step']}")
+            if best_rec["step"] == step:
+                print(f"[{name}] returning the params of the last step {step}: {why}")
+            else:
+                frozen, state = state.frozen, None  # saved in the regular checkpoint: free it
+                state = _restore_best(best_ckpt, best_rec["step"], frozen, setup)
+                print(f"[{name}] returning the params of step {best_rec['step']}, not of the "
+                      f"last step {step}: {why} (train.restore_best; read from "
+                      f"{best_ckpt.directory})")
     writer.close()
     return TrainResult(state=state, history=history, evals=evals, stopped_early=stopped_early,
-                       resumed_from=resumed_from, wall_s=time.time() - t_start)
+                       resumed_from=resumed_from, wall_s=time.time() - t_start,
+                       best=dict(best_rec) if best_rec else None, warnings=warnings)
+
+
+def _restore_best(best_ckpt: BestCheckpointer, step: int, frozen: Any,
+                  setup: StepSetup) -> TrainState:
+    """The state saved in the best checkpoint at `step`, placed with the training state's
+    shardings; `frozen`: the frozen leaves (not checkpointed; they do not change)."""
+    saved = abstract_with_shardings(setup.abstract_state.replace(frozen=None),
+                                    setup.state_shardings.replace(frozen=None))
+    restored, _ = best_ckpt.restore(step, saved)
+    return restored.replace(frozen=frozen)
