@@ -72,7 +72,12 @@ def test_two_processes_match_one_process(tmp_path):
         return [sys.executable, "-m", "ftjax.main", "--config",
                 f"configs/sft_synthetic.py:steps={steps}", "--workdir", str(workdir)] + ARGS
 
-    _run([cmd(6, tmp_path / "one")], _env(8))
+    # The final runs also evaluate on the mesh (no params gathered to a host): held-out exact
+    # match and two evaluation tasks, which must agree between 1 and 2 processes.
+    evals = ["--config.data.eval_examples=16", "--config.train.eval_every=6",
+             "--config.eval.tasks=('experiments/data_samples/eval/dmy2iso_mc.jsonl:limit=16',"
+             "'experiments/data_samples/eval/dmy2iso_gen.jsonl:limit=8,max_new_tokens=6')"]
+    one_out = _run([cmd(6, tmp_path / "one") + evals], _env(8))[0]
     port = _free_port()
     dist = ["--config.distributed.coordinator_address=127.0.0.1:%d" % port,
             "--config.distributed.num_processes=2"]
@@ -86,9 +91,18 @@ def test_two_processes_match_one_process(tmp_path):
 
     # Resume both processes from the shared step-3 checkpoint and train to step 6.
     dist[0] = "--config.distributed.coordinator_address=127.0.0.1:%d" % _free_port()
-    outs = _run([cmd(6, shared) + dist + [f"--config.distributed.process_id={i}"]
+    outs = _run([cmd(6, shared) + dist + [f"--config.distributed.process_id={i}"] + evals
                  for i in range(2)], _env(4))
     assert all("resumed from checkpoint step 3" in out for out in outs), outs[0][-2000:]
+    em = [re.search(r"held-out exact match: ([\d.]+) over 16", o).group(1)
+          for o in (one_out, *outs)]
+    assert em[0] == em[1] == em[2], em
+    task_rows = [[r for r in map(json.loads, open(d / "metrics.jsonl"))
+                  if "dmy2iso_mc/acc" in r] for d in (tmp_path / "one", shared)]
+    assert len(task_rows[0]) == len(task_rows[1]) == 1
+    for key in ("dmy2iso_mc/acc", "dmy2iso_mc/acc_norm", "dmy2iso_gen/exact_match",
+                "dmy2iso_gen/token_f1", "dmy2iso_mc/confidence"):
+        assert task_rows[1][0][key] == pytest.approx(task_rows[0][0][key], rel=1e-4, abs=1e-5)
     hashes = _hashes(outs)
     assert hashes[0] == hashes[1] != first_hashes[0]
     # Only process 0 kept the step-3 config (the run was resumed with more steps).

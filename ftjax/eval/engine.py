@@ -69,6 +69,17 @@ def host_value(x: jax.Array) -> np.ndarray:
     return np.asarray(x.addressable_data(0))
 
 
+_COMPILED: dict[tuple, Callable] = {}
+
+
+def _compiled(key: tuple, make: Callable[[], Callable]) -> Callable:
+    """One jitted function per (kind, model config, forward, output sharding, ...), shared by
+    every Engine, so evaluations repeated during training compile once."""
+    if key not in _COMPILED:
+        _COMPILED[key] = make()
+    return _COMPILED[key]
+
+
 def _bucket_len(n: int, bucket: int, limit: int) -> int:
     """The padded length for a row of `n` tokens: the next power of two up to `bucket`, then
     the next multiple of `bucket`; never above `limit`."""
@@ -132,9 +143,10 @@ class Engine:
         self.dp = dp
         self.batch_size = -(-int(batch_size) // dp) * dp
         self.params = params
-        self._loglik = jax.jit(functools.partial(_loglik_fn, cfg=cfg, apply_fn=self.apply_fn),
-                               out_shardings=self.replicated)
-        self._gen: dict[tuple, Callable] = {}
+        self._loglik = _compiled(("loglik", cfg, self.apply_fn, self.replicated),
+                                 lambda: jax.jit(functools.partial(_loglik_fn, cfg=cfg,
+                                                                   apply_fn=self.apply_fn),
+                                                 out_shardings=self.replicated))
 
     # -- placement -------------------------------------------------------------------------
 
@@ -196,17 +208,15 @@ class Engine:
     # -- generation ------------------------------------------------------------------------
 
     def _gen_fn(self, max_new_tokens: int, greedy: bool) -> Callable:
-        key = (max_new_tokens, greedy)
-        if key not in self._gen:
-            from ftjax.infer.generate import _generate_jit
-            cfg, apply_fn = self.cfg, self.apply_fn
+        from ftjax.infer.generate import _generate_jit
+        cfg, apply_fn = self.cfg, self.apply_fn
 
-            def fn(params, tokens, lengths, eos, pad, temperature, top_k, top_p, rng):
-                return _generate_jit(params, tokens, lengths, eos, pad, temperature, top_k,
-                                     top_p, rng, cfg=cfg, max_new_tokens=max_new_tokens,
-                                     greedy=greedy, apply_fn=apply_fn)
-            self._gen[key] = jax.jit(fn, out_shardings=self.replicated)
-        return self._gen[key]
+        def fn(params, tokens, lengths, eos, pad, temperature, top_k, top_p, rng):
+            return _generate_jit(params, tokens, lengths, eos, pad, temperature, top_k,
+                                 top_p, rng, cfg=cfg, max_new_tokens=max_new_tokens,
+                                 greedy=greedy, apply_fn=apply_fn)
+        return _compiled(("generate", cfg, apply_fn, self.replicated, max_new_tokens, greedy),
+                         lambda: jax.jit(fn, out_shardings=self.replicated))
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax import models
+from ftjax.data.batching import SEPARATOR, bos_prefix
 from ftjax.data.chat import apply_chat_template
 from ftjax.infer.generate import generate_ids, generate_text
 from ftjax.models.config import ModelConfig
@@ -28,11 +29,13 @@ LOGLIK_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 def exact_match_eval(params: Params, cfg: ModelConfig, tokenizer,
                      examples: Sequence[Mapping[str, str]], *, max_new_tokens: int,
-                     batch_size: int = 64, **sampling) -> dict:
+                     batch_size: int = 64, placement=None, **sampling) -> dict:
     """Fraction of examples whose generated text equals the answer (both `.strip()`-ed).
 
     Returns {"exact_match": float, "n": int, "samples": [(prompt, prediction, answer)] * <=5}.
     `sampling` (temperature, top_k, top_p, rng) is passed to `generate_text`; default greedy.
+    placement: the run's `Placement` when `params` are sharded on its mesh: generation then
+    runs there (`ftjax.eval.engine`, greedy only), without gathering the params to a host.
     """
     for i, ex in enumerate(examples):
         missing = [k for k in ("prompt", "answer") if k not in ex]
@@ -41,8 +44,14 @@ def exact_match_eval(params: Params, cfg: ModelConfig, tokenizer,
                              f"(has {sorted(ex)}); each example needs 'prompt' and 'answer'")
     prompts = [ex["prompt"] for ex in examples]
     answers = [ex["answer"] for ex in examples]
-    predictions = generate_text(params, cfg, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                batch_size=batch_size, **sampling)
+    if placement is not None:
+        ids = [bos_prefix(tokenizer) + list(tokenizer.encode(p + SEPARATOR)) for p in prompts]
+        predictions = [tokenizer.decode(g) for g in _sharded_greedy(
+            params, cfg, tokenizer, ids, placement, max_new_tokens, batch_size, sampling)]
+    else:
+        predictions = generate_text(params, cfg, tokenizer, prompts,
+                                    max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                    **sampling)
     hits = sum(p.strip() == a.strip() for p, a in zip(predictions, answers))
     n = len(examples)
     return {"exact_match": hits / n if n else 0.0, "n": n,
@@ -82,9 +91,22 @@ def loglik_eval(params: Params, cfg: ModelConfig,
     return {"loss": total_nll / total_tokens, "tokens": int(round(total_tokens))}
 
 
+def _sharded_greedy(params, cfg, tokenizer, ids, placement, max_new_tokens, batch_size,
+                    sampling, apply_fn=None) -> list[list[int]]:
+    """Greedy continuations (ids up to eos) on the mesh of `placement`."""
+    from ftjax.eval.engine import Engine
+    apply_fn = sampling.pop("apply_fn", apply_fn)
+    if sampling.get("temperature", 0.0):
+        raise ValueError("sharded exact-match evaluation decodes greedily; drop temperature")
+    engine = Engine(params, cfg, tokenizer, placement=placement, apply_fn=apply_fn,
+                    batch_size=batch_size)
+    return [list(g.ids) for g in engine.generate(ids, max_new_tokens=max_new_tokens,
+                                                 eos_ids=[int(tokenizer.eos_id)])]
+
+
 def chat_exact_match(params: Params, cfg: ModelConfig, tokenizer, examples: Sequence[Mapping],
                      *, template, max_new_tokens: int, apply_fn=None,
-                     batch_size: int = 64) -> dict:
+                     batch_size: int = 64, placement=None) -> dict:
     """Exact match of greedy generation after each conversation's last user turn, rendered
     with the training `template` (and its generation prompt), against the reference reply.
 
@@ -100,9 +122,13 @@ def chat_exact_match(params: Params, cfg: ModelConfig, tokenizer, examples: Sequ
             answers.append(msgs[-1]["content"])
     if not prompts:
         return {"exact_match": None, "n": 0, "samples": []}
-    preds = [tokenizer.decode(ids) for ids in
-             generate_ids(params, cfg, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                          batch_size=batch_size, apply_fn=apply_fn)]
+    if placement is not None:
+        out = _sharded_greedy(params, cfg, tokenizer, prompts, placement, max_new_tokens,
+                              batch_size, {}, apply_fn)
+    else:
+        out = generate_ids(params, cfg, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, apply_fn=apply_fn)
+    preds = [tokenizer.decode(ids) for ids in out]
     hits = sum(p.strip() == a.strip() for p, a in zip(preds, answers))
     return {"exact_match": hits / len(answers), "n": len(answers),
             "samples": list(zip([tokenizer.decode(p) for p in prompts[:NUM_SAMPLES]],

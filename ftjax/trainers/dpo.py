@@ -20,7 +20,7 @@ from ftjax.align.data import PreferenceLoader, synthetic_pairs
 from ftjax.eval.harness import exact_match_eval
 from ftjax.train import optim
 from ftjax.train.placement import Placement
-from ftjax.train.run import Run, gather, prepare_data, resolve_path, uses_files
+from ftjax.train.run import Run, prepare_data, resolve_path, uses_files
 
 # The trainer's own section: the preference objective's settings (`align/objective.py`).
 DEFAULTS = {"dpo": objective.DEFAULTS}
@@ -161,9 +161,9 @@ def run(cfg: Any, workdir: str) -> dict:
     def exact_match(params) -> float | None:
         if not data.em_examples:
             return None
-        return exact_match_eval(gather(params), r.model_cfg, tok, data.em_examples,
+        return exact_match_eval(params, r.model_cfg, tok, data.em_examples,
                                 max_new_tokens=int(cfg.data.get("max_new_tokens", 16)),
-                                apply_fn=method.apply_fn)["exact_match"]
+                                apply_fn=method.apply_fn, placement=r.placement)["exact_match"]
 
     before = {}
     if bool(dcfg.eval_before):

@@ -20,7 +20,7 @@ import numpy as np
 from ftjax import data as ftdata
 from ftjax.align import pg, reference, rl
 from ftjax.eval.harness import exact_match_eval
-from ftjax.train.run import Run, gather
+from ftjax.train.run import Run
 from ftjax.trainers._rollout import Rollouts
 
 DEFAULTS = {"grpo": dict(
@@ -88,9 +88,9 @@ def synthetic_examples(cfg: Any) -> tuple[list[dict], list[dict]]:
 
 def held_out_score(r: Run, held_out, max_new: int):
     def score(params) -> float:
-        return exact_match_eval(gather(params), r.model_cfg, r.tokenizer, held_out,
-                                max_new_tokens=max_new,
-                                apply_fn=r.method.apply_fn)["exact_match"]
+        return exact_match_eval(params, r.model_cfg, r.tokenizer, held_out,
+                                max_new_tokens=max_new, apply_fn=r.method.apply_fn,
+                                placement=r.placement)["exact_match"]
     return score
 
 

@@ -19,7 +19,7 @@ from ftjax.data.batching import BATCH_KEYS, bos_prefix, encode_example
 from ftjax.eval.harness import exact_match_eval
 from ftjax.infer.generate import generate_ids
 from ftjax.train.batches import OnPolicy
-from ftjax.train.run import Run, fixed_batches, gather
+from ftjax.train.run import Run, fixed_batches
 from ftjax.train.step import sft_loss
 
 DEFAULTS = {"rft": dict(
@@ -97,9 +97,9 @@ def run(cfg: Any, workdir: str) -> dict:
     held_out = test_ex[:int(d.eval_examples)]
 
     def score(params) -> float:
-        return exact_match_eval(gather(params), r.model_cfg, tok, held_out,
+        return exact_match_eval(params, r.model_cfg, tok, held_out,
                                 max_new_tokens=int(d.max_new_tokens),
-                                apply_fn=r.method.apply_fn)["exact_match"]
+                                apply_fn=r.method.apply_fn, placement=r.placement)["exact_match"]
 
     before = score(r.starting_params())
     print(f"[rft] held-out exact match before: {before:.3f} over {len(held_out)} prompts")

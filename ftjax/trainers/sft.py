@@ -14,7 +14,7 @@ import jax
 
 from ftjax import data as ftdata
 from ftjax.eval.harness import chat_exact_match, exact_match_eval
-from ftjax.train.run import Run, fixed_batches, gather, synthetic_loader, uses_files
+from ftjax.train.run import Run, fixed_batches, synthetic_loader, uses_files
 from ftjax.train.step import sft_loss
 
 
@@ -29,7 +29,8 @@ def synthetic_data(run: Run):
 
     def score(params, when=""):
         return exact_match_eval(params, run.model_cfg, tok, test_ex[:int(d.eval_examples)],
-                                max_new_tokens=int(d.max_new_tokens), apply_fn=run.method.apply_fn)
+                                max_new_tokens=int(d.max_new_tokens), apply_fn=run.method.apply_fn,
+                                placement=run.placement)
     return (synthetic_loader(train_ex, tok, run.cfg),
             fixed_batches(test_ex, tok, int(t.batch_size), int(t.seq_len)),
             score if int(d.eval_examples) > 0 else None, lambda: {})
@@ -59,7 +60,7 @@ def file_data(run: Run):
                               [view[i] for i in range(min(n_em, len(view)))],
                               template=prepared.options.template,
                               max_new_tokens=int(d.get("max_new_tokens", 16)),
-                              apply_fn=run.method.apply_fn)
+                              apply_fn=run.method.apply_fn, placement=run.placement)
         if em["n"]:
             print(f"held-out exact match ({eval_split}{when}): {em['exact_match']:.3f} over "
                   f"{em['n']} examples")
@@ -82,7 +83,7 @@ def run(cfg: Any, workdir: str) -> dict:
     before = None
     if score is not None and bool(cfg.data.get("eval_before", False)):
         # Held-out exact match of the starting model, so the run shows what it learned.
-        before = score(gather(r.starting_params()), ", before training")["exact_match"]
+        before = score(r.starting_params(), ", before training")["exact_match"]
     try:
         result = r.train(loss_fn, batches, eval_batches=evals)
     finally:
@@ -90,7 +91,7 @@ def run(cfg: Any, workdir: str) -> dict:
             batches.close()
     em = {"exact_match": None, "n": 0}
     if score is not None:
-        em = score(gather(result.params))
+        em = score(result.params)  # on the mesh: nothing gathered to a host
         if not uses_files(cfg):
             print("held-out exact match: " + (f"{before:.3f} -> " if before is not None else "")
                   + f"{em['exact_match']:.3f} over {em['n']} examples")
