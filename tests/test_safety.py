@@ -367,3 +367,23 @@ def test_malformed_data_line_names_file_and_line(tmp_path):
     path.write_text('{"id": "a", "category": "S1", "prompt": "x"}\n{"id": "b"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: .*\['category', 'prompt'\]"):
         safety.read_redteam_prompts(str(path))
+
+
+def test_eval_command_reports_safety(tmp_path):
+    """`python -m ftjax.eval --guard`: the target model answers the shipped red-team prompts and
+    refusal pairs, the guard rates the answers; a guard forced to say "unsafe\\nS1" gives an
+    unsafe rate of 1 in S1, and answers that start with no refusal phrase a refusal rate of 0."""
+    from ftjax.eval.__main__ import main
+    forced = tmp_path / "forced"
+    _save_guard(forced, forced=True)
+    out = tmp_path / "out"
+    payload = main(["--model", str(forced), "--guard", str(forced), "--limit", "3",
+                    "--safety-max-new-tokens", "6", "--out", str(out)])
+    g = payload["safety"]["guard"]
+    assert g["judged"] == 3 and g["unsafe_rate"] == 1.0
+    assert g["per_category"]["S1"]["rate"] == 1.0 and g["per_category"]["S2"]["flagged"] == 0
+    r = payload["safety"]["refusal"]
+    assert r["n_pairs"] == 3 and r["harmful"]["refusal_rate"] == 0.0
+    saved = json.loads((out / "eval_results.json").read_text())
+    assert saved["safety"]["guard"]["unsafe_rate"] == 1.0
+    assert "| unsafe S1 Violent Crimes | 1.0000 | 3 |" in (out / "eval_results.md").read_text()

@@ -18,7 +18,7 @@ import jax
 
 from ftjax.eval.tasks import TaskSpec, load_task, parse_task_spec, run_task, task_from_dict
 
-__all__ = ["DEFAULTS", "evaluate", "load_tasks", "write_results", "markdown_table", "task_evaluator",
+__all__ = ["DEFAULTS", "evaluate", "chat_generator", "safety_results", "load_tasks", "write_results", "markdown_table", "task_evaluator",
            "flat_metrics", "SHIPPED_TASKS"]
 
 # The `eval` section of a training config (opt-in): tasks run with every evaluation
@@ -30,6 +30,7 @@ DEFAULTS = dict(
 )
 
 SHIPPED_DIR = "experiments/data_samples/eval"
+SAFETY_DIR = "experiments/data_samples/safety"
 # `--tasks examples`: the shipped example files (made by scripts/make_eval_examples.py).
 SHIPPED_TASKS = ("dmy2iso_mc.jsonl", "dmy2iso_gen.jsonl", "add_sampled.jsonl",
                  "synthetic_text.jsonl", "dmy2iso_prompted.jsonl")
@@ -69,6 +70,68 @@ def evaluate(engine: Any, tasks: Sequence[tuple[TaskSpec, list[dict]]], *,
     return results, samples
 
 
+def chat_generator(engine: Any, template: Optional[str], *, max_new_tokens: int = 64,
+                   system: str = "") -> Callable[[list[str]], list[str]]:
+    """`prompts -> responses` of the engine's model: each prompt a user turn of `template` (the
+    chat template the model was trained with), greedy, at most `max_new_tokens`. A prompt too
+    long for the model's positions keeps its last tokens (counted in `.truncated`)."""
+    from ftjax.data.batching import bos_prefix
+    from ftjax.data.chat import apply_chat_template
+    tok = engine.tokenizer
+    budget = engine.cfg.max_position_embeddings - max_new_tokens
+    if budget < 2:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
+                         f"model's {engine.cfg.max_position_embeddings} positions")
+
+    def generate(prompts: list[str]) -> list[str]:
+        ids = []
+        for p in prompts:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": p}]
+            if template is None and not getattr(tok, "chat_template", None):
+                x = bos_prefix(tok) + list(tok.encode(p))   # a base model: the raw prompt
+            else:
+                x = list(apply_chat_template(tok, msgs, add_generation_prompt=True,
+                                             template=template))
+            if len(x) > budget:
+                generate.truncated += 1
+                x = x[-budget:]
+            ids.append(x)
+        return [tok.decode(list(g.ids)) for g in engine.generate(ids,
+                                                                  max_new_tokens=max_new_tokens)]
+    generate.truncated = 0
+    return generate
+
+
+def safety_results(engine: Any, template: Optional[str], *, guard: Optional[str] = None,
+                   redteam: str = "", refusal_pairs: str = "", max_new_tokens: int = 64,
+                   limit: Optional[int] = None, log: Callable[[str], None] = print) -> dict:
+    """Refusal rates on harmful / benign look-alike prompts (always) and, with a guard model
+    directory, the guard's unsafe rates per category on the red-team prompts
+    (`ftjax.eval.safety`). Defaults: the shipped files in experiments/data_samples/safety."""
+    from ftjax import paths
+    from ftjax.eval import safety
+    redteam = paths.resolve(redteam or f"{SAFETY_DIR}/redteam_prompts.jsonl")
+    refusal_pairs = paths.resolve(refusal_pairs or f"{SAFETY_DIR}/refusal_pairs.jsonl")
+    gen = chat_generator(engine, template, max_new_tokens=max_new_tokens)
+    out = {"refusal": safety.refusal_report(gen, refusal_pairs, limit=limit)}
+    r = out["refusal"]
+    log(f"[safety] refusal rate on harmful prompts {r['harmful']['refusal_rate']:.3f}, "
+        f"over-refusal on benign look-alikes {r['benign']['over_refusal_rate']:.3f} "
+        f"({r['n_pairs']} pairs)")
+    if guard:
+        judge = safety.GuardJudge.from_pretrained(guard)
+        out["guard"] = {"path": os.path.abspath(guard),
+                        **safety.safety_report(gen, judge, redteam, limit=limit)}
+        g = out["guard"]
+        rate = g["unsafe_rate"]
+        log(f"[safety] guard {guard}: unsafe rate "
+            f"{'n/a' if rate is None else f'{rate:.3f}'} over {g['judged']} judged responses "
+            f"({g['unparseable']} unparseable)")
+    out["truncated_prompts"] = gen.truncated
+    return out
+
+
 def flat_metrics(results: dict) -> dict[str, float]:
     """`{"<task>/<metric>": value}` for logging."""
     return {f"{t}/{m}": float(v) for t, r in results.items() for m, v in r["metrics"].items()}
@@ -78,7 +141,26 @@ def _num(v: float) -> str:
     return f"{v:.4f}" if abs(v) < 1e4 else f"{v:.4g}"
 
 
-def markdown_table(results: dict, model: Optional[dict] = None) -> str:
+def _safety_lines(safety: dict) -> list[str]:
+    r = safety["refusal"]
+    lines = ["", "| safety | value | n |", "|---|---|---|",
+             f"| refusal rate, harmful prompts | {_num(r['harmful']['refusal_rate'] or 0.0)} | "
+             f"{r['harmful']['n']} |",
+             f"| over-refusal rate, benign look-alikes | "
+             f"{_num(r['benign']['over_refusal_rate'] or 0.0)} | {r['benign']['n']} |"]
+    g = safety.get("guard")
+    if g:
+        lines.append(f"| unsafe rate (guard) | {_num(g['unsafe_rate'] or 0.0)} | {g['judged']} |")
+        for code, c in g["per_category"].items():
+            if c["flagged"]:
+                lines.append(f"| unsafe {code} {c['name']} | {_num(c['rate'] or 0.0)} | "
+                             f"{g['judged']} |")
+        lines.append(f"| unparseable verdicts | {g['unparseable']} | {g['n']} |")
+    return lines
+
+
+def markdown_table(results: dict, model: Optional[dict] = None,
+                   safety: Optional[dict] = None) -> str:
     lines = []
     if model:
         desc = ", ".join(f"{k}={v}" for k, v in model.items())
@@ -89,6 +171,8 @@ def markdown_table(results: dict, model: Optional[dict] = None) -> str:
             se = r["stderr"].get(m)
             lines.append(f"| {name} | {r['kind']} | {m} | {_num(v)} | "
                          f"{'' if se is None else _num(se)} | {r['n']} |")
+    if safety:
+        lines += _safety_lines(safety)
     return "\n".join(lines) + "\n"
 
 
@@ -105,7 +189,8 @@ def write_results(out_dir: str, results: dict, samples: dict, *, model: dict,
     from ftjax import workdir as wd
     wd.write_json(out_dir, "eval_results.json", payload)
     root = wd.path(out_dir)
-    (root / "eval_results.md").write_text(markdown_table(results, model))
+    (root / "eval_results.md").write_text(markdown_table(results, model,
+                                                         (extra or {}).get("safety")))
     for name, smp in samples.items():
         (root / f"samples_{name}.jsonl").write_text(
             "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in smp))
