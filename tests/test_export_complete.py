@@ -284,3 +284,29 @@ def test_quickstart_refuses_an_export_it_cannot_write_before_any_work(tmp_path, 
         ftmain.main(["--config", f"{ROOT}/configs/quickstart.py:peft={method}", "--workdir",
                      str(tmp_path), f"--config.export.hf_dir={tmp_path / 'hf'}",
                      "--config.base.path=no/such/base.safetensors"])  # never read
+
+
+def test_eval_any_model_form_gives_the_same_logliks(qs):
+    """The evaluation stage loads the run three ways — its workdir (LoRA unmerged, from the
+    checkpoint), the merged HF export, and the exported base + PEFT adapter — and scores the
+    same log-likelihoods on a multiple-choice task; the workdir's results carry its step and
+    TensorBoard scalars."""
+    from ftjax.eval.__main__ import main as eval_main
+    tmp = qs["tmp"]
+    task = f"{ROOT}/experiments/data_samples/eval/dmy2iso_mc.jsonl:limit=12"
+    lls = {}
+    for name, args in [("workdir", ["--model", str(tmp / "wd")]),
+                       ("merged", ["--model", str(tmp / "merged")]),
+                       ("adapter", ["--model", str(tmp / "adapter" / "base"),
+                                    "--adapter", str(tmp / "adapter")])]:
+        out = tmp / f"eval_{name}"
+        payload = eval_main(args + ["--tasks", task, "--out", str(out)])
+        rows = [json.loads(l) for l in (out / "samples_dmy2iso_mc.jsonl").read_text().splitlines()]
+        lls[name] = np.array([r["lls"] for r in rows])
+        if name == "workdir":
+            assert payload["model"]["peft"] == "lora" and payload["model"]["step"] == qs["step"]
+            assert (out / "tb").is_dir()
+        if name == "adapter":
+            assert payload["model"]["adapter"] == str(tmp / "adapter")
+    np.testing.assert_allclose(lls["merged"], lls["workdir"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(lls["adapter"], lls["workdir"], rtol=1e-4, atol=1e-4)
