@@ -87,9 +87,16 @@ def _generate_jit(params: Params, prompt_tokens: jax.Array, prompt_lengths: jax.
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return sample_logits(logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
 
-    logits, aux = apply_fn(params, cfg, prompt_tokens, positions=positions,
-                           segment_ids=segment_ids, cache=cache)
-    # Prompts are left-padded, so the last slot is every row's last real token.
+    # Prompts are left-padded, so the last slot is every row's last real token. All slots but
+    # that one are prefilled without the LM head (only the last slot's logits are needed, and
+    # the head over all P slots can cost as much as the rest of the prefill); the last slot
+    # then goes through the model alone, as a decode step does.
+    if p > 1:
+        _, aux = apply_fn(params, cfg, prompt_tokens[:, :-1], positions=positions[:, :-1],
+                          segment_ids=segment_ids[:, :-1], cache=cache, compute_logits=False)
+        cache = aux["cache"]
+    logits, aux = apply_fn(params, cfg, prompt_tokens[:, -1:], positions=positions[:, -1:],
+                           segment_ids=segment_ids[:, -1:], cache=cache)
     first = choose(logits[:, -1], jnp.int32(0))
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     done = first == eos_id
