@@ -1,7 +1,8 @@
 """Autoregressive generation with a KV cache: greedy, temperature, top-k and nucleus sampling.
 
-`generate` works on token ids: left-padded prompts are prefilled with one `apply` call, then one
-token per step is decoded inside a `lax.while_loop` that stops as soon as every row has emitted
+`generate` works on token ids: left-padded prompts are prefilled (all slots but the last with one
+`apply` call that skips the LM head, then the last slot, whose logits give the first token), then
+one token per step is decoded inside a `lax.while_loop` that stops as soon as every row has emitted
 eos. Prefill and decode form one jitted function, compiled once per (shapes, cfg,
 max_new_tokens, greedy or not); eos/pad ids, temperature, top-k and top-p are traced values, so
 changing them does not recompile.
