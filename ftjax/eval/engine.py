@@ -123,6 +123,7 @@ class Engine:
                  batch_size: int = 16, max_len: Optional[int] = None, bucket: int = 64):
         self.cfg, self.tokenizer, self.placement = cfg, tokenizer, placement
         self.apply_fn = apply_fn or models.apply
+        self._gen_apply = apply_fn   # None: plain decoding (per-layer weights and caches)
         self.max_len = int(max_len or cfg.max_position_embeddings)
         if self.max_len > cfg.max_position_embeddings:
             raise ValueError(f"eval max_len {self.max_len} exceeds the model's "
@@ -209,7 +210,7 @@ class Engine:
 
     def _gen_fn(self, max_new_tokens: int, greedy: bool) -> Callable:
         from ftjax.infer.generate import _generate_jit
-        cfg, apply_fn = self.cfg, self.apply_fn
+        cfg, apply_fn = self.cfg, self._gen_apply
 
         def fn(params, tokens, lengths, eos, pad, temperature, top_k, top_p, rng):
             return _generate_jit(params, tokens, lengths, eos, pad, temperature, top_k,

@@ -78,10 +78,17 @@ def _generate_jit(params: Params, prompt_tokens: jax.Array, prompt_lengths: jax.
                   top_k: jax.Array, top_p: jax.Array, rng: jax.Array, *, cfg: ModelConfig,
                   max_new_tokens: int, greedy: bool, apply_fn=None) -> jax.Array:
     """Prefill + while-loop decode. Returns int32 [B, max_new_tokens] (pad after eos)."""
-    apply_fn = apply_fn or models.apply
     b, p = prompt_tokens.shape
     segment_ids, positions = prompt_layout(prompt_lengths, p)
     cache = models.init_cache(cfg, b, p + max_new_tokens)
+    if apply_fn is None:
+        # Per-layer weights and caches for the decode loop (`models.unstack_layers`): each
+        # step then updates every layer's cache in place and reads weights without slicing
+        # them out of the stacked arrays.
+        split = models.unstack_layers(params, cache, cfg)
+        if split is not None:
+            params, cache = split
+    apply_fn = apply_fn or models.apply
 
     def choose(logits: jax.Array, step: jax.Array) -> jax.Array:
         if greedy:

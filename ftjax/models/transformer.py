@@ -143,6 +143,24 @@ def count_params(params: Params) -> int:
     return int(sum(materialize(x).size if is_structured(x) else x.size for x in leaves))
 
 
+def unstack_layers(params: Params, cache: Optional[dict], cfg: ModelConfig
+                   ) -> Optional[tuple[Params, Optional[dict]]]:
+    """(params, cache) with the stacked layers split into per-layer lists, which `apply`
+    runs one after another; None when some leaf under "layers" is not stacked over layers.
+    Used by decoding: done once before the decode loop, it costs one copy of the weights."""
+    leaves = jax.tree.leaves(params["layers"])
+    if not leaves or any(getattr(x, "ndim", 0) < 1 or x.shape[0] != cfg.num_layers
+                         for x in leaves):
+        return None
+    n = cfg.num_layers
+    split = [jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(n)]
+    out_cache = None
+    if cache is not None:
+        out_cache = {**cache, "k": [cache["k"][i] for i in range(n)],
+                     "v": [cache["v"][i] for i in range(n)]}
+    return {**params, "layers": split}, out_cache
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
     """An empty KV cache for `max_len` slots: per-layer k/v, slot segment ids, fill index."""
     dtype = jnp.dtype(dtype or cfg.dtype)
@@ -205,9 +223,10 @@ def apply(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
         segment_ids = jnp.ones((b, t), jnp.int32)
 
     if cache is not None and not isinstance(offset, jax.core.Tracer):
-        if int(offset) + t > cache["k"].shape[2]:
+        if int(offset) + t > cache["segment_ids"].shape[1]:
             raise ValueError(f"KV cache overflow: {int(offset)} filled + {t} new tokens > "
-                             f"{cache['k'].shape[2]} slots; make the cache larger (init_cache)")
+                             f"{cache['segment_ids'].shape[1]} slots; make the cache larger "
+                             "(init_cache)")
     q_slots = offset + jnp.arange(t, dtype=jnp.int32)
     if cache is not None:
         k_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32),
@@ -235,7 +254,21 @@ def apply(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
     layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
     use_rng = rng is not None and cfg.num_experts > 0 and cfg.router_jitter > 0
     layer_rngs = jax.random.split(rng, cfg.num_layers) if use_rng else None
-    if cfg.scan_layers:
+    if isinstance(params["layers"], (list, tuple)):
+        # Per-layer params and caches (`unstack_layers`, for decoding): each layer's weights
+        # and KV cache are their own arrays, so a decode loop updates each cache in place and
+        # reads weights without slicing them out of the stacked arrays every step.
+        outs = []
+        for i, lp in enumerate(params["layers"]):
+            lc = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]}
+            lr = None if layer_rngs is None else layer_rngs[i]
+            h, c = body(h, (lp, lc, lr))
+            outs.append(c)
+        caches, stats = zip(*outs)
+        new_kv = None if cache is None else {"k": [c["k"] for c in caches],
+                                             "v": [c["v"] for c in caches]}
+        moe_stats = None if stats[0] is None else jax.tree.map(lambda *x: jnp.stack(x), *stats)
+    elif cfg.scan_layers:
         h, (new_kv, moe_stats) = jax.lax.scan(body, h, (params["layers"], layer_caches,
                                                         layer_rngs))
     else:
