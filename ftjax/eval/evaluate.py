@@ -5,7 +5,7 @@ table out (plus per-example samples, and TensorBoard scalars for a workdir).
         --tasks a.jsonl,b.jsonl:num_fewshot=5 --out DIR
 
 `evaluate` is also what a training run calls every `train.eval_every` steps when its config
-has `eval.tasks` (`task_evaluator`), on the params as training holds them.
+has `eval.tasks` (`ftjax.train.eval_tasks`), on the params as training holds them.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import jax
 
 from ftjax.eval.tasks import TaskSpec, load_task, parse_task_spec, run_task, task_from_dict
 
-__all__ = ["DEFAULTS", "evaluate", "chat_generator", "safety_results", "load_tasks", "write_results", "markdown_table", "task_evaluator",
+__all__ = ["DEFAULTS", "evaluate", "chat_generator", "safety_results", "load_tasks", "write_results", "markdown_table",
            "flat_metrics", "SHIPPED_TASKS"]
 
 # The `eval` section of a training config (opt-in): tasks run with every evaluation
@@ -199,34 +199,3 @@ def write_results(out_dir: str, results: dict, samples: dict, *, model: dict,
         with monitor.MetricWriter(tb_workdir) as w:
             w.write(step, flat_metrics(results), prefix="eval_tasks")
     return payload
-
-
-def task_evaluator(run: Any) -> Optional[Callable[[int, Any], dict]]:
-    """The training loop's `on_eval` for a config's `eval.tasks`: `(step, params) ->
-    {"<task>/<metric>": value}`, on the params as the run places them; results of each
-    evaluation also go to `<workdir>/eval/step_<N>/`. None when the config names no tasks."""
-    sec = run.cfg.get("eval", None)
-    specs = list(sec.get("tasks", ())) if sec is not None else []
-    if not specs:
-        return None
-    tasks = load_tasks(specs)
-    from ftjax.eval.engine import Engine
-    from ftjax.train.export import trained_template
-    _, template = trained_template(run.cfg, run.tokenizer)
-    kw = dict(batch_size=int(sec.get("batch_size", 16)))
-    if int(sec.get("max_len", 0) or 0):
-        kw["max_len"] = int(sec.max_len)
-    state = {}
-
-    def on_eval(step: int, params: Any) -> dict:
-        if "engine" not in state:
-            state["engine"] = Engine(params, run.model_cfg, run.tokenizer,
-                                     placement=run.placement, apply_fn=run.method.apply_fn,
-                                     **kw)
-        engine = state["engine"]
-        engine.params = params
-        results, samples = evaluate(engine, tasks, template=template)
-        write_results(os.path.join(str(run.workdir), "eval", f"step_{step}"), results, samples,
-                      model={"kind": "training", "workdir": str(run.workdir), "step": step})
-        return flat_metrics(results)
-    return on_eval

@@ -305,7 +305,7 @@ class Run:
     def train(self, loss_fn, batches, *, eval_batches: Sequence[dict] = (), on_eval=None,
               checkpointer=None):
         """`loop.train(self, ...)`: train (or resume) and return a `TrainResult`."""
-        from ftjax.eval.evaluate import task_evaluator  # the config's `eval.tasks`
+        from ftjax.train.eval_tasks import task_evaluator  # the config's `eval.tasks`
         from ftjax.train import loop
         tasks = task_evaluator(self)
         if tasks is not None:
