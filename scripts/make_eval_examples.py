@@ -4,7 +4,7 @@
 
 Every record comes from the held-out test split of the built-in synthetic tasks with the
 quickstart's split settings (2000 examples, seed 0, test fraction 0.2), so the quickstart
-model never trained on them and `python -m ftjax.eval --tasks examples` compares a base and
+model never trained on them and `python -m ftjax.evaluate --tasks examples` compares a base and
 its fine-tuned model fairly. The prompts use the synthetic suite's layout (`prompt "\\n"`
 then the answer), which the character-tokenizer models of the quickstart were trained on.
 

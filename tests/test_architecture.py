@@ -12,12 +12,12 @@ ALLOWED = {
     "peft": set(),
     "sharding": {"models"},
     "data": {"workdir"},
-    "eval": {"models", "data", "infer"},
+    "eval": {"models", "data", "infer", "sharding", "io", "monitor", "workdir", "paths"},
     "infer": {"models", "data"},
     "align": {"models", "peft", "data", "sharding", "workdir"},
     "io": {"models", "peft", "workdir"},
-    "train": {"models", "peft", "sharding", "data", "io", "monitor", "workdir", "paths",
-              "hostmem"},
+    "train": {"models", "peft", "sharding", "data", "io", "eval", "infer", "monitor", "workdir",
+              "paths", "hostmem"},
     "workdir": set(), "paths": set(), "hostmem": set(), "monitor": {"workdir"}, "plots": {"workdir"},
 }
 

@@ -17,7 +17,7 @@ from ftjax.data import CharTokenizer
 from ftjax.eval import metrics as M
 from ftjax.eval.engine import Engine
 from ftjax.eval.evaluate import evaluate, load_tasks
-from ftjax.eval.model import engine_for, load_model, mesh_sections
+from ftjax.evaluate import engine_for, load_model, mesh_sections
 from ftjax.eval.tasks import encode_pair, load_task, parse_task_spec, rolling_windows
 
 torch = pytest.importorskip("torch")
@@ -249,7 +249,7 @@ def test_cli_on_hf_dir_writes_results(hf_dir, task_files, tmp_path):
     path, _ = hf_dir
     out = tmp_path / "out"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, "-m", "ftjax.eval", "--model", path, "--tasks",
+    r = subprocess.run([sys.executable, "-m", "ftjax.evaluate", "--model", path, "--tasks",
                         f"{task_files / 'mc.jsonl'},{task_files / 'gen.jsonl'}:max_new_tokens=4",
                         "--out", str(out), "--limit", "5"],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
@@ -260,7 +260,7 @@ def test_cli_on_hf_dir_writes_results(hf_dir, task_files, tmp_path):
     md = (out / "eval_results.md").read_text()
     assert "| mc | multiple_choice | acc |" in md
     assert len((out / "samples_gen.jsonl").read_text().splitlines()) == 5
-    r = subprocess.run([sys.executable, "-m", "ftjax.eval", "--model", path, "--tasks",
+    r = subprocess.run([sys.executable, "-m", "ftjax.evaluate", "--model", path, "--tasks",
                         str(tmp_path / "missing.jsonl")],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert r.returncode == 2 and "missing.jsonl" in r.stderr and "Traceback" not in r.stderr

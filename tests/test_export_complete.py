@@ -291,7 +291,7 @@ def test_eval_any_model_form_gives_the_same_logliks(qs):
     checkpoint), the merged HF export, and the exported base + PEFT adapter — and scores the
     same log-likelihoods on a multiple-choice task; the workdir's results carry its step and
     TensorBoard scalars."""
-    from ftjax.eval.__main__ import main as eval_main
+    from ftjax.evaluate import main as eval_main
     tmp = qs["tmp"]
     task = f"{ROOT}/experiments/data_samples/eval/dmy2iso_mc.jsonl:limit=12"
     lls = {}

@@ -370,10 +370,10 @@ def test_malformed_data_line_names_file_and_line(tmp_path):
 
 
 def test_eval_command_reports_safety(tmp_path):
-    """`python -m ftjax.eval --guard`: the target model answers the shipped red-team prompts and
+    """`python -m ftjax.evaluate --guard`: the target model answers the shipped red-team prompts and
     refusal pairs, the guard rates the answers; a guard forced to say "unsafe\\nS1" gives an
     unsafe rate of 1 in S1, and answers that start with no refusal phrase a refusal rate of 0."""
-    from ftjax.eval.__main__ import main
+    from ftjax.evaluate import main
     forced = tmp_path / "forced"
     _save_guard(forced, forced=True)
     out = tmp_path / "out"

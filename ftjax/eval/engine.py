@@ -1,7 +1,7 @@
 """Sharded inference for evaluation: log-likelihoods of continuations and batched generation.
 
 The `Engine` runs on params as they are placed for training (or placed by
-`ftjax.eval.model`): jitted functions follow the params' shardings, batches go over the
+`ftjax.evaluate`): jitted functions follow the params' shardings, batches go over the
 mesh's batch axes, and every result comes back replicated, so nothing gathers the params to
 a host and every process of a multi-host run reads the same numbers.
 

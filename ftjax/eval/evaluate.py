@@ -1,7 +1,7 @@
 """The evaluation stage: a model and a list of tasks in, `eval_results.json` and a markdown
 table out (plus per-example samples, and TensorBoard scalars for a workdir).
 
-    python -m ftjax.eval --model WORKDIR_OR_HF_DIR [--adapter PEFT_DIR] [--step N] \\
+    python -m ftjax.evaluate --model WORKDIR_OR_HF_DIR [--adapter PEFT_DIR] [--step N] \\
         --tasks a.jsonl,b.jsonl:num_fewshot=5 --out DIR
 
 `evaluate` is also what a training run calls every `train.eval_every` steps when its config
