@@ -6,8 +6,6 @@ tokenizer is used) serves every test; the tasks are small JSONL files written he
 """
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -245,22 +243,22 @@ def test_task_spec_and_bad_files(tmp_path, task_files):
         load_tasks([str(task_files / "mc.jsonl"), str(task_files / "mc.jsonl")])
 
 
-def test_cli_on_hf_dir_writes_results(hf_dir, task_files, tmp_path):
+def test_cli_on_hf_dir_writes_results(hf_dir, task_files, tmp_path, capsys):
+    from ftjax.cli import run_main
+    from ftjax.evaluate import main
     path, _ = hf_dir
     out = tmp_path / "out"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, "-m", "ftjax.evaluate", "--model", path, "--tasks",
-                        f"{task_files / 'mc.jsonl'},{task_files / 'gen.jsonl'}:max_new_tokens=4",
-                        "--out", str(out), "--limit", "5"],
-                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    main(["--model", path, "--tasks",
+          f"{task_files / 'mc.jsonl'},{task_files / 'gen.jsonl'}:max_new_tokens=4",
+          "--out", str(out), "--limit", "5"])
     res = json.loads((out / "eval_results.json").read_text())
     assert set(res["tasks"]) == {"mc", "gen"} and res["tasks"]["mc"]["n"] == 5
     assert res["model"]["kind"] == "hf"
     md = (out / "eval_results.md").read_text()
     assert "| mc | multiple_choice | acc |" in md
     assert len((out / "samples_gen.jsonl").read_text().splitlines()) == 5
-    r = subprocess.run([sys.executable, "-m", "ftjax.evaluate", "--model", path, "--tasks",
-                        str(tmp_path / "missing.jsonl")],
-                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert r.returncode == 2 and "missing.jsonl" in r.stderr and "Traceback" not in r.stderr
+    # A missing task file: one line naming it, exit code 2, before the model is loaded.
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: main(["--model", path, "--tasks", str(tmp_path / "missing.jsonl")]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "missing.jsonl" in err and "Traceback" not in err

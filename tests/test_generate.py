@@ -232,3 +232,21 @@ def test_loglik_eval_matches_manual_nll():
     result = loglik_eval(params, cfg, batches)
     assert result["tokens"] == int(count)
     assert result["loss"] == pytest.approx(nll / count, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_per_layer_decoding_equals_the_scan(family, monkeypatch):
+    """Long generations decode with per-layer weights and caches (`models.unstack_layers`);
+    the tokens equal those of the stacked, scanned layers (sliding window included)."""
+    cfg = CONFIGS[family]
+    params = _params(cfg)
+    tokens, lengths = _left_pad(_prompts(cfg.vocab_size))
+    kw = dict(max_new_tokens=40, eos_id=2, pad_id=0)
+    monkeypatch.setattr(gen, "UNSTACK_MIN_NEW_TOKENS", 10 ** 6)
+    scanned = gen.generate(params, cfg, tokens, lengths, **kw)
+    monkeypatch.setattr(gen, "UNSTACK_MIN_NEW_TOKENS", 1)
+    jax.clear_caches()   # the threshold is read when the decode function is traced
+    per_layer = gen.generate(params, cfg, tokens, lengths, **kw)
+    np.testing.assert_array_equal(per_layer, scanned)
+    split, _ = models.unstack_layers(params, None, cfg)
+    assert isinstance(split["layers"], list) and len(split["layers"]) == cfg.num_layers

@@ -28,6 +28,7 @@ __all__ = ["generate", "generate_text", "sample_logits", "prompt_layout"]
 Params = dict[str, Any]
 
 PROMPT_BUCKET = 16  # generate_text pads prompt length to a multiple of this
+UNSTACK_MIN_NEW_TOKENS = 32  # decode with per-layer weights and caches from this many tokens
 
 
 def prompt_layout(prompt_lengths: jax.Array, prompt_len: int) -> tuple[jax.Array, jax.Array]:
@@ -81,10 +82,11 @@ def _generate_jit(params: Params, prompt_tokens: jax.Array, prompt_lengths: jax.
     b, p = prompt_tokens.shape
     segment_ids, positions = prompt_layout(prompt_lengths, p)
     cache = models.init_cache(cfg, b, p + max_new_tokens)
-    if apply_fn is None:
+    if apply_fn is None and max_new_tokens >= UNSTACK_MIN_NEW_TOKENS:
         # Per-layer weights and caches for the decode loop (`models.unstack_layers`): each
         # step then updates every layer's cache in place and reads weights without slicing
-        # them out of the stacked arrays.
+        # them out of the stacked arrays. It unrolls the layers in the compiled program, so
+        # short generations (whose few steps gain less than the longer compile) keep the scan.
         split = models.unstack_layers(params, cache, cfg)
         if split is not None:
             params, cache = split
