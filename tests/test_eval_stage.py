@@ -107,7 +107,7 @@ def test_perplexity_equals_transformers(hf_dir, task_files):
     short = [r for r in recs if len(r["text"]) + 1 <= MAX_POS]
     assert short and len(short) < len(recs)   # both kinds present
     spec_s = type(spec)(name="short", kind="perplexity", path=spec.path, options=spec.options)
-    res, _ = evaluate(engine_for(m), [(spec_s, short)])
+    res, _ = evaluate(engine_for(m, batch_size=8), [(spec_s, short)])
     nll, n = 0.0, 0
     for r in short:
         ids = [1] + m.tokenizer.encode(r["text"])
@@ -123,7 +123,7 @@ def test_perplexity_equals_transformers(hf_dir, task_files):
     ids = m.tokenizer.encode(recs[int(np.argmax([len(r["text"]) for r in recs]))]["text"])
     wins = rolling_windows(ids, [1], 16, 16)
     assert [t for _, cont in wins for t in cont] == ids
-    e = engine_for(m)
+    e = engine_for(m, batch_size=8)
     got = e.loglik(wins)
     for (ctx, cont), g in zip(wins, got):
         row = (ctx + cont)[-17:]
@@ -163,7 +163,7 @@ def test_generation_matches_greedy_transformers(hf_dir, task_files):
     path, model = hf_dir
     m = load_model(path, devices=jax.devices()[:1])
     spec, recs = load_task(str(task_files / "gen.jsonl"))
-    _, samples = evaluate(engine_for(m), [(spec, recs)])
+    _, samples = evaluate(engine_for(m, batch_size=8), [(spec, recs)])
     for rec, s in zip(recs[:4], samples["gen"][:4]):
         ids = [1] + m.tokenizer.encode(rec["prompt"])
         with torch.no_grad():
@@ -192,7 +192,7 @@ def test_generation_metrics_and_pass_at_k(hf_dir, tmp_path):
     samples, pass@k follows the per-example correct counts."""
     path, _ = hf_dir
     m = load_model(path, devices=jax.devices()[:1])
-    e = engine_for(m)
+    e = engine_for(m, batch_size=8)
     prompts = ["add 1+2\n", "add 3+4\n", "sort abc\n"]
     ids = [[1] + m.tokenizer.encode(p) for p in prompts]
     greedy = [m.tokenizer.decode(list(g.ids)) for g in e.generate(ids, max_new_tokens=5)]

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import jax
+import numpy as np
 
-from ftjax import models
+from ftjax import models, monitor
 from ftjax.models.config import ModelConfig
 from ftjax.peft import core as peft_core
 
