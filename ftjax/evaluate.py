@@ -30,7 +30,6 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import ml_collections
 
-from ftjax import models
 from ftjax.models.config import ModelConfig
 
 __all__ = ["EvalModel", "load_model", "mesh_sections", "engine_for", "main"]
@@ -166,8 +165,6 @@ def engine_for(model: EvalModel, **kw):
     return Engine(model.params, model.cfg, model.tokenizer, placement=model.placement,
                   apply_fn=model.apply_fn, **kw)
 
-
-_ = models  # models.apply is the default forward pass of EvalModel.apply_fn=None
 
 
 # ------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ import pytest
 
 from ftjax.data import CharTokenizer
 from ftjax.eval import metrics as M
-from ftjax.eval.engine import Engine
 from ftjax.eval.evaluate import evaluate, load_tasks
 from ftjax.evaluate import engine_for, load_model, mesh_sections
 from ftjax.eval.tasks import encode_pair, load_task, parse_task_spec, rolling_windows
@@ -95,7 +94,6 @@ def test_multiple_choice_loglik_equals_transformers(hf_dir, task_files):
     r = results["mc"]["metrics"]
     assert r["acc"] == pytest.approx(np.mean(accs))
     assert r["acc_norm"] == pytest.approx(np.mean(norms))
-    assert accs != norms or True  # both computed; equality of the means is the check
 
 
 def test_perplexity_equals_transformers(hf_dir, task_files):
@@ -233,7 +231,7 @@ def test_task_spec_and_bad_files(tmp_path, task_files):
     with pytest.raises(ValueError, match="bad.jsonl line 1.*answer"):
         load_task(str(bad))
     bad.write_text('{"context": "a", "choices": ["x", "y"], "answer": 0}\nnot json\n')
-    with pytest.raises(ValueError, match="line 2: not valid JSON"):
+    with pytest.raises(ValueError, match="bad.jsonl:2: malformed JSON"):
         load_task(str(bad))
     with pytest.raises(ValueError, match="unknown option.*num_shots"):
         load_task(str(task_files / "mc.jsonl"), {"num_shots": 2})

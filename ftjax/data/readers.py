@@ -77,6 +77,12 @@ def _read_jsonl(path: str, bad: Bad) -> Iterator[tuple[int, dict]]:
             yield n, value
 
 
+def read_jsonl_objects(path: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of every non-blank line of a JSON-lines file; the first bad line
+    (not UTF-8, malformed JSON, not an object) raises a DataError naming file and line."""
+    return _read_jsonl(path, Bad("raise", []))
+
+
 def _json_elements(text: str, path: str) -> list[tuple[int, Any]]:
     """(offset, value) of each element of the top-level list (or of {"data": [...]})."""
     decoder = json.JSONDecoder()

@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import re
@@ -459,23 +458,15 @@ class GuardJudge:
 
 
 def _read_jsonl(path: str, required: Sequence[str]) -> list[dict]:
+    from ftjax.data.readers import read_jsonl_objects
     path = os.fspath(path)
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            bad = [k for k in required if not isinstance(row.get(k), str) or not row[k].strip()]
-            if bad:
-                raise ValueError(f"{path}:{n}: missing or empty string fields {bad} "
-                                 f"(each line needs {list(required)})")
-            out.append(row)
+    for n, row in read_jsonl_objects(path):
+        bad = [k for k in required if not isinstance(row.get(k), str) or not row[k].strip()]
+        if bad:
+            raise ValueError(f"{path}:{n}: missing or empty string fields {bad} "
+                             f"(each line needs {list(required)})")
+        out.append(row)
     if not out:
         raise ValueError(f"{path}: no examples")
     return out

@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import json
 import math
 import os
 import random
 import re
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -147,25 +146,17 @@ def _read_jsonl(path: str) -> tuple[dict, list[dict]]:
     if not os.path.isfile(real):
         raise FileNotFoundError(f"task file {path!r} not found (looked in the current directory "
                                 "and the ftjax root)")
+    from ftjax.data.readers import read_jsonl_objects
     header, records = {}, []
-    with open(real, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path} line {n}: a record must be a JSON object")
-            if HEADER_KEY in rec:
-                if records or header:
-                    raise ValueError(f"{path} line {n}: the {HEADER_KEY!r} header must be the "
-                                     "first line")
-                header = dict(rec[HEADER_KEY])
-                continue
-            rec["_line"] = n
-            records.append(rec)
+    for n, rec in read_jsonl_objects(real):
+        if HEADER_KEY in rec:
+            if records or header:
+                raise ValueError(f"{path} line {n}: the {HEADER_KEY!r} header must be the "
+                                 "first line")
+            header = dict(rec[HEADER_KEY])
+            continue
+        rec["_line"] = n
+        records.append(rec)
     if not records:
         raise ValueError(f"task file {path} has no records")
     return header, records
@@ -521,5 +512,3 @@ def _run_gen(engine, o, records, template):
                                          for g, t in zip(gens, texts)]))
     return metrics, stderr, samples
 
-
-Runner = Callable[..., tuple[dict, dict, list]]
