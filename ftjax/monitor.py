@@ -20,6 +20,7 @@ from typing import Any, TextIO
 import jax
 import numpy as np
 
+from ftjax import tracking as tracking_lib
 from ftjax import workdir as workdir_lib
 
 __all__ = [
@@ -50,13 +51,18 @@ class MetricWriter:
     Each `write` appends one JSON line `{"step", "split", **metrics, "time"}` and flushes it,
     so a crash loses nothing. Non-finite values are written as Python's json does (NaN,
     Infinity), which `json.loads` and pandas read back. On processes other than 0 every
-    method is a no-op.
+    method is a no-op. `tracking`: W&B / MLflow settings (`tracking.DEFAULTS`; off by default),
+    fed the scalars as `{prefix}/{name}`; `config` is logged to them once (ftjax/tracking.py).
     """
 
     def __init__(self, workdir: str | os.PathLike[str], *, tensorboard: bool = True,
-                 upload_every_s: float = 30.0):
+                 upload_every_s: float = 30.0, tracking: Mapping[str, Any] | None = None,
+                 config: Any = None):
         self.workdir = workdir_lib.path(workdir)
         self.enabled = _is_primary()
+        # Checked on every process, opened on process 0 only.
+        self._trackers = tracking_lib.Trackers(self.workdir, tracking, config,
+                                               primary=self.enabled)
         self._file: TextIO | None = None
         self._tb = None
         # Object stores (gs://) cannot append: the whole file is rewritten from memory at most
@@ -124,6 +130,8 @@ class MetricWriter:
         record = {"step": step, "split": prefix, **values,
                   **{k: v.tolist() for k, v in arrays.items()}, "time": time.time()}
         self._append(json.dumps(record) + "\n")
+        if self._trackers:
+            self._trackers.write_scalars(step, {f"{prefix}/{k}": v for k, v in values.items()})
         if self._tb is not None:
             for name, value in values.items():
                 self._tb.add_scalar(f"{prefix}/{name}", value, step)
@@ -165,6 +173,7 @@ class MetricWriter:
             self._tb.flush()
 
     def close(self) -> None:
+        self._trackers.close()
         if self._tb is not None:
             self._tb.close()
             self._tb = None

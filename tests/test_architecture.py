@@ -18,7 +18,8 @@ ALLOWED = {
     "io": {"models", "peft", "workdir"},
     "train": {"models", "peft", "sharding", "data", "io", "eval", "infer", "monitor", "workdir",
               "paths", "hostmem"},
-    "workdir": set(), "paths": set(), "hostmem": set(), "monitor": {"workdir"}, "plots": {"workdir"},
+    "workdir": set(), "paths": set(), "hostmem": set(), "monitor": {"workdir", "tracking"},
+    "tracking": {"workdir"}, "plots": {"workdir"},
 }
 
 

@@ -72,6 +72,16 @@ DEFAULTS = dict(
     diagnose_floor=0.05,        # spikes / fluctuations smaller than this (nats) are ignored
     progress=True,
     tensorboard=True,
+    # Experiment trackers beside metrics.jsonl and TensorBoard, off by default; process 0 logs
+    # every scalar as "{split}/{name}" and the resolved config once (ftjax/tracking.py,
+    # docs/monitoring.md "Tracking: W&B and MLflow"). Neither writes to a gs:// workdir.
+    wandb=False,                # a Weights & Biases run (pip install wandb)
+    wandb_project="ftjax",
+    wandb_mode="offline",       # "offline" (upload later: wandb sync), "disabled", "online"
+    wandb_dir="",               # local directory for the W&B run files; "" = the workdir
+    mlflow=False,               # an MLflow run (pip install mlflow-skinny)
+    mlflow_uri="",              # tracking URI or local path; "" = file store <workdir>/mlruns
+    mlflow_experiment="ftjax",
 )
 # Refused before a run builds anything (`trainers/_validate.py`: a bound, or the allowed values).
 # Across sections it also checks that accum_steps divides batch_size.
@@ -82,7 +92,8 @@ CHECKS = dict(
     best_mode=("", "min", "max"), restore_best=(True, False), diagnose=(True, False),
     spike_factor="> 1", spike_window=">= 3", overfit_evals=">= 1", plateau_window=">= 4",
     plateau_tol=">= 0", lr_window=">= 4", lr_sign_changes="in [0, 1]", lr_cv=">= 0",
-    diagnose_floor=">= 0",
+    diagnose_floor=">= 0", wandb=(True, False), mlflow=(True, False),
+    wandb_mode=("offline", "disabled", "online"),
 )
 assert set(curves.DEFAULTS) <= set(DEFAULTS)
 
@@ -372,7 +383,9 @@ def train(run: Run, loss_fn: LossFn, batches: Any, *, eval_batches: Sequence[dic
     step_fn = jit_step(run, loss_fn, setup)
     eval_fn = jax.jit(make_eval_step(loss_fn))
 
-    writer = monitor.MetricWriter(workdir, tensorboard=bool(tcfg.tensorboard))
+    writer = monitor.MetricWriter(
+        workdir, tensorboard=bool(tcfg.tensorboard), config=cfg,
+        tracking={k: v for k, v in vars(tcfg).items() if k.startswith(("wandb", "mlflow"))})
     seq_len = int(tcfg.seq_len)
     tokens_per_step = int(tcfg.batch_size) * seq_len
     peak = float(cfg.get("monitor", {}).get("peak_flops", 0.0) or 0.0)
