@@ -5,12 +5,24 @@ Overrides: `--config.a.b=value` (typed by the existing field; unknown keys are r
 The resolved config is validated (every key's rule, no NaN or infinity), then the mesh, the
 batch and the starting weights' headers are checked (seconds, before any data is read); its
 hash and the config are written into the workdir (local or `gs://`) by process 0 before
-anything runs; an existing checkpoint in the workdir is resumed. `ftjax` (the console script)
+anything runs, with the run record `run.json` (code commit, packages, devices, seeds, wall and
+CPU time: `ftjax/run_record.py`); an existing checkpoint in the workdir is resumed. `ftjax` (the console script)
 prints any such error as one line (`FTJAX_DEBUG=1`: with its traceback).
 """
 from __future__ import annotations
 
 import sys
+
+
+def resolved_config(spec: str, overrides: list[tuple[str, str]]):
+    """The config `ftjax --config SPEC --config.k=v ...` runs: loaded, overridden, every
+    trainer default filled and validated. Its `config_record.config_hash` is the run's hash
+    (the sweep runner uses this to know a run's hash before starting it)."""
+    from ftjax import config_utils
+    from ftjax.trainers import resolve_config, validate_config
+    cfg = resolve_config(config_utils.load_config(spec), overrides)
+    validate_config(cfg)  # impossible or non-finite settings: refused before anything runs
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -28,9 +40,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     if not workdir:
         raise SystemExit("--workdir is required: the directory for checkpoints, metrics and results")
-    from ftjax.trainers import resolve_config, validate_config
-    cfg = resolve_config(config_utils.load_config(spec), overrides)
-    validate_config(cfg)  # impossible or non-finite settings: refused before anything runs
+    cfg = resolved_config(spec, overrides)
     # Multi-host set-up must precede any other JAX call.
     sharding.initialize_distributed(cfg.get("distributed"))
     from ftjax.train import preflight
@@ -39,7 +49,17 @@ def main(argv: list[str] | None = None) -> dict | None:
     trainer = cfg.get("trainer", "sft")
     print(f"ftjax: trainer={trainer} config={spec} hash={cfg_hash} workdir={workdir}")
     from ftjax import trainers
-    return trainers.get(trainer).run(cfg, workdir)
+    from ftjax import config_record, run_record
+    record = run_record.RunRecord(workdir, config_record.to_jsonable(cfg), cfg_hash,
+                                  argv=["ftjax"] + list(argv), spec=spec)
+    try:
+        summary = trainers.get(trainer).run(cfg, workdir)
+    except BaseException as e:  # recorded, then raised as before
+        status = "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed"
+        record.finish(status, error=f"{type(e).__name__}: {e}")
+        raise
+    record.finish("finished", summary=summary if isinstance(summary, dict) else None)
+    return summary
 
 
 def cli() -> None:

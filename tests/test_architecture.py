@@ -19,7 +19,7 @@ ALLOWED = {
     "train": {"models", "peft", "sharding", "data", "io", "eval", "infer", "monitor", "workdir",
               "paths", "hostmem"},
     "workdir": set(), "paths": set(), "hostmem": set(), "monitor": {"workdir", "tracking"},
-    "tracking": {"workdir"}, "plots": {"workdir"},
+    "tracking": {"workdir"}, "plots": {"workdir"}, "run_record": {"paths", "workdir"},
 }
 
 
