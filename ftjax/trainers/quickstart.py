@@ -38,6 +38,11 @@ from ftjax.trainers._quickstart_base import (eval_examples_for, obtain_base, pha
                                             replay_examples, score)
 
 
+# The quickstart's own data fields, beside the data stage's rules (trainers/_validate.py).
+CHECKS = {"data": {**ftdata.options.CHECKS, "val_frac": "in [0, 1)",
+                   "score_test": (True, False)}}
+
+
 def _median_step_time(history: Sequence[dict], tokens_per_step: int) -> Optional[float]:
     """Median seconds per step over the logged intervals (from their tokens/s)."""
     rates = sorted(h["tokens_per_s"] for h in history if h.get("tokens_per_s"))
@@ -47,7 +52,8 @@ def _median_step_time(history: Sequence[dict], tokens_per_step: int) -> Optional
 
 def _print_report(task: str, results: dict, samples: list[dict], base_desc: str) -> None:
     """The final table (task, n, exact match before/after) and the sample generations."""
-    rows = [(f"{t} ({'fine-tuned' if t == task else 'pretraining, forgetting check'})", r["n"],
+    rows = [(t if t.startswith(task) and t != task else
+             f"{t} ({'fine-tuned' if t == task else 'pretraining, forgetting check'})", r["n"],
              r["before"], r["after"]) for t, r in results.items()]
     w = max(len(r[0]) for r in rows) + 2
     line = "-" * (w + 28)
@@ -104,21 +110,39 @@ def run(cfg: Any, workdir: str) -> dict:
     # 2. Data: train/test split of the fine-tuning task; held-out prompts of other tasks.
     train_ex, test_ex = ftdata.make_splits(task, int(d.n_examples), int(d.seed),
                                            float(d.test_frac))
+    # Validation (data.val_frac > 0): the last share of the training prompts (a random subset:
+    # make_splits draws them from a seeded stream) is held out for choosing hyperparameters;
+    # it then drives the in-training eval loss. data.score_test=False leaves the test split
+    # and the forgetting check unscored (the select stage of a sweep: docs/sweeps.md).
+    val_frac, score_test = float(d.get("val_frac", 0.0)), bool(d.get("score_test", True))
+    val_ex: list[dict] = []
+    if val_frac > 0:
+        n_val = max(1, round(len(train_ex) * val_frac))
+        train_ex, val_ex = train_ex[:-n_val], train_ex[-n_val:]
+    elif not score_test:
+        raise ValueError("data.score_test=False scores nothing: set data.val_frac > 0 (e.g. "
+                         "0.1) so the run is scored on a validation split")
     eval_ex = test_ex[:int(d.eval_examples)]
+    val_eval = val_ex[:int(d.eval_examples)]
+    val_name = f"{task} (validation)"
     replay = replay_examples(cfg, len(train_ex))
     others = {t: eval_examples_for(t, int(d.other_eval_examples), int(d.seed),
                                    float(cfg.base.test_frac))
-              for t in d.other_tasks if t != task}
-    sets = {task: eval_ex, **others}
-    print(f"[quickstart] task {task!r}: {len(train_ex)} train / {len(test_ex)} test prompts"
+              for t in d.other_tasks if t != task} if score_test else {}
+    sets = ({task: eval_ex} if score_test else {}) | ({val_name: val_eval} if val_ex else {}) \
+        | others
+    print(f"[quickstart] task {task!r}: {len(train_ex)} train / "
+          + (f"{len(val_ex)} validation / " if val_ex else "") + f"{len(test_ex)} test prompts"
           + (f" (+{len(replay)} replayed pretraining examples)" if replay else "")
-          + f"; scoring {len(eval_ex)} held-out prompts; forgetting check on {sorted(others)}")
+          + (f"; scoring {len(eval_ex)} held-out prompts" if score_test else
+             f"; scoring {len(val_eval)} validation prompts (test split not scored)")
+          + (f"; forgetting check on {sorted(others)}" if others else ""))
 
     # 3. Exact match before, fine-tuning, exact match after.
     t0 = time.time()
     before = {t: score(base_params, model_cfg, tok, ex, d) for t, ex in sets.items()}
-    ft_eval_batches = fixed_batches(eval_ex, tok, int(cfg.train.batch_size),
-                                    int(cfg.train.seq_len))
+    ft_eval_batches = fixed_batches(val_eval if val_ex else eval_ex, tok,
+                                    int(cfg.train.batch_size), int(cfg.train.seq_len))
     eval_loss_before = loglik_eval(base_params, model_cfg, ft_eval_batches)["loss"]
     eval_before_s = time.time() - t0
     print("[quickstart] before fine-tuning: " + ", ".join(
@@ -140,8 +164,10 @@ def run(cfg: Any, workdir: str) -> dict:
     results = {t_: {"before": round(before[t_]["exact_match"], 4),
                     "after": round(after[t_]["exact_match"], 4), "n": after[t_]["n"]}
                for t_ in sets}
+    shown = task if score_test else val_name
     samples = [{"prompt": p, "before": pb, "after": pa, "answer": a}
-               for (p, pb, a), (_, pa, _) in zip(before[task]["samples"], after[task]["samples"])]
+               for (p, pb, a), (_, pa, _) in zip(before[shown]["samples"],
+                                                 after[shown]["samples"])]
     root = paths.root()
     base_desc = {"file": os.path.relpath(base_path, root) if base_path.startswith(root)
                  else base_path,
@@ -163,21 +189,26 @@ def run(cfg: Any, workdir: str) -> dict:
         n_tasks = len(meta.get("pretrain", {}).get("tasks", []))
         panels[f"pretraining the base ({n_tasks} tasks)"] = pre
     png = wd.path(workdir, "loss_curves.png")
-    em_b, em_a = results[task]["before"], results[task]["after"]
+    em_b, em_a = results[shown]["before"], results[shown]["after"]
     if jax.process_index() == 0:
-        plots.plot_loss_curves(png, panels, title=f"{task}: held-out exact match "
-                                                  f"{em_b:.0%} -> {em_a:.0%}")
+        plots.plot_loss_curves(png, panels, title=f"{task}: "
+                               + ("held-out" if score_test else "validation")
+                               + f" exact match {em_b:.0%} -> {em_a:.0%}")
 
     exported = run.export_hf(result.params)
     wall = time.time() - t_start
     summary = {
         "task": task,
-        "exact_match_before": em_b,
-        "exact_match_after": em_a,
-        "n_eval": results[task]["n"],
+        # Test split (None when data.score_test=False) and validation split (data.val_frac).
+        "exact_match_before": em_b if score_test else None,
+        "exact_match_after": em_a if score_test else None,
+        "n_eval": results[task]["n"] if score_test else 0,
+        "val_exact_match_before": results[val_name]["before"] if val_ex else None,
+        "val_exact_match_after": results[val_name]["after"] if val_ex else None,
+        "n_val_eval": results[val_name]["n"] if val_ex else 0,
         "n_train": len(train_ex),
         "n_replay": len(replay),
-        "other_tasks": {t_: r for t_, r in results.items() if t_ != task},
+        "other_tasks": {t_: r for t_, r in results.items() if t_ not in (task, val_name)},
         "samples": samples,
         "steps": int(jax.device_get(result.state.step)),
         "method": method.name,
@@ -188,6 +219,7 @@ def run(cfg: Any, workdir: str) -> dict:
         "final_train_loss": curves[train_label][1][-1] if train_label in curves else None,
         "eval_loss_before": round(eval_loss_before, 5),
         "final_eval_loss": result.evals[-1]["eval_loss"] if result.evals else None,
+        "eval_split": "validation" if val_ex else "test",  # of the eval losses
         "evals": result.evals,
         "resumed_from": result.resumed_from,
         "wall_time_s": round(wall, 1),
@@ -204,6 +236,7 @@ def run(cfg: Any, workdir: str) -> dict:
         "devices": jax.device_count(),
     }
     out = wd.write_json(workdir, "summary.json", summary)
-    print(f"[quickstart] held-out exact match on {task!r}: {em_b:.1%} -> {em_a:.1%}; "
+    print(f"[quickstart] {'held-out' if score_test else 'validation'} exact match on "
+          f"{task!r}: {em_b:.1%} -> {em_a:.1%}; "
           f"wall time {wall:.0f}s; wrote {png} and {out}")
     return summary
