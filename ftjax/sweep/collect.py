@@ -33,9 +33,11 @@ def _dig(obj: Any, path: str) -> Any:
     return obj
 
 
-def curve(workdir: str, split: str, key: str) -> list[tuple[int, float]]:
+def curve(workdir: str, split: str, key: str,
+          metrics_file: str = "metrics.jsonl") -> list[tuple[int, float]]:
+    """(step, value) of one column of a run's metrics file."""
     try:
-        text = workdir_lib.read_text(workdir, "metrics.jsonl")
+        text = workdir_lib.read_text(workdir, metrics_file)
     except (FileNotFoundError, OSError):
         return []
     out = []
@@ -50,7 +52,7 @@ def curve(workdir: str, split: str, key: str) -> list[tuple[int, float]]:
 
 
 def metric_value(path: str, summary: Optional[Mapping], record: Optional[Mapping],
-                 workdir: str) -> Optional[float]:
+                 workdir: str, metrics_file: str = "metrics.jsonl") -> Optional[float]:
     """A number from a run by metric path (spec.py's docstring lists the three kinds)."""
     if path.startswith("curve:"):
         body = path[len("curve:"):]
@@ -58,7 +60,7 @@ def metric_value(path: str, summary: Optional[Mapping], record: Optional[Mapping
         if not col:
             col, agg = body, "last"
         split, _, key = col.rpartition("/")
-        values = [v for _, v in curve(workdir, split, key)]
+        values = [v for _, v in curve(workdir, split, key, metrics_file)]
         if not values:
             return None
         fn = {"last": lambda v: v[-1], "min": min, "max": max,
@@ -92,7 +94,8 @@ def row_of(sweep: spec_lib.Sweep, run: spec_lib.Run) -> dict:
         status = str(record.get("status"))
     metrics = {}
     for name, path in dict(sweep.config.metrics).items():
-        v = metric_value(str(path), summary, record, wd) if record else None
+        v = (metric_value(str(path), summary, record, wd, str(sweep.config.metrics_file))
+             if record else None)
         if v is not None:
             metrics[name] = v
     pins = {}

@@ -81,7 +81,7 @@ def write_tpu(sweep: spec_lib.Sweep, runs: Sequence[spec_lib.Run], *, tpu: str, 
         h = runner.run_hash(sweep, r, extra)
         if runner.run_state(wd, h) == "finished":
             continue
-        args = [str(sweep.config.base), wd] + r.overrides(tuple(sweep.config.overrides)
+        args = [r.config_spec(str(sweep.config.base)), wd] + r.overrides(tuple(sweep.config.overrides)
                                                           + tuple(extra))
         lines.append(f"# {r.name} (config hash {h})")
         lines.append(" ".join(["scripts/launch_tpu.sh", shlex.quote(tpu), shlex.quote(zone)]

@@ -9,6 +9,7 @@ The sweep config's `analysis` section says what to show:
         fmt={"em": "pct"},                 # per-metric cell format
         plots=(dict(axis="peft.rank", metric="em", series_by=("peft.alpha",)),),
         curves=dict(split="finetune", key="loss"),   # loss curves per run (metrics.jsonl)
+        columns=("label.variant", "peft.rank"),     # params shown (default: every axis)
     )
 
 For a `select` or `search` sweep the main table is the final stage (test split) and the
@@ -28,7 +29,15 @@ from ftjax.sweep import spec as spec_lib
 __all__ = ["ANALYSIS_DEFAULTS", "write"]
 
 ANALYSIS_DEFAULTS = dict(title="", description="", group_by=(), objective="", direction="max",
-                         fmt={}, plots=(), curves={})
+                         fmt={}, plots=(), curves={}, columns=())
+
+
+def _view(rows: list[dict], columns) -> list[dict]:
+    """Rows whose params keep only `columns` (all when empty): for keys a label determines."""
+    if not columns:
+        return rows
+    return [{**r, "params": {k: v for k, v in r["params"].items() if k in columns}}
+            for r in rows]
 
 
 def _section(sweep) -> dict:
@@ -40,6 +49,7 @@ def _section(sweep) -> dict:
     sec = {**ANALYSIS_DEFAULTS, **raw}
     sec["group_by"] = tuple(spec_lib._key(k) for k in sec["group_by"])  # pylint: disable=protected-access
     sec["fmt"] = dict(sec["fmt"])
+    sec["columns"] = tuple(spec_lib._key(k) for k in sec["columns"])  # pylint: disable=protected-access
     return sec
 
 
@@ -123,7 +133,8 @@ def write(sweep: spec_lib.Sweep, stage_runs: Callable[[Any, str], tuple], *,
                          f"{tuple(psec['seeds'])} in the final stage above."),
             best=sel_best, fmt=sec["fmt"], rows=stages["select"]).replace(
                 "# Selection", "## Selection", 1)]
-    groups = analysis.aggregate([r for r in main_rows], metrics)
+    main_rows = _view(main_rows, sec["columns"])
+    groups = analysis.aggregate(main_rows, metrics)
     best = (analysis.best_per_group(groups, list(sec["group_by"]), sec["objective"],
                                     sec["direction"]) if sec["objective"] else None)
     title = sec["title"] or f"Sweep {sweep.name}"
@@ -144,6 +155,7 @@ def write(sweep: spec_lib.Sweep, stage_runs: Callable[[Any, str], tuple], *,
             plot_lines.append(f"- plot {i} not drawn: {e}")
     if sec["curves"]:
         c = dict(sec["curves"])
+        c.setdefault("metrics_file", str(sweep.config.metrics_file))
         name = c.pop("file", "loss_curves.png")
         _, n = analysis.plot_loss_curves(main_rows, os.path.join(out, name), **c)
         written.append(os.path.join(out, name))

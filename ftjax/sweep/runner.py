@@ -57,7 +57,8 @@ def workdir_of(sweep: spec_lib.Sweep, run: spec_lib.Run) -> str:
 
 def run_args(sweep: spec_lib.Sweep, run: spec_lib.Run, extra: Sequence[str] = ()) -> list[str]:
     """The `ftjax` arguments of a run (after `python -m ftjax.main`)."""
-    return (["--config", str(sweep.config.base), "--workdir", workdir_of(sweep, run)]
+    return (["--config", run.config_spec(str(sweep.config.base)),
+             "--workdir", workdir_of(sweep, run)]
             + run.overrides(tuple(sweep.config.overrides) + tuple(extra)))
 
 
@@ -125,13 +126,13 @@ def _move_stale(sweep: spec_lib.Sweep, workdir: str, name: str) -> str:
     return str(dest)
 
 
-def _watch(workdir: str, split: str, key: str, pruner: Pruner, proc: subprocess.Popen,
-           verdict: dict, stop: threading.Event, poll_s: float) -> None:
+def _watch(workdir: str, metrics_file: str, split: str, key: str, pruner: Pruner,
+           proc: subprocess.Popen, verdict: dict, stop: threading.Event, poll_s: float) -> None:
     """Reads new `metrics.jsonl` rows of `split` with `key` and asks `pruner` about each."""
     seen = 0
     while not stop.wait(poll_s):
         try:
-            text = workdir_lib.read_text(workdir, "metrics.jsonl")
+            text = workdir_lib.read_text(workdir, metrics_file)
         except (FileNotFoundError, OSError):
             continue
         lines = text.splitlines()
@@ -186,8 +187,9 @@ def run_one(sweep: spec_lib.Sweep, run: spec_lib.Run, *, extra: Sequence[str] = 
         watcher = None
         if pruner is not None and prune_metric:
             split, _, key = prune_metric.rpartition("/")
-            watcher = threading.Thread(target=_watch, args=(wd, split, key, pruner, proc,
-                                                            verdict, stop, poll_s), daemon=True)
+            watcher = threading.Thread(target=_watch, args=(
+                wd, str(sweep.config.metrics_file), split, key, pruner, proc, verdict, stop,
+                poll_s), daemon=True)
             watcher.start()
         try:
             rc = proc.wait()

@@ -126,7 +126,8 @@ def _curve_of(sweep, run, sec) -> dict[int, float]:
         return {}
     split, _, key = sec["prune_metric"].rpartition("/")
     wd = runner.workdir_of(sweep, run)
-    return {s: _sign(sec) * v for s, v in collect.curve(wd, split, key)}
+    return {s: _sign(sec) * v for s, v in collect.curve(wd, split, key,
+                                                        str(sweep.config.metrics_file))}
 
 
 def _random(sweep: spec_lib.Sweep, sec: dict, procs: int, quiet: bool) -> list[dict]:

@@ -25,7 +25,9 @@ leading `config.`.
 Every run gets a name from its axis values (`rank=4-rslora=False-alpha=8-seed=0`), a
 workdir `<sweep dir>/runs/<name>` and a command line (`python -m ftjax.main --config BASE
 --workdir ... --config.k=v ...`); the runner, the SLURM array and the TPU launch list all run
-exactly these. See docs/sweeps.md for `select` (validation-split protocol), `search` and
+exactly these. An axis key `arg.NAME` sets the base config's typed argument NAME instead of a
+field (`h.sweep("arg.steps", [150, 400])` runs `configs/X.py:...,steps=150`), for arguments
+other fields are computed from. See docs/sweeps.md for `select` (validation-split protocol), `search` and
 `analysis`.
 
 Metric paths read a run's results: `exact_match_after` or `other_tasks.format.after` (a
@@ -50,6 +52,15 @@ __all__ = ["Hyper", "Dist", "Run", "Sweep", "load", "run_name", "cli_value", "SE
            "DEFAULTS"]
 
 SEED_KEY = "seed"
+# Axis keys `arg.NAME` set the base config's typed argument NAME (`configs/X.py:NAME=value`)
+# rather than a config field: for arguments that other fields are computed from (steps ->
+# warm-up, a PEFT method -> its whole `peft` section).
+ARG_PREFIX = "arg."
+# Axis keys `label.NAME` (from `h.variants`) name and group runs; they are not config fields.
+LABEL_PREFIX = "label."
+# The axis key `base` replaces the sweep's base config for a run (e.g. a KTO config beside
+# DPO ones); `config.overrides` must then hold for every base.
+BASE_KEY = "base"
 # The sweep config's fields and their defaults (docs/sweeps.md lists what each does).
 DEFAULTS = dict(
     name="",                # default: the sweep file's folder name
@@ -61,6 +72,9 @@ DEFAULTS = dict(
     dir="",                 # where runs live; default workdirs/sweeps/<name> under the root
     out="",                 # where results.md / results.json / plots go; default: the file's folder
     seed_key=SEED_KEY,      # the config key the seed axis sets
+    metrics_file="metrics.jsonl",  # a run's metrics file, relative to its workdir (curve:
+                                   # paths, pruning, loss curves); the quickstart's is
+                                   # "finetune/metrics.jsonl"
 )
 _RUN_NAME_OK = re.compile(r"^[A-Za-z0-9_.,=+\-]+$")
 
@@ -146,6 +160,19 @@ class Hyper:
         return [{self.seed_key: v} for v in values]
 
     @staticmethod
+    def variants(name: str, options: Mapping[str, Mapping[str, Any]]) -> list[dict]:
+        """Named bundles of settings: `h.variants("variant", {"rslora": {"peft.rslora": True},
+        "loraplus": {"optimizer.param_groups": ((".*/b", 16.0),)}})`. The label (key
+        `label.<name>`) names and groups the runs and is not a config field; keys a label
+        determines stay out of run names. Keys one variant sets and another does not keep the
+        base config's value in the other."""
+        out = []
+        for label, settings in options.items():
+            out.append({f"{LABEL_PREFIX}{name}": str(label),
+                        **{_key(k): v for k, v in settings.items()}})
+        return out
+
+    @staticmethod
     def uniform(low: float, high: float) -> Dist:
         return Dist("uniform", float(low), float(high))
 
@@ -182,6 +209,15 @@ def fmt_value(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return "+".join(fmt_value(x) for x in v)
     return str(v)
+
+
+def fmt_arg(v: Any) -> str:
+    """A value inside a config's argument string (`file.py:k=v,...`): no commas allowed."""
+    text = cli_value(v)
+    if "," in text:
+        raise ValueError(f"config argument value {text!r} contains a comma; set that field "
+                         "with a config key instead of an arg.NAME axis")
+    return text
 
 
 def cli_value(v: Any) -> str:
@@ -235,7 +271,18 @@ class Run:
 
     def overrides(self, base_overrides: Sequence[str] = ()) -> list[str]:
         return ([f"--config.{o.strip()}" for o in base_overrides]
-                + [f"--config.{k}={cli_value(v)}" for k, v in self.values.items()])
+                + [f"--config.{k}={cli_value(v)}" for k, v in self.values.items()
+                   if not k.startswith((ARG_PREFIX, LABEL_PREFIX)) and k != BASE_KEY])
+
+    def config_spec(self, base: str) -> str:
+        """`base` with this run's `arg.NAME` values added to its typed arguments
+        (`configs/quickstart.py:peft=lora` + arg.steps=400 -> `...:peft=lora,steps=400`)."""
+        base = str(self.values.get(BASE_KEY, base))
+        args = [f"{k[len(ARG_PREFIX):]}={fmt_arg(v)}" for k, v in self.values.items()
+                if k.startswith(ARG_PREFIX)]
+        if not args:
+            return base
+        return base + ("," if ".py:" in base else ":") + ",".join(args)
 
     def to_json(self) -> dict:
         return {"name": self.name, "stage": self.stage, "values": self.values}
@@ -249,9 +296,23 @@ def make_runs(points: Sequence[Mapping[str, Any]], *, stage: str = "",
         for k in p:
             if k not in keys:
                 keys.append(k)
-    # A key with a single value across the sweep does not need to be in the name.
+    # A key with a single value across the sweep does not need to be in the name, nor one
+    # whose value the `label.*` keys determine.
+    labels = [k for k in keys if k.startswith(LABEL_PREFIX)]
+
+    def explained(k: str) -> bool:
+        if not labels or k in labels or k == seed_key:
+            return False
+        seen: dict = {}
+        for p in points:
+            lab = tuple(repr(p.get(x)) for x in labels)
+            if seen.setdefault(lab, repr(p.get(k))) != repr(p.get(k)):
+                return False
+        return True
+
     varying = [k for k in keys
-               if len({repr(p.get(k)) for p in points}) > 1 or k == seed_key]
+               if (len({repr(p.get(k)) for p in points}) > 1 or k == seed_key)
+               and not explained(k)]
     shorts = short_keys(varying)
     runs, seen = [], {}
     for p in points:
