@@ -107,6 +107,26 @@ def test_median_rule():
     assert not search.MedianRule(history[:2], "max", 0, 3)(10, -1.0)  # too few trials yet
 
 
+def test_choose_breaks_ties_and_names_missing_groups():
+    from ftjax.sweep import protocol
+
+    def row(method, lr, seed, em, loss, status="finished"):
+        return {"name": f"{method}{lr}{seed}", "stage": "select", "seed": seed, "status": status,
+                "params": {"m": method, "lr": lr}, "metrics": {"em": em, "loss": loss}}
+    rows = [row("a", 1, 0, 1.0, 0.5), row("a", 1, 1, 1.0, 0.7),   # mean em 1.0, loss 0.6
+            row("a", 2, 0, 1.0, 0.1), row("a", 2, 1, 1.0, 0.3),   # mean em 1.0, loss 0.2
+            row("a", 3, 0, 0.5, 0.0), row("a", 3, 1, float("nan"), 0.0),
+            row("b", 1, 0, 0.2, 1.0), row("b", 2, 0, 0.4, 2.0),
+            row("b", 3, 0, 0.9, 0.0, status="failed")]
+    best = {b["params"]["m"]: b["params"]["lr"]
+            for b in protocol.choose(rows, "em", "max", ["m"], "loss", "min")}
+    assert best == {"a": 2, "b": 2}     # a: tie on em, lower loss wins; b: failed run ignored
+    best = {b["params"]["m"]: b["params"]["lr"] for b in protocol.choose(rows, "em", "max", ["m"])}
+    assert best == {"a": 1, "b": 2}     # no tie-break: sweep order
+    with pytest.raises(ValueError, match="m='c'"):
+        protocol.choose(rows + [row("c", 1, 0, 0.1, 0.1, status="failed")], "em", "max", ["m"])
+
+
 # ---------------------------------------------------------------------------------------------
 # A select -> final sweep, run for real (4 select runs, 2 final runs)
 

@@ -38,20 +38,22 @@ def get_config():
     c.overrides = ("train.progress=False", "train.tensorboard=False", "data.val_frac=0.1",
                    "data.score_test=False", "data.eval_examples=100",
                    "data.other_eval_examples=100")
-    c.metrics = {"val_em": "val_exact_match_after", "test_em": "exact_match_after",
-                 "format_after": "other_tasks.format.after",
-                 "reverse_after": "other_tasks.reverse.after",
-                 "trainable": "trainable_params", "step_s": "step_time_median_s",
-                 "wall_s": "record.wall_s"}
+    c.metrics = (("test_em", "exact_match_after"), ("val_em", "val_exact_match_after"),
+                 ("val_loss", "final_eval_loss"),  # the in-training eval split: validation
+                 ("format_after", "other_tasks.format.after"),
+                 ("reverse_after", "other_tasks.reverse.after"),
+                 ("trainable", "trainable_params"), ("step_s", "step_time_median_s"),
+                 ("wall_s", "record.wall_s"))
     c.select = dict(objective="val_em", direction="max", group_by=("arg.peft",),
-                    seeds=(0, 1, 2), overrides=("data.score_test=True",))
+                    seeds=(0, 1, 2), overrides=("data.score_test=True",),
+                    tiebreak="val_loss", tiebreak_direction="min")
     c.analysis = dict(
         title="PEFT methods on the quickstart task (learning rate chosen on validation)",
         description=("Quickstart base fine-tuned on the unseen `dmy2iso` task; test exact match "
                      "on 200 held-out prompts, forgetting as exact match on two pretraining "
                      "tasks (100 prompts each) after fine-tuning. 2-core CPU; step times are "
                      "wall-clock medians with two runs sharing the machine."),
-        fmt={"val_em": "pct", "test_em": "pct", "format_after": "pct", "reverse_after": "pct",
+        fmt={"val_loss": ".4f", "val_em": "pct", "test_em": "pct", "format_after": "pct", "reverse_after": "pct",
              "trainable": ".0f", "step_s": ".3f", "wall_s": ".0f"},
         plots=(dict(axis="arg.peft", metric="test_em", file="test_em_by_method.png"),),
         curves=dict(split="finetune", key="loss"),

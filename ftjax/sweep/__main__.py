@@ -36,7 +36,8 @@ def _stage_runs(sweep, stage: str):
         if has_select:
             sec = protocol.select_section(sweep)
             rows = collect.collect(sweep, sweep.runs)
-            chosen = protocol.choose(rows, sec["objective"], sec["direction"], sec["group_by"])
+            chosen = protocol.choose(rows, sec["objective"], sec["direction"], sec["group_by"],
+                                     sec["tiebreak"], sec["tiebreak_direction"])
             return protocol.final_runs(sweep, chosen, sec["seeds"]), tuple(sec["overrides"])
         if has_search:
             sec = search.search_section(sweep)

@@ -93,7 +93,7 @@ def row_of(sweep: spec_lib.Sweep, run: spec_lib.Run) -> dict:
     else:
         status = str(record.get("status"))
     metrics = {}
-    for name, path in dict(sweep.config.metrics).items():
+    for name, path in sweep.metrics.items():
         v = (metric_value(str(path), summary, record, wd, str(sweep.config.metrics_file))
              if record else None)
         if v is not None:

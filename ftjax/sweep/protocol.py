@@ -11,13 +11,15 @@ A sweep with a `select` section runs in two stages:
           that ever look at the test split.
 
     c.select = dict(objective="val_em", direction="max", group_by=("peft.method",),
-                    seeds=(0, 1, 2), overrides=("data.score_test=True",))
+                    seeds=(0, 1, 2), overrides=("data.score_test=True",),
+                    tiebreak="val_loss", tiebreak_direction="min")
 
 `search` (ftjax/sweep/search.py) ends the same way: its best trial's values become the
 final stage.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 from ftjax.sweep import analysis
@@ -26,7 +28,7 @@ from ftjax.sweep import spec as spec_lib
 __all__ = ["SELECT_DEFAULTS", "select_section", "choose", "final_runs"]
 
 SELECT_DEFAULTS = dict(objective="", direction="max", group_by=(), seeds=(0, 1, 2),
-                       overrides=())
+                       overrides=(), tiebreak="", tiebreak_direction="min")
 
 
 def select_section(sweep: spec_lib.Sweep) -> dict:
@@ -37,21 +39,42 @@ def select_section(sweep: spec_lib.Sweep) -> dict:
         raise ValueError(f"{sweep.path}: unknown select field(s) {sorted(unknown)}; known: "
                          f"{sorted(SELECT_DEFAULTS)}")
     sec = {**SELECT_DEFAULTS, **raw}
-    if sec["objective"] not in dict(sweep.config.metrics):
+    if sec["objective"] not in sweep.metrics:
         raise ValueError(f"{sweep.path}: select.objective {sec['objective']!r} is not one of "
-                         f"config.metrics {sorted(dict(sweep.config.metrics))}")
-    if sec["direction"] not in ("max", "min"):
-        raise ValueError(f"{sweep.path}: select.direction must be 'max' or 'min'")
+                         f"config.metrics {sorted(sweep.metrics)}")
+    for k in ("direction", "tiebreak_direction"):
+        if sec[k] not in ("max", "min"):
+            raise ValueError(f"{sweep.path}: select.{k} must be 'max' or 'min'")
+    if sec["tiebreak"] and sec["tiebreak"] not in sweep.metrics:
+        raise ValueError(f"{sweep.path}: select.tiebreak {sec['tiebreak']!r} is not one of "
+                         f"config.metrics {sorted(sweep.metrics)}")
     sec["group_by"] = tuple(spec_lib._key(k) for k in sec["group_by"])  # pylint: disable=protected-access
     return sec
 
 
-def choose(rows: Sequence[dict], objective: str, direction: str,
-           group_by: Sequence[str]) -> list[dict]:
-    """The best params per group (mean objective over seeds) among finished rows; raises when
-    a group has no finished run, naming it."""
-    groups = analysis.aggregate([r for r in rows if r["status"] == "finished"], [objective])
-    best = analysis.best_per_group(groups, list(group_by), objective, direction)
+def choose(rows: Sequence[dict], objective: str, direction: str, group_by: Sequence[str],
+           tiebreak: str = "", tiebreak_direction: str = "min") -> list[dict]:
+    """The best params per group among finished rows: the best mean `objective` over seeds,
+    ties (e.g. several settings at 100% validation exact match) broken by the mean
+    `tiebreak`, then by sweep order. Raises when a group has no finished run, naming it."""
+    metrics = [objective] + ([tiebreak] if tiebreak else [])
+    groups = analysis.aggregate([r for r in rows if r["status"] == "finished"], metrics)
+
+    def signed(g: dict, metric: str, how: str) -> float:
+        m = g["stats"].get(metric, {}).get("mean", math.nan)
+        return -math.inf if not math.isfinite(m) else (m if how == "max" else -m)
+
+    parts: dict[tuple, list[dict]] = {}
+    for g in groups:
+        parts.setdefault(tuple(repr(g["params"].get(k)) for k in group_by), []).append(g)
+    best = []
+    for gs in parts.values():
+        win = max(gs, key=lambda g: (signed(g, objective, direction),
+                                     signed(g, tiebreak, tiebreak_direction) if tiebreak else 0))
+        if signed(win, objective, direction) == -math.inf:
+            continue
+        best.append({**win, "partition": {k: win["params"].get(k) for k in group_by},
+                     "objective": objective, "direction": direction})
     wanted = {tuple((k, repr(r["params"].get(k))) for k in group_by) for r in rows}
     got = {tuple((k, repr(g["params"].get(k))) for k in group_by) for g in best}
     missing = wanted - got

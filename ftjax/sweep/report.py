@@ -20,6 +20,7 @@ devices, package versions and total wall/CPU time are summarised.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Callable
 
@@ -51,6 +52,13 @@ def _section(sweep) -> dict:
     sec["fmt"] = dict(sec["fmt"])
     sec["columns"] = tuple(spec_lib._key(k) for k in sec["columns"])  # pylint: disable=protected-access
     return sec
+
+
+def _present(metrics: list[str], groups: list[dict]) -> list[str]:
+    """The metrics some group has a value of (a select table has no test columns)."""
+    keep = [m for m in metrics
+            if any(math.isfinite(g["stats"].get(m, {}).get("mean", math.nan)) for g in groups)]
+    return keep or metrics
 
 
 def _provenance(rows: list[dict], sweep) -> list[str]:
@@ -94,7 +102,7 @@ def write(sweep: spec_lib.Sweep, stage_runs: Callable[[Any, str], tuple], *,
     out = out or str(sweep.config.out)
     os.makedirs(out, exist_ok=True)
     sec = _section(sweep)
-    metrics = list(dict(sweep.config.metrics))
+    metrics = list(sweep.metrics)
     extra_md: list[str] = []
     stages: dict[str, list[dict]] = {}
     if "search" in sweep.config:
@@ -123,13 +131,19 @@ def write(sweep: spec_lib.Sweep, stage_runs: Callable[[Any, str], tuple], *,
         from ftjax.sweep import protocol  # pylint: disable=import-outside-toplevel
         psec = protocol.select_section(sweep)
         sel_groups = analysis.aggregate(stages["select"], metrics)
-        sel_best = analysis.best_per_group(sel_groups, list(psec["group_by"]),
-                                           psec["objective"], psec["direction"])
+        try:
+            sel_best = protocol.choose(stages["select"], psec["objective"], psec["direction"],
+                                       psec["group_by"], psec["tiebreak"],
+                                       psec["tiebreak_direction"])
+        except ValueError:
+            sel_best = None  # not every group has a finished run yet
+        tie = (f", ties broken by the mean {psec['tiebreak']} ({psec['tiebreak_direction']})"
+               if psec["tiebreak"] else "")
         extra_md += [analysis.results_markdown(
-            sel_groups, metrics, title="Selection on the validation split",
+            sel_groups, _present(metrics, sel_groups), title="Selection on the validation split",
             description=(f"Stage `select`: every run scores the validation split only; the "
                          f"bold row of each {', '.join(psec['group_by']) or 'sweep'} group has "
-                         f"the best mean {psec['objective']} and is re-run with seeds "
+                         f"the best mean {psec['objective']}{tie} and is re-run with seeds "
                          f"{tuple(psec['seeds'])} in the final stage above."),
             best=sel_best, fmt=sec["fmt"], rows=stages["select"]).replace(
                 "# Selection", "## Selection", 1)]
@@ -138,7 +152,7 @@ def write(sweep: spec_lib.Sweep, stage_runs: Callable[[Any, str], tuple], *,
     best = (analysis.best_per_group(groups, list(sec["group_by"]), sec["objective"],
                                     sec["direction"]) if sec["objective"] else None)
     title = sec["title"] or f"Sweep {sweep.name}"
-    md = analysis.results_markdown(groups, metrics, title=title,
+    md = analysis.results_markdown(groups, _present(metrics, groups), title=title,
                                    description=sec["description"], best=best,
                                    fmt=sec["fmt"], rows=main_rows)
     written = []
@@ -180,6 +194,6 @@ def write(sweep: spec_lib.Sweep, stage_runs: Callable[[Any, str], tuple], *,
     with open(json_path, "w", encoding="utf-8") as f:
         json.dump({"sweep": sweep.name, "base": sweep.config.base,
                    "overrides": list(sweep.config.overrides),
-                   "metrics": dict(sweep.config.metrics), "runs": rows_json}, f, indent=1,
+                   "metrics": sweep.metrics, "runs": rows_json}, f, indent=1,
                   sort_keys=True, default=str)
     return [md_path, json_path] + written

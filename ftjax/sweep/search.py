@@ -56,9 +56,9 @@ def search_section(sweep: spec_lib.Sweep) -> dict:
     sec = {**SEARCH_DEFAULTS, **raw}
     if sec["algorithm"] not in ("random", "tpe"):
         raise ValueError(f"search.algorithm must be 'random' or 'tpe', got {sec['algorithm']!r}")
-    if sec["objective"] not in dict(sweep.config.metrics):
+    if sec["objective"] not in sweep.metrics:
         raise ValueError(f"search.objective {sec['objective']!r} is not one of config.metrics "
-                         f"{sorted(dict(sweep.config.metrics))}")
+                         f"{sorted(sweep.metrics)}")
     for k in ("direction",) + (("prune_direction",) if sec["prune_direction"] else ()):
         if sec[k] not in ("max", "min"):
             raise ValueError(f"search.{k} must be 'max' or 'min', got {sec[k]!r}")

@@ -68,7 +68,8 @@ DEFAULTS = dict(
     description="",
     base="",                # the experiment: "configs/X.py[:args]"
     overrides=(),           # "key=value" strings applied to every run, before the axes
-    metrics={},             # name -> metric path (summary / record / curve)
+    metrics=None,           # name -> metric path (summary / record / curve); (name, path)
+                            # pairs keep their order in the report
     dir="",                 # where runs live; default workdirs/sweeps/<name> under the root
     out="",                 # where results.md / results.json / plots go; default: the file's folder
     seed_key=SEED_KEY,      # the config key the seed axis sets
@@ -336,6 +337,20 @@ class Sweep:
     @property
     def name(self) -> str:
         return str(self.config.name)
+
+    @property
+    def metrics(self) -> dict[str, str]:
+        """Metric name -> path, in the file's order when given as (name, path) pairs (a
+        ConfigDict sorts a dict's keys)."""
+        m = self.config.metrics or {}
+        pairs = m.items() if hasattr(m, "items") else m
+        out = {}
+        for pair in pairs:
+            if len(pair) != 2:
+                raise ValueError(f"{self.path}: config.metrics must be a dict or (name, path) "
+                                 f"pairs, got {pair!r}")
+            out[str(pair[0])] = str(pair[1])
+        return out
 
     def space(self, h: Optional[Hyper] = None) -> dict[str, Dist]:
         """The search space (`get_space(h)` of the file), keys normalised."""
