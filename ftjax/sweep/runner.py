@@ -126,6 +126,13 @@ def _move_stale(sweep: spec_lib.Sweep, workdir: str, name: str) -> str:
     return str(dest)
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default, so the run's Python turns it
+    into KeyboardInterrupt (and records "interrupted") even when the runner itself was
+    started with SIGINT ignored (a background job, a pytest-xdist worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _watch(workdir: str, metrics_file: str, split: str, key: str, pruner: Pruner,
            proc: subprocess.Popen, verdict: dict, stop: threading.Event, poll_s: float) -> None:
     """Reads new `metrics.jsonl` rows of `split` with `key` and asks `pruner` about each."""
@@ -182,7 +189,8 @@ def run_one(sweep: spec_lib.Sweep, run: spec_lib.Run, *, extra: Sequence[str] = 
         log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                cwd=spec_lib._root(), env=env)  # pylint: disable=protected-access
+                                cwd=spec_lib._root(), env=env,  # pylint: disable=protected-access
+                                preexec_fn=_default_sigint)
         stop = threading.Event()
         watcher = None
         if pruner is not None and prune_metric:
