@@ -55,8 +55,8 @@ def get_config():
                      "wall-clock medians with two runs sharing the machine."),
         fmt={"val_loss": ".4f", "val_em": "pct", "test_em": "pct", "format_after": "pct", "reverse_after": "pct",
              "trainable": ".0f", "step_s": ".3f", "wall_s": ".0f"},
-        plots=(dict(axis="arg.peft", metric="test_em", file="test_em_by_method.png"),),
-        curves=dict(split="finetune", key="loss"),
+        plots=(dict(axis="arg.peft", metric="test_em", series_by=(), file="test_em_by_method.png"),),
+        curves=dict(split="finetune", key="loss", label_by=("arg.peft",)),
     )
     return c
 

@@ -8,7 +8,8 @@ The sweep config's `analysis` section says what to show:
         objective="em", direction="max",   # a config.metrics name
         fmt={"em": "pct"},                 # per-metric cell format
         plots=(dict(axis="peft.rank", metric="em", series_by=("peft.alpha",)),),
-        curves=dict(split="finetune", key="loss"),   # loss curves per run (metrics.jsonl)
+        curves=dict(split="finetune", key="loss",    # loss curves per run (metrics.jsonl),
+                    label_by=("label.variant",)),   # legend by these params
         columns=("label.variant", "peft.rank"),     # params shown (default: every axis)
     )
 
@@ -171,7 +172,9 @@ def write(sweep: spec_lib.Sweep, stage_runs: Callable[[Any, str], tuple], *,
         c = dict(sec["curves"])
         c.setdefault("metrics_file", str(sweep.config.metrics_file))
         name = c.pop("file", "loss_curves.png")
-        _, n = analysis.plot_loss_curves(main_rows, os.path.join(out, name), **c)
+        label_by = tuple(spec_lib._key(k) for k in c.pop("label_by", ()))  # pylint: disable=protected-access
+        _, n = analysis.plot_loss_curves(_view(main_rows, label_by), os.path.join(out, name),
+                                         **c)
         written.append(os.path.join(out, name))
         plot_lines.append(f"![{name}]({name}) ({n} runs)")
     doc = [md.rstrip(), ""]
