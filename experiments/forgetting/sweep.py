@@ -19,11 +19,11 @@ def get_config():
     c.metrics_file = "finetune/metrics.jsonl"
     c.overrides = ("train.progress=False", "train.tensorboard=False", "data.eval_examples=100",
                    "data.other_eval_examples=100")
-    c.metrics = {"new_task_em": "exact_match_after",
-                 "format_before": "other_tasks.format.before",
-                 "format_after": "other_tasks.format.after",
-                 "reverse_before": "other_tasks.reverse.before",
-                 "reverse_after": "other_tasks.reverse.after"}
+    c.metrics = (("new_task_em", "exact_match_after"),
+                 ("format_before", "other_tasks.format.before"),
+                 ("format_after", "other_tasks.format.after"),
+                 ("reverse_before", "other_tasks.reverse.before"),
+                 ("reverse_after", "other_tasks.reverse.after"))
     c.analysis = dict(
         title="Forgetting after 300 steps on a new task: full vs LoRA vs HFT vs replay",
         description=("Exact match on the new task `dmy2iso` (100 held-out prompts) and on two "
