@@ -17,9 +17,9 @@ def get_config():
     c.name = "preference"
     c.base = "configs/dpo_synthetic.py"
     c.overrides = ("train.progress=False", "train.tensorboard=False")
-    c.metrics = {"logps_acc": "after.eval_logps_accuracy", "em": "after.exact_match",
-                 "reward_acc": "after.eval_accuracy", "logps_acc_before":
-                 "before.eval_logps_accuracy"}
+    c.metrics = (("logps_acc", "after.eval_logps_accuracy"), ("em", "after.exact_match"),
+                 ("reward_acc", "after.eval_accuracy"),
+                 ("logps_acc_before", "before.eval_logps_accuracy"))
     c.analysis = dict(
         title="Preference objectives on synthetic pairs (quickstart base, LoRA, 200 steps)",
         description=("`logps_acc`: held-out pairs where log p(chosen) > log p(rejected) under "
