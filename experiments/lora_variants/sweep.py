@@ -24,8 +24,8 @@ def get_config():
     c.metrics_file = "finetune/metrics.jsonl"
     c.overrides = ("train.progress=False", "train.tensorboard=False", "data.eval_examples=100",
                    "data.other_eval_examples=50", "optimizer.learning_rate=0.002")
-    c.metrics = {"em": "exact_match_after", "eval_loss": "final_eval_loss",
-                 "format_after": "other_tasks.format.after"}
+    c.metrics = (("em", "exact_match_after"), ("eval_loss", "final_eval_loss"),
+                 ("format_after", "other_tasks.format.after"))
     c.analysis = dict(
         title="LoRA rank x alpha x variant (quickstart task, 100 steps, lr 2e-3)",
         description=("Held-out exact match (100 prompts) and final held-out loss after 100 "
@@ -39,7 +39,7 @@ def get_config():
                     file="eval_loss_vs_rank.png"),
                dict(axis="peft.alpha", metric="eval_loss", series_by=("label.variant",),
                     file="eval_loss_vs_alpha.png")),
-        curves=dict(split="finetune", key="loss"),
+        curves=dict(split="finetune", key="loss", label_by=("label.variant",)),
     )
     return c
 
