@@ -50,7 +50,8 @@ def _median_step_time(history: Sequence[dict], tokens_per_step: int) -> Optional
 
 
 
-def _print_report(task: str, results: dict, samples: list[dict], base_desc: str) -> None:
+def _print_report(task: str, results: dict, samples: list[dict], base_desc: str,
+                  split: str = "held-out") -> None:
     """The final table (task, n, exact match before/after) and the sample generations."""
     rows = [(t if t.startswith(task) and t != task else
              f"{t} ({'fine-tuned' if t == task else 'pretraining, forgetting check'})", r["n"],
@@ -65,7 +66,7 @@ def _print_report(task: str, results: dict, samples: list[dict], base_desc: str)
     for name, count, before, after in rows:
         print(f"{name:<{w}}{count:>6}{before:>11.1%}{after:>11.1%}")
     print(line)
-    print(f"\nSample generations on held-out {task!r} prompts:")
+    print(f"\nSample generations on {split} {task!r} prompts:")
     pw = max(len(s["prompt"]) for s in samples) + 2
     aw = max(max(len(s["before"]), len(s["after"]), len(s["answer"])) for s in samples) + 2
     aw = min(aw, 24)
@@ -173,7 +174,8 @@ def run(cfg: Any, workdir: str) -> dict:
                  else base_path,
                  "cached": f"pretrained earlier in this workdir ({base_path})",
                  "pretrained": f"pretrained in this run ({base_path})"}[source]
-    _print_report(task, results, samples, base_desc)
+    _print_report(task, results, samples, base_desc,
+                  "held-out" if score_test else "validation")
 
     train_label = "train loss" + (f" ({float(d.get('replay_frac', 0.0)):.0%} replay)" if replay else "")
     curves = plots.read_curves(wd.path(run.workdir, "metrics.jsonl"),
