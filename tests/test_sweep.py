@@ -4,6 +4,7 @@ and the report, on tiny real runs of `configs/sft_synthetic.py`."""
 import json
 import os
 import pathlib
+import re
 import textwrap
 
 import pytest
@@ -200,7 +201,10 @@ def test_rerun_skips_finished_and_report(ran, capsys):
             before[r.name]["attempts"]
     md = (out_dir / "results.md").read_text()
     assert "±" in md and "Selection on the validation split" in md and "Provenance" in md
-    assert "train.steps=4" not in md or "learning_rate" in md
+    # The main table is the final stage (test scored), the selection table the select stage.
+    main_table = md.split("## Selection")[0]
+    assert re.search(r"^\| (\*\*)?final(\*\*)? \|", main_table, re.M)
+    assert not re.search(r"^\| (\*\*)?select(\*\*)? \|", main_table, re.M)
     data = json.loads((out_dir / "results.json").read_text())
     assert len(data["runs"]) == 6 and {r["stage"] for r in data["runs"]} == {"select", "final"}
     assert all(r["record"]["config_hash"] for r in data["runs"])

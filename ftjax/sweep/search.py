@@ -130,7 +130,7 @@ def _curve_of(sweep, run, sec) -> dict[int, float]:
                                                         str(sweep.config.metrics_file))}
 
 
-def _random(sweep: spec_lib.Sweep, sec: dict, procs: int, quiet: bool) -> list[dict]:
+def _random(sweep: spec_lib.Sweep, sec: dict, procs: int, quiet: bool) -> None:
     space = sweep.space()
     base = _base_point(sweep)
     state_path = workdir_lib.path(str(sweep.config.dir), "search.json")
@@ -176,8 +176,6 @@ def _random(sweep: spec_lib.Sweep, sec: dict, procs: int, quiet: bool) -> list[d
     else:
         for i in todo:
             one(i)
-    return [dict(number=int(k), **v) for k, v in sorted(state["trials"].items(),
-                                                        key=lambda kv: int(kv[0]))]
 
 
 def _suggest(trial, key: str, d: spec_lib.Dist) -> Any:
@@ -190,7 +188,7 @@ def _suggest(trial, key: str, d: spec_lib.Dist) -> Any:
     return trial.suggest_categorical(key, list(d.values))
 
 
-def _tpe(sweep: spec_lib.Sweep, sec: dict, procs: int, quiet: bool) -> list[dict]:
+def _tpe(sweep: spec_lib.Sweep, sec: dict, procs: int, quiet: bool) -> None:
     try:
         import optuna  # pylint: disable=import-outside-toplevel
     except ImportError:
@@ -252,15 +250,6 @@ def _tpe(sweep: spec_lib.Sweep, sec: dict, procs: int, quiet: bool) -> list[dict
         t.start()
     for t in threads:
         t.join()
-    trials = []
-    for t in study.get_trials(deepcopy=False):
-        if t.state in (states.FAIL,) and "run" not in t.user_attrs:
-            continue
-        name = t.user_attrs.get("run", f"trial-{t.number:03d}")
-        trials.append({"number": t.number, "name": name, "values": {**base, **t.params},
-                       "status": {states.COMPLETE: "finished", states.PRUNED: "pruned"}.get(
-                           t.state, "failed"), "value": t.value})
-    return trials
 
 
 def run_search(sweep: spec_lib.Sweep, *, procs: int = 1, quiet: bool = False) -> list[dict]:
@@ -268,17 +257,18 @@ def run_search(sweep: spec_lib.Sweep, *, procs: int = 1, quiet: bool = False) ->
     (`number, name, values, status, value`)."""
     sec = search_section(sweep)
     fn = _tpe if sec["algorithm"] == "tpe" else _random
-    return fn(sweep, sec, procs, quiet)
+    fn(sweep, sec, procs, quiet)
+    return recorded_trials(sweep)
 
 
 def recorded_trials(sweep: spec_lib.Sweep) -> list[dict]:
     """The search's trials as recorded (without running anything)."""
     sec = search_section(sweep)
     if sec["algorithm"] == "random":
-        p = os.path.join(str(sweep.config.dir), "search.json")
-        if not os.path.exists(p):
+        path = workdir_lib.path(str(sweep.config.dir), "search.json")
+        if not path.exists():
             return []
-        state = json.load(open(p))
+        state = json.loads(path.read_text())
         return [dict(number=int(k), **v) for k, v in sorted(state["trials"].items(),
                                                             key=lambda kv: int(kv[0]))]
     import optuna  # pylint: disable=import-outside-toplevel
@@ -288,7 +278,7 @@ def recorded_trials(sweep: spec_lib.Sweep) -> list[dict]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=sweep.name, storage=f"sqlite:///{os.path.abspath(db)}")
     states = optuna.trial.TrialState
-    base = dict(sweep.runs[0].values) if len(sweep.runs) == 1 else {}
+    base = _base_point(sweep)
     return [{"number": t.number, "name": t.user_attrs.get("run", f"trial-{t.number:03d}"),
              "values": {**base, **t.params},
              "status": {states.COMPLETE: "finished", states.PRUNED: "pruned"}.get(t.state,

@@ -112,8 +112,6 @@ class Dist:
 class Hyper:
     """The axis builders a sweep file's `get_sweep(h)` (and `get_space(h)`) receives."""
 
-    SEED = SEED_KEY
-
     def __init__(self, seed_key: str = SEED_KEY):
         self.seed_key = seed_key
 
