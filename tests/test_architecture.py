@@ -13,7 +13,7 @@ ALLOWED = {
     "sharding": {"models"},
     "data": {"workdir"},
     "eval": {"models", "data", "infer", "sharding", "io", "monitor", "workdir", "paths"},
-    "infer": {"models", "data"},
+    "infer": {"models", "data", "peft"},   # peft: the adapter bank's per-row LoRA selection
     "align": {"models", "peft", "data", "sharding", "workdir"},
     "io": {"models", "peft", "workdir"},
     "train": {"models", "peft", "sharding", "data", "io", "eval", "infer", "monitor", "workdir",

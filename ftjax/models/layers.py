@@ -70,13 +70,16 @@ def attention_mask(q_slots: jax.Array, k_slots: jax.Array, q_seg: jax.Array, k_s
     """Boolean mask [B, 1, T, S]: causal over slots, same segment, within the sliding window.
 
     Slots are indices in the (cached) sequence; segment ids separate packed documents and mark
-    padding (id 0 only matches padding, so real tokens never attend to it).
+    padding (id 0 only matches padding, so real tokens never attend to it). q_slots is [T], or
+    [B, T] when each row sits at its own cache offset (a per-row cache index, for continuous
+    batching).
     """
-    causal = k_slots[None, :] <= q_slots[:, None]                        # [T, S]
+    q = q_slots if q_slots.ndim == 2 else q_slots[None]                   # [1 or B, T]
+    causal = k_slots[None, None, :] <= q[:, :, None]                      # [1 or B, T, S]
     if cfg.sliding_window is not None:
-        causal &= (q_slots[:, None] - k_slots[None, :]) < cfg.sliding_window
+        causal &= (q[:, :, None] - k_slots[None, None, :]) < cfg.sliding_window
     same_seg = q_seg[:, :, None] == k_seg[:, None, :]                     # [B, T, S]
-    return (causal[None] & same_seg)[:, None]
+    return (causal & same_seg)[:, None]
 
 
 def mask_bias(mask: jax.Array) -> jax.Array:
@@ -84,6 +87,16 @@ def mask_bias(mask: jax.Array) -> jax.Array:
 
     Built once per forward and added to the scores of every layer (cheaper than a select)."""
     return jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
+def write_cache(buf: jax.Array, x: jax.Array, index) -> jax.Array:
+    """buf [B, S, ...] with x [B, T, ...] written at slot `index`: a scalar (every row at the
+    same offset) or [B] (each row at its own offset)."""
+    x = x.astype(buf.dtype)
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(buf, x, (0, index) + (0,) * (buf.ndim - 2))
+    return jax.vmap(lambda b, v, i: jax.lax.dynamic_update_slice(
+        b, v, (i,) + (0,) * (b.ndim - 1)))(buf, x, index)
 
 
 def attention(p: Params, x: jax.Array, positions: jax.Array, mask: jax.Array,
@@ -114,10 +127,8 @@ def attention(p: Params, x: jax.Array, positions: jax.Array, mask: jax.Array,
 
     new_cache = None
     if cache is not None:
-        k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype),
-                                             (0, cache_index, 0, 0))
-        v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype),
-                                             (0, cache_index, 0, 0))
+        k_all = write_cache(cache["k"], k, cache_index)
+        v_all = write_cache(cache["v"], v, cache_index)
         new_cache = {"k": k_all, "v": v_all}
         k, v = k_all.astype(dt), v_all.astype(dt)
 

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
+import numpy as np
 
 from ftjax.models import layers, moe
 from ftjax.models.config import ModelConfig
@@ -161,13 +162,17 @@ def unstack_layers(params: Params, cache: Optional[dict], cfg: ModelConfig
     return {**params, "layers": split}, out_cache
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
-    """An empty KV cache for `max_len` slots: per-layer k/v, slot segment ids, fill index."""
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *,
+               per_row: bool = False) -> dict:
+    """An empty KV cache for `max_len` slots: per-layer k/v, slot segment ids, fill index.
+
+    per_row: the fill index is [batch] (each row writes at its own offset, as a continuous
+    batcher's decode slots do) instead of one scalar for all rows."""
     dtype = jnp.dtype(dtype or cfg.dtype)
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.dim_per_head)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
             "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
-            "index": jnp.zeros((), jnp.int32)}
+            "index": jnp.zeros((batch,) if per_row else (), jnp.int32)}
 
 
 _CP = jax.checkpoint_policies
@@ -204,8 +209,8 @@ def apply(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
 
     positions: [B, T] position of each token (defaults to 0..T-1, offset by the cache fill).
     segment_ids: [B, T]; tokens attend only within their segment; 0 marks padding.
-    cache: from `init_cache`; the new tokens are written at `cache["index"]` and the updated
-      cache is returned in aux["cache"].
+    cache: from `init_cache`; the new tokens are written at `cache["index"]` (a scalar, or [B]:
+      row b at its own offset) and the updated cache is returned in aux["cache"].
     aux also carries "hidden" (final normed hidden states) when `return_hidden`.
     compute_logits=False skips the LM head (logits None): for losses that fuse it
       (`train.losses.head_cross_entropy`), which then read aux["hidden"].
@@ -217,20 +222,22 @@ def apply(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
     b, t = tokens.shape
     dt = jnp.dtype(cfg.dtype)
     offset = cache["index"] if cache is not None else 0
+    # A per-row index [B] puts row b's new tokens at its own offset (continuous batching).
+    row_offset = offset[:, None] if jnp.ndim(offset) == 1 else offset
     if positions is None:
-        positions = jnp.broadcast_to(offset + jnp.arange(t, dtype=jnp.int32), (b, t))
+        positions = jnp.broadcast_to(row_offset + jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids is None:
         segment_ids = jnp.ones((b, t), jnp.int32)
 
     if cache is not None and not isinstance(offset, jax.core.Tracer):
-        if int(offset) + t > cache["segment_ids"].shape[1]:
-            raise ValueError(f"KV cache overflow: {int(offset)} filled + {t} new tokens > "
-                             f"{cache['segment_ids'].shape[1]} slots; make the cache larger "
-                             "(init_cache)")
-    q_slots = offset + jnp.arange(t, dtype=jnp.int32)
+        filled = int(np.max(np.asarray(offset)))   # numpy: jnp would trace under an outer jit
+        if filled + t > cache["segment_ids"].shape[1]:
+            raise ValueError(f"KV cache overflow: {filled} filled + {t} new "
+                             f"tokens > {cache['segment_ids'].shape[1]} slots; make the cache "
+                             "larger (init_cache)")
+    q_slots = row_offset + jnp.arange(t, dtype=jnp.int32)                 # [T] or [B, T]
     if cache is not None:
-        k_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32),
-                                             (0, offset))
+        k_seg = layers.write_cache(cache["segment_ids"], segment_ids.astype(jnp.int32), offset)
         k_slots = jnp.arange(k_seg.shape[1], dtype=jnp.int32)
     else:
         k_seg, k_slots = segment_ids, q_slots
@@ -241,8 +248,6 @@ def apply(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
         h = h * jnp.asarray(cfg.hidden_size ** 0.5, dt)
     if cfg.position == "learned":
         h = h + embed(positions, params["pos_embed"]["embedding"], dt)
-
-    valid = segment_ids != 0
 
     def body(h, xs):
         lp, layer_cache, layer_rng = xs
@@ -280,12 +285,7 @@ def apply(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
         new_kv, moe_stats = jax.tree.map(lambda *x: jnp.stack(x), *outs)
 
     h = layers.norm(params["final_norm"], h, cfg)
-    if not compute_logits:
-        logits = None
-    elif cfg.tie_embeddings:
-        logits = attend(h, params["embed"]["embedding"], dt)
-    else:
-        logits = linear(h, params["lm_head"]["kernel"], dt)
+    logits = logits_from_hidden(params, cfg, h) if compute_logits else None
     aux: dict[str, Any] = {}
     if cache is not None:
         aux["cache"] = {"k": new_kv["k"], "v": new_kv["v"], "segment_ids": k_seg,
@@ -294,4 +294,15 @@ def apply(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
         aux["hidden"] = h
     if moe_stats is not None:
         aux["moe"] = moe_stats
-    return (None if logits is None else logits.astype(jnp.float32)), aux
+    return logits, aux
+
+
+def logits_from_hidden(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
+    """The LM head: final normed hidden states [.., D] -> float32 logits [.., V]
+    (aux["hidden"] of `apply`, e.g. for the last prompt token only)."""
+    dt = jnp.dtype(cfg.dtype)
+    if cfg.tie_embeddings:
+        logits = attend(h, params["embed"]["embedding"], dt)
+    else:
+        logits = linear(h, params["lm_head"]["kernel"], dt)
+    return logits.astype(jnp.float32)
