@@ -20,6 +20,11 @@ Prompt formats:
   --prompt TEXT  raw text. HF tokenizers encode it with their special tokens (bos, as
                  `tokenizer(text)` does); CharTokenizer uses the synthetic-suite format
                  `[bos] prompt "\\n"` (`generate_text`).
+Quantized inference: --quant int8|nf4 quantizes the loaded float weights (weight-only, every
+dense projection kernel: `ftjax.io.quantized.quantize_for_inference`) before generating; a
+quantized file written by `ftjax.io.quantized.save_quantized` (or `python -m ftjax.io.quantized`)
+is accepted as --model as it is, without --quant (docs/quantized_inference.md).
+
 Generation stops at any of the tokenizer's eos ids (e.g. Llama 3's <|eot_id|> and
 <|end_of_text|>). Greedy when --temperature is 0. One completion per line; --json prints
 `{"prompt", "completion"}` objects instead.
@@ -42,7 +47,8 @@ PROMPT_BUCKET = 16  # prompt lengths are padded to a multiple of this (fewer rec
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True,
-                   help="HF checkpoint directory, or an ftjax params .safetensors file")
+                   help="HF checkpoint directory, or an ftjax params .safetensors file (float "
+                        "or quantized)")
     p.add_argument("--tokenizer", default=None,
                    help="HF tokenizer directory (default: the --model directory; CharTokenizer "
                         "for a params file)")
@@ -61,6 +67,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                    help="HF directories: parameter dtype to load (default float32)")
+    p.add_argument("--quant", default="none", choices=("none", "int8", "nf4"),
+                   help="weight-only quantization of the loaded float weights before "
+                        "generating (default none; a quantized --model file needs none)")
     p.add_argument("--json", action="store_true", help="print JSON lines")
     args = p.parse_args(argv)
     if not args.prompt and not args.chat:
@@ -73,8 +82,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def load_model_and_tokenizer(model: str, tokenizer: Optional[str] = None,
-                             dtype: Optional[str] = None):
-    """(cfg, params, tokenizer) for an HF directory or an ftjax params file."""
+                             dtype: Optional[str] = None, quant: str = "none"):
+    """(cfg, params, tokenizer) for an HF directory or an ftjax params file (float, or
+    quantized by `ftjax.io.quantized.save_quantized`); `quant` "int8"/"nf4" quantizes float
+    weights after loading."""
     from ftjax.data.hf_tokenizer import HFTokenizer
     from ftjax.data.tokenizer import CharTokenizer
 
@@ -92,6 +103,14 @@ def load_model_and_tokenizer(model: str, tokenizer: Optional[str] = None,
         raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model only "
                          f"{cfg.vocab_size} embeddings; use the tokenizer the model was "
                          "trained with (--tokenizer)")
+    if quant != "none":
+        from ftjax.io.quantized import quantize_for_inference, quantized_kind
+        have = quantized_kind(params)
+        if have is not None and have != quant:
+            raise ValueError(f"--model {model!r} is already quantized ({have}); leave --quant "
+                             "out, or quantize the float model instead")
+        if have is None:
+            params = quantize_for_inference(params, quant)
     return cfg, params, tok
 
 
@@ -162,7 +181,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[str]:
     from ftjax.data.chat import apply_chat_template
     from ftjax.data.hf_tokenizer import HFTokenizer
 
-    cfg, params, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype)
+    cfg, params, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype,
+                                                args.quant)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
     if args.chat:

@@ -54,6 +54,8 @@ def save_params(path: str, cfg: ModelConfig, params: dict, **metadata: Any) -> N
 def load_params(path: str, expected_cfg: ModelConfig | None = None, *,
                 check_only: bool = False) -> tuple[ModelConfig, dict | None]:
     """Reads a file written by `save_params`; checks every tensor against the config's shapes.
+    A quantized file (`ftjax.io.quantized.save_quantized`) is read by `load_quantized`: its
+    params hold Int8Weight/NF4Weight leaves.
 
     The header (config, tensor names and shapes, the file's size) is checked before any tensor
     is read; `check_only` stops there and returns `(cfg, None)`: seconds for any model size.
@@ -63,6 +65,9 @@ def load_params(path: str, expected_cfg: ModelConfig | None = None, *,
         raise FileNotFoundError(f"model file {path!r} does not exist")
     header = read_header(path, fix="re-download it, or re-export it with save_params")
     meta = header.metadata
+    if "ftjax_quantized" in meta:  # weight-only int8/NF4 file: its params are quantized leaves
+        from ftjax.io.quantized import load_quantized
+        return load_quantized(path, expected_cfg, check_only=check_only)
     if "ftjax_model_config" not in meta:
         raise ValueError(f"{path!r} has no 'ftjax_model_config' metadata; it was not written by "
                          "ftjax.io.params_file.save_params (for Hugging Face directories use "
