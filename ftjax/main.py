@@ -63,7 +63,12 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 def cli() -> None:
-    """The `ftjax` console script: configuration errors are one clear line and exit code 2."""
+    """The `ftjax` console script: configuration errors are one clear line and exit code 2.
+    `ftjax serve ...` runs the OpenAI-compatible server (`python -m ftjax.serve`)."""
+    if sys.argv[1:2] == ["serve"]:
+        from ftjax.serve.__main__ import main as serve_main
+        serve_main(sys.argv[2:])
+        return
     from ftjax import hostmem
     hostmem.reexec_tuned()  # CPU: reuse the step's host buffers (FTJAX_HOST_MALLOC=system: off)
     from ftjax import cli as cli_lib
