@@ -140,6 +140,9 @@ def test_metrics_hand_computed():
     assert np.isclose(m["macro_f1"], (0.8 + 0.5 + 2 / 3) / 3)
     assert m["support"] == [3, 2, 1]
     assert "macro P/R/F1" in format_metrics(m)
+    assert np.isclose(m["per_class"]["1"]["recall"], 0.5)
+    assert np.isclose(m["per_class"]["2"]["precision"], 0.5)
+    assert m["per_class"]["0"]["support"] == 3
 
 
 def test_confusion_matrix_is_labelled_by_class_name():

@@ -94,6 +94,13 @@ def classification_metrics(y_true: Sequence[int], scores: np.ndarray,
         "weighted_f1": float((prf["f1"] * prf["support"]).sum() / n),
         "macro_pr_auc": float(np.nanmean(ap)) if present.any() else float("nan"),
         "confusion_matrix": cm.tolist(),
+        # the same per-class values by class name (sweep metric paths such as
+        # `metrics.validation.per_class.swap.recall` read these)
+        "per_class": {str(name): {"precision": float(prf["precision"][k]),
+                                  "recall": float(prf["recall"][k]),
+                                  "f1": float(prf["f1"][k]),
+                                  "support": int(prf["support"][k])}
+                      for k, name in enumerate(names)},
     }
 
 

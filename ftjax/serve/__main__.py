@@ -1,4 +1,4 @@
-"""`python -m ftjax.serve` (or `ftjax-serve`): serve a model over the OpenAI API.
+"""`python -m ftjax.serve` (or `ftjax serve`): serve a model over the OpenAI API.
 
     python -m ftjax.serve --model /tmp/qs --port 8000
     python -m ftjax.serve --model HF_DIR --adapter math=ADAPTER_DIR --adapter chat=WORKDIR

@@ -71,7 +71,8 @@ DEFAULTS = dict(
     metrics=None,           # name -> metric path (summary / record / curve); (name, path)
                             # pairs keep their order in the report
     dir="",                 # where runs live; default workdirs/sweeps/<name> under the root
-    out="",                 # where results.md / results.json / plots go; default: the file's folder
+    out="",                 # where results.md / results.json / plots go; default: the file's
+                            # folder (a relative path is relative to it)
     seed_key=SEED_KEY,      # the config key the seed axis sets
     metrics_file="metrics.jsonl",  # a run's metrics file, relative to its workdir (curve:
                                    # paths, pruning, loss curves); the quickstart's is
@@ -416,6 +417,8 @@ def load(path: str) -> Sweep:
             raise ValueError(f"{path}: override {o!r} is not 'key=value'")
     if not full.out:
         full.out = os.path.dirname(path)
+    elif not os.path.isabs(full.out) and "://" not in full.out:
+        full.out = os.path.join(os.path.dirname(path), full.out)
     if not full.dir:
         full.dir = os.path.join(_root(), "workdirs", "sweeps", str(full.name))
     h = Hyper(str(full.seed_key))
