@@ -25,6 +25,9 @@ dense projection kernel: `ftjax.io.quantized.quantize_for_inference`) before gen
 quantized file written by `ftjax.io.quantized.save_quantized` (or `python -m ftjax.io.quantized`)
 is accepted as --model as it is, without --quant (docs/quantized_inference.md).
 
+Sharded generation: --mesh tensor=N places the params tensor-parallel on N devices first
+(`python -m ftjax.serve --mesh` places them the same way; docs/serving.md).
+
 Generation stops at any of the tokenizer's eos ids (e.g. Llama 3's <|eot_id|> and
 <|end_of_text|>). Greedy when --temperature is 0. One completion per line; --json prints
 `{"prompt", "completion"}` objects instead.
@@ -70,6 +73,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--quant", default="none", choices=("none", "int8", "nf4"),
                    help="weight-only quantization of the loaded float weights before "
                         "generating (default none; a quantized --model file needs none)")
+    p.add_argument("--mesh", default="", help="e.g. tensor=8: generate with the params "
+                   "sharded tensor-parallel over heads and MLP (default: one device)")
+    p.add_argument("--rule-overrides", default="", help="with --mesh, e.g. vocab=none")
     p.add_argument("--json", action="store_true", help="print JSON lines")
     args = p.parse_args(argv)
     if not args.prompt and not args.chat:
@@ -176,6 +182,22 @@ def generate_ids(params, cfg, tok, prompts: list[list[int]], *, max_new_tokens: 
     return results
 
 
+def place_on_mesh(cfg, params, mesh: str, rule_overrides: str = ""):
+    """Params sharded tensor-parallel (heads and MLP over "tensor") on the first
+    data x fsdp x tensor devices, as `python -m ftjax.serve --mesh` places them; generation
+    then runs sharded (each device holds its slice of every kernel)."""
+    import jax
+
+    from ftjax.evaluate import _placement
+    from ftjax.serve.__main__ import _mesh_layout
+    layout = _mesh_layout(mesh, rule_overrides)
+    n = int(layout.mesh.data) * int(layout.mesh.fsdp) * int(layout.mesh.tensor)
+    if n > jax.device_count():
+        raise ValueError(f"--mesh {mesh!r} needs {n} devices; this process sees "
+                         f"{jax.device_count()}")
+    return _placement(layout, cfg, params, jax.devices()[:n]).put_params(params)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> list[str]:
     args = parse_args(argv)
     from ftjax.data.chat import apply_chat_template
@@ -183,6 +205,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[str]:
 
     cfg, params, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype,
                                                 args.quant)
+    if args.mesh:
+        params = place_on_mesh(cfg, params, args.mesh, args.rule_overrides)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
     if args.chat:

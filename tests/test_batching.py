@@ -216,3 +216,24 @@ def test_engine_on_a_tensor_parallel_mesh_equals_one_device(params):
     many, _ = _run(BatchEngine(placed, cfg, eos_ids=[EOS], slots=4, max_len=32,
                                cache_sharding=cache_sh), prompts, sp)
     assert many == one
+
+
+def test_generate_script_on_a_tensor_parallel_mesh_equals_one_device():
+    """scripts/generate.py --mesh tensor=4: the quickstart base sharded over 4 devices gives
+    the completions of one device."""
+    import os
+    import sys
+    if len(jax.devices()) < 4:
+        pytest.skip("needs 4 devices (tests/conftest.py sets 8 fake CPU devices)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "scripts"))
+    import generate as script
+    base = os.path.join(root, "experiments", "quickstart_base", "model.safetensors")
+    argv = ["--model", base, "--prompt", "add 12 34", "--prompt", "reverse hello",
+            "--prompt", "sort 5 1 3", "--max-new-tokens", "16"]
+    cfg, params, _ = script.load_model_and_tokenizer(base)
+    placed = script.place_on_mesh(cfg, params, "tensor=4", "vocab=none")
+    q = placed["layers"]["mlp"]["up_proj"]["kernel"]
+    assert q.addressable_shards[0].data.shape[-1] == q.shape[-1] // 4
+    assert script.main(argv + ["--mesh", "tensor=4", "--rule-overrides", "vocab=none"]) == \
+        script.main(argv)
