@@ -237,3 +237,38 @@ def test_generate_script_on_a_tensor_parallel_mesh_equals_one_device():
     assert q.addressable_shards[0].data.shape[-1] == q.shape[-1] // 4
     assert script.main(argv + ["--mesh", "tensor=4", "--rule-overrides", "vocab=none"]) == \
         script.main(argv)
+
+
+def test_a_failing_callback_or_step_ends_requests_not_the_engine(params):
+    """A callback that raises ends its own request; a decode step that fails ends the running
+    and queued requests with "error"; the engine thread keeps serving."""
+    import threading
+    engine = BatchEngine(params, CFG, eos_ids=[EOS], slots=2, max_len=32)
+    engine.start()
+    try:
+        done = {}
+        events = {k: threading.Event() for k in ("bad", "good", "after")}
+
+        def cb(name, fail=False):
+            def f(new, reason):
+                if fail and new:
+                    raise RuntimeError("callback bug")
+                if reason is not None:
+                    done[name] = reason
+                    events[name].set()
+                return True
+            return f
+        engine.submit(Request([5, 6, 7], SamplingParams(max_tokens=6), cb("bad", fail=True)))
+        engine.submit(Request([8, 9], SamplingParams(max_tokens=6), cb("good")))
+        assert events["good"].wait(60) and done["good"] in ("stop", "length")
+        original = engine._decode
+        engine._decode = lambda: (_ for _ in ()).throw(RuntimeError("device lost"))
+        engine.submit(Request([3, 4], SamplingParams(max_tokens=6), cb("after")))
+        assert events["after"].wait(60) and done["after"] == "error"
+        assert "device lost" in engine.last_error
+        engine._decode = original
+        events["after"].clear()
+        engine.submit(Request([3, 4], SamplingParams(max_tokens=6), cb("after")))
+        assert events["after"].wait(60) and done["after"] in ("stop", "length")
+    finally:
+        engine.stop()

@@ -14,16 +14,16 @@ import ml_collections
 
 # method -> (steps, candidate learning rates)
 METHODS = {
-    "full": (150, (3e-4, 1e-3, 3e-3)),
-    "lora": (150, (1e-3, 3e-3, 1e-2)),
-    "dora": (150, (1e-3, 3e-3, 1e-2)),
-    "qlora": (150, (1e-3, 3e-3, 1e-2)),
-    "adapter": (150, (1e-3, 3e-3, 1e-2)),
-    "hft": (150, (3e-4, 1e-3, 3e-3)),
+    "full": (150, (1e-3, 3e-3)),
+    "lora": (150, (3e-3, 1e-2)),
+    "dora": (150, (3e-3, 1e-2)),
+    "qlora": (150, (3e-3, 1e-2)),
+    "adapter": (150, (3e-3, 1e-2)),
+    "hft": (150, (1e-3, 3e-3)),
     "ia3": (400, (2e-2, 5e-2)),
-    "vera": (400, (2e-2, 5e-2)),
-    "prompt_tuning": (600, (1e-1, 3e-1)),
-    "prefix_tuning": (600, (1e-2, 3e-2)),
+    "vera": (300, (2e-2, 5e-2)),
+    "prompt_tuning": (400, (1e-1, 3e-1)),
+    "prefix_tuning": (400, (1e-2, 3e-2)),
 }
 # Fields beyond a method's defaults: prompt tuning learns nothing here with 20 random virtual
 # tokens; 50 tokens initialised from vocabulary embeddings do.

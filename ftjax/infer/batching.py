@@ -64,7 +64,8 @@ class SamplingParams:
 
 
 # on_tokens(new_ids, finish_reason) -> keep going? finish_reason is None while running, else
-# "stop" (an eos id), "length" (max_tokens or the slot is full) or "cancelled".
+# "stop" (an eos id), "length" (max_tokens), "cancelled" (cancel(), or the callback said stop
+# or raised) or "error" (a failed engine step; `engine.last_error` says why).
 TokenCallback = Callable[[list, Optional[str]], bool]
 
 
@@ -142,6 +143,7 @@ class BatchEngine:
         self._thread: Optional[threading.Thread] = None
         self._stop = False
         self.stats = collections.Counter()
+        self.last_error: Optional[str] = None
 
     # ---- public, thread-safe ----------------------------------------------------------
 
@@ -218,7 +220,22 @@ class BatchEngine:
                     self._lock.wait()
                 if self._stop:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 - a failed step must not stop the engine
+                self._fail_all(e)
+
+    def _fail_all(self, error: Exception) -> None:
+        """Ends every running and queued request with "error" (the engine keeps serving)."""
+        self.stats["failed_steps"] += 1
+        self.last_error = f"{type(error).__name__}: {error}"
+        for i, s in enumerate(self._slot):
+            if s is not None:
+                self._finish(i, [], "error")
+        with self._lock:
+            gone, self._queue = list(self._queue), collections.deque()
+        for r in gone:
+            _call(r, [], "error")
 
     def step(self) -> None:
         """Admits queued requests into free slots, then runs one decode call."""
@@ -241,7 +258,7 @@ class BatchEngine:
             gone = [r for r in self._queue if r.cancelled]
             self._queue = collections.deque(keep)
         for r in gone:
-            r.on_tokens([], "cancelled")
+            _call(r, [], "cancelled")
         for i, s in enumerate(self._slot):
             if s is not None and s.request.cancelled:
                 self._finish(i, [], "cancelled")
@@ -307,7 +324,7 @@ class BatchEngine:
         self._last[i] = out[-1]
         if reason is not None:
             self._finish(i, out, reason)
-        elif not s.request.on_tokens(out, None):
+        elif not _call(s.request, out, None):
             self._finish(i, [], "cancelled")
 
     def _finish(self, i: int, out: list, reason: str) -> None:
@@ -316,7 +333,19 @@ class BatchEngine:
         self._active[i] = False
         self._adapter[i] = -1
         self.stats["finished"] += 1
-        req.on_tokens(out, reason)
+        _call(req, out, reason)
+
+
+def _call(req: Request, new: list, reason: Optional[str]) -> bool:
+    """The request's callback; one that raises ends its own request ("error" on the next
+    step), never the engine."""
+    try:
+        return bool(req.on_tokens(new, reason))
+    except Exception:  # noqa: BLE001
+        import traceback
+        traceback.print_exc()
+        req.cancelled = True
+        return False
 
 
 # ------------------------------------------------------------------------------------------
@@ -341,8 +370,11 @@ def _choose(logits: jax.Array, temp, top_k, top_p, seed, count) -> jax.Array:
     def one(lg, t, k, p, s, c):
         key = jax.random.fold_in(jax.random.PRNGKey(s), c)
         return sample_logits(lg[None], key, jnp.maximum(t, 1e-6), k, p)[0]
-    sampled = jax.vmap(one)(logits, temp, top_k, top_p, seed, count)
-    return jnp.where(temp > 0, sampled, greedy)
+    def sample(_):
+        sampled = jax.vmap(one)(logits, temp, top_k, top_p, seed, count)
+        return jnp.where(temp > 0, sampled, greedy)
+    # All-greedy batches skip the per-row sort over the vocabulary that sampling needs.
+    return jax.lax.cond(jnp.any(temp > 0), sample, lambda _: greedy, None)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "apply"), donate_argnums=(1,))

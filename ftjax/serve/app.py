@@ -57,11 +57,19 @@ class _Choice:
     def on_tokens(self, new: list, reason: Optional[str]) -> bool:
         if self.finish is not None:             # already ended here (a stop string)
             return False
+        try:
+            return self._tokens(new, reason)
+        except Exception:  # noqa: BLE001 - e.g. a tokenizer that cannot decode an id
+            log.exception("choice %d failed", self.index)
+            self.finish = "error"
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, "", "error"))
+            return False
+
+    def _tokens(self, new: list, reason: Optional[str]) -> bool:
         if new and self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         self.ids.extend(new)
-        eos = self.server.eos_ids
-        text = self.server.tok.decode([t for t in self.ids if t not in eos])
+        text = self.server.decode(self.ids)
         cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             text, reason = text[:cut], "stop"
@@ -120,6 +128,12 @@ class Server:
                                   adapters=self.registry.bank, cache_sharding=cache_sharding,
                                   on_step=on_step)
         self.started = int(time.time())
+
+    def decode(self, ids: list) -> str:
+        """Text of generated ids: eos ids, and ids past the tokenizer's vocabulary (the
+        padding rows a model's embedding table may have), have no text."""
+        n = int(self.tok.vocab_size)
+        return self.tok.decode([t for t in ids if t not in self.eos_ids and 0 <= t < n])
 
     def _on_step(self, active: int, total: int, dt: float) -> None:
         self.metrics.observe_step(active, total, dt)
@@ -226,7 +240,8 @@ class Server:
         ttft = (min(firsts) - t0) if firsts else None
         if self.metrics is not None:
             if status != "ok":
-                self.metrics.error(req.model, endpoint, "client_disconnected")
+                self.metrics.error(req.model, endpoint, "client_disconnected"
+                                   if status == "cancelled" else "generation_failed")
             self.metrics.request_finished(req.model, endpoint,
                                           status="ok" if status == "ok" else "error",
                                           latency_s=latency, prompt_tokens=prompt_tokens,
@@ -337,6 +352,11 @@ def create_app(server: Server):
             server.cancel(choices)
             server.finished(req, endpoint, choices, prompt_lens, version, t0, "cancelled")
             raise
+        if any(c.finish == "error" for c in choices):
+            server.finished(req, endpoint, choices, prompt_lens, version, t0, "error")
+            return error_response(api.APIError(
+                f"generation failed: {server.engine.last_error or 'the request callback failed'}",
+                status=500, type="server_error", code="generation_failed"), req.model, endpoint)
         usage = server.finished(req, endpoint, choices, prompt_lens, version, t0)
         out = [(c.text, c.finish) for c in choices]
         build = api.chat_response if req.kind == "chat" else api.completion_response
@@ -412,6 +432,12 @@ async def _stream(server: Server, req, endpoint, rid, queue, choices, prompt_len
                 yield api.sse(api.chat_chunk(rid, req.model, index, {"content": delta}, None,
                                              fp) if chat else
                               api.completion_chunk(rid, req.model, index, delta, None, fp))
+            if finish == "error":
+                yield api.sse(api.error_body(api.APIError(
+                    f"generation failed: {server.engine.last_error or 'callback failed'}",
+                    status=500, type="server_error", code="generation_failed")))
+                status = "error"
+                return
             if finish is not None:
                 pending -= 1
                 yield api.sse(api.chat_chunk(rid, req.model, index, {}, finish, fp) if chat

@@ -70,7 +70,9 @@ def load_adapter_tree(path: str, cfg: Any, base_params: Any) -> tuple[Any, dict]
     if any(getattr(r.model_cfg, k) != getattr(cfg, k) for k in shape_keys):
         raise ValueError(f"{path}: its model (" + ", ".join(
             f"{k} {getattr(r.model_cfg, k)}" for k in shape_keys) + ") is not the served base")
-    version = {"kind": "workdir", "path": os.fspath(run_dir), "step": r.step,
+    run_path = os.fspath(run_dir)
+    version = {"kind": "workdir",
+               "path": run_path if "://" in run_path else os.path.abspath(run_path), "step": r.step,
                "config_hash": config_hash(r.run_cfg)}
     return r.params, version
 
