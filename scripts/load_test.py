@@ -16,7 +16,6 @@ until --requests are done or --max-seconds pass. Per (target, clients): requests
 p99 latency, generated tokens/s (from the usage counts), printed as one JSON object. Nothing
 leaves 127.0.0.1; the servers are stopped at the end.
 """
-from __future__ import annotations
 
 import argparse
 import asyncio
@@ -81,7 +80,7 @@ def serve_hf(hf_dir: str, port: int, threads: int) -> None:
     from ftjax.data.batching import bos_prefix
     from ftjax.data.tokenizer import CharTokenizer
     torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     tok = CharTokenizer()
     lock = threading.Lock()
     app = FastAPI()

@@ -129,6 +129,14 @@ class BatchEngine:
         if cache_sharding is not None:
             cache = {**cache, "k": jax.device_put(cache["k"], cache_sharding),
                      "v": jax.device_put(cache["v"], cache_sharding)}
+        # Per-layer weights and caches (`models.unstack_layers`): each decode step updates
+        # every layer's cache in place instead of re-stacking the whole cache (about 1.5x
+        # faster decoding on the `tiny` model; one copy of the weights).
+        split = models.unstack_layers(params, cache, cfg)
+        self._unstacked = split is not None
+        if split is not None:
+            params, cache = split
+        self.params = params
         self._cache = cache
         z = functools.partial(np.zeros, slots)
         # Host mirrors of the per-slot decode state (uploaded each call; tiny).
@@ -149,8 +157,8 @@ class BatchEngine:
 
     def cache_bytes(self) -> int:
         """Bytes of the KV cache (the engine's bounded decode memory)."""
-        return int(sum(x.nbytes for x in (self._cache["k"], self._cache["v"],
-                                          self._cache["segment_ids"])))
+        return int(sum(x.nbytes for x in jax.tree.leaves(
+            (self._cache["k"], self._cache["v"], self._cache["segment_ids"]))))
 
     def check(self, prompt_len: int, sampling: SamplingParams) -> None:
         """Raises ValueError when a request cannot be served (before it is queued)."""
@@ -208,7 +216,13 @@ class BatchEngine:
 
     def set_params(self, params: Any) -> None:
         """Swaps the params (same structure and shapes: no recompile), e.g. after an adapter
-        was written into the bank. Call from the engine thread or while it is stopped."""
+        was written into the bank. Safe while the engine runs: a step reads them once."""
+        if self._unstacked:
+            split = models.unstack_layers(params, None, self.cfg)
+            if split is None:
+                raise ValueError("set_params: the new params' layers are not stacked like "
+                                 "the engine's")
+            params = split[0]
         self.params = params
 
     # ---- the engine loop --------------------------------------------------------------
@@ -384,7 +398,7 @@ def _prefill_jit(params, cache, tokens, length, slot, adapter, temp, top_k, top_
     returns (cache, the first new token)."""
     p = tokens.shape[1]
     seg = (jnp.arange(p, dtype=jnp.int32) < length).astype(jnp.int32)[None]
-    row = models.init_cache(cfg, 1, p, cache["k"].dtype)
+    row = models.init_cache(cfg, 1, p, jax.tree.leaves(cache["k"])[0].dtype)
     _, aux = apply(params, cfg, tokens, jnp.reshape(adapter, (1,)), positions=None,
                    segment_ids=seg, cache=row, compute_logits=False)
     # The logits of the last real token only (the head over all P slots would cost more).
@@ -392,12 +406,14 @@ def _prefill_jit(params, cache, tokens, length, slot, adapter, temp, top_k, top_
     logits = models.logits_from_hidden(params, cfg, last)[:, 0]                  # [1, V]
     first = _choose(logits, temp[None], top_k[None], top_p[None], seed[None],
                     jnp.zeros((1,), jnp.int32))[0]
-    rk, rv = aux["cache"]["k"], aux["cache"]["v"]                          # [L, 1, P, K, hd]
     zero = jnp.int32(0)
-    k = jax.lax.dynamic_update_slice(cache["k"], rk.astype(cache["k"].dtype),
-                                     (zero, slot, zero, zero, zero))
-    v = jax.lax.dynamic_update_slice(cache["v"], rv.astype(cache["v"].dtype),
-                                     (zero, slot, zero, zero, zero))
+
+    def put(big, row):   # row [(L,) 1, P, K, hd] into big [(L,) slots, len, K, hd] at `slot`
+        if isinstance(big, list):
+            return [put(b, r) for b, r in zip(big, row)]
+        start = (zero,) * (big.ndim - 4) + (slot, zero, zero, zero)
+        return jax.lax.dynamic_update_slice(big, row.astype(big.dtype), start)
+    k, v = put(cache["k"], aux["cache"]["k"]), put(cache["v"], aux["cache"]["v"])
     seg_row = jnp.zeros((1, cache["segment_ids"].shape[1]), jnp.int32)
     seg_row = jax.lax.dynamic_update_slice(seg_row, seg, (zero, zero))
     segs = jax.lax.dynamic_update_slice(cache["segment_ids"], seg_row, (slot, zero))
