@@ -160,6 +160,9 @@ def test_streaming_chunks_add_up_to_the_whole_answer(served):
         max_tokens=24, stream=True))
     assert chat[0].choices[0].delta.role == "assistant"
     streamed = "".join(ch.choices[0].delta.content or "" for ch in chat)
+    cut = list(c.completions.create(model="qs", prompt="reverse abcdef", max_tokens=24,
+                                    temperature=0, stream=True, stop=["cb"]))
+    assert "".join(ch.choices[0].text for ch in cut if ch.choices) == whole[:whole.index("cb")]
     assert streamed == c.chat.completions.create(
         model="qs", messages=[{"role": "user", "content": "sort 3 1 2"}], temperature=0,
         max_tokens=24).choices[0].message.content
