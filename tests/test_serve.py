@@ -350,3 +350,30 @@ def test_command_line_server_sharded_quantized_with_drift_alert(tmp_path):
     assert "DRIFT ALERT" in err
     lines = [json.loads(x) for x in open(log)]
     assert len(lines) == 3 + 128 and all("prompt" not in x for x in lines)
+
+
+def test_a_hugging_face_directory_is_served_like_generate_script(tmp_path):
+    """An HF directory (weights, tokenizer.json, chat template) served: completions and chat
+    equal scripts/generate.py on the same directory."""
+    from ftjax.serve.app import Server
+    from ftjax.train.export import save_model
+    model = load_model(BASE, layout=mesh_sections(data=1), devices=jax.devices()[:1])
+    hf_dir = str(tmp_path / "hf")
+    save_model(hf_dir, model.cfg, model.params, model.tokenizer, model.template)
+    served = load_model(hf_dir, layout=mesh_sections(data=1), devices=jax.devices()[:1])
+    assert served.source["kind"] == "hf"
+    running = Running(Server(served, name="hf", slots=4, max_len=64))
+    try:
+        script = generate_script.main(["--model", hf_dir, "--max-new-tokens", "16",
+                                       "--prompt", "reverse hello"])
+        r = running.client.completions.create(model="hf", prompt="reverse hello",
+                                              max_tokens=16, temperature=0)
+        assert r.choices[0].text == script[0]
+        chat = generate_script.main(["--model", hf_dir, "--max-new-tokens", "16",
+                                     "--chat", "sort 3 1 2"])
+        r = running.client.chat.completions.create(
+            model="hf", messages=[{"role": "user", "content": "sort 3 1 2"}], max_tokens=16,
+            temperature=0)
+        assert r.choices[0].message.content == chat[0]
+    finally:
+        running.close()
