@@ -112,6 +112,43 @@ def bind_dropout(params: Any, rng: jax.Array) -> Any:
     return map_weights(one, params)
 
 
+def bind_dynamic_rank(params: Any, rng: jax.Array) -> Any:
+    """DyLoRA (Valipour et al. 2023): one training step at a sampled rank. b = floor(u r) + 1,
+    u ~ U[0, 1) drawn once per step (so b ~ U{1..r}, the same fraction of every weight's r),
+    and every LoRAWeight uses only its first b rank components: columns > b of a and rows > b
+    of b are multiplied by zero, so they get exactly zero gradient this step. The scale stays
+    alpha / r, so the trained adapter truncated to any rank (`truncate_rank`) is the model
+    that was trained at that rank. Called by the loss only on training steps."""
+    u = jax.random.uniform(rng)
+
+    def one(_, w):
+        if not isinstance(w, LoRAWeight):
+            return w
+        r = w.a.shape[-1]
+        keep = jnp.arange(r) < jnp.minimum(jnp.floor(u * r).astype(jnp.int32) + 1, r)
+        return w.replace(a=w.a * keep.astype(w.a.dtype),
+                         b=w.b * keep[:, None].astype(w.b.dtype))
+    return map_weights(one, params)
+
+
+def truncate_rank(params: Any, rank: int) -> Any:
+    """Every LoRAWeight cut to its first min(rank, r) components (scale unchanged): a DyLoRA
+    adapter evaluated or exported at a smaller rank."""
+    if rank < 1:
+        raise ValueError(f"truncate_rank: rank={rank} must be >= 1")
+
+    def one(_, w):
+        if not isinstance(w, LoRAWeight):
+            return w
+        return w.replace(a=w.a[..., :rank], b=w.b[..., :rank, :])
+    return map_weights(one, params)
+
+
+def _bind_both(params: Any, rng: jax.Array) -> Any:
+    rank_rng, drop_rng = jax.random.split(rng)
+    return bind_dropout(bind_dynamic_rank(params, rank_rng), drop_rng)
+
+
 def lora_scale(rank: int, alpha: float, rslora: bool = False) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
@@ -232,12 +269,20 @@ def method(s, *, apply_fn=None, tokenizer=None) -> Method:
     del apply_fn, tokenizer
     dropout = float(s.dropout)
     transform = functools.partial(apply_lora, **lowrank_kwargs(s), dropout=dropout)
+    bind = bind_dropout if dropout > 0 else None
+    if s.dynamic_rank:  # DyLoRA: a rank sampled per training step
+        bind = _bind_both if dropout > 0 else bind_dynamic_rank
     return Method(name="lora", transform=transform, train_patterns=tuple(s.train_patterns),
-                  bind_rng=bind_dropout if dropout > 0 else None)
+                  bind_rng=bind)
 
 
 # Refused before a run builds anything (`trainers/_validate.py`); dora, lora_fa, qlora share them.
 CHECKS = dict(rank=">= 1", alpha="> 0", init=("default", "gaussian", "pissa"),
-              dropout="in [0, 1)")
+              dropout="in [0, 1)", dynamic_rank=(False, True))
 
-register("lora", DEFAULTS, method, CHECKS)
+# Settings of `lora` alone, kept out of DEFAULTS, which dora / qlora / lora_fa copy.
+LORA_ONLY = dict(
+    dynamic_rank=False,          # DyLoRA: train at a rank b ~ U{1..r} per step (bind_dynamic_rank)
+)
+
+register("lora", {**DEFAULTS, **LORA_ONLY}, method, CHECKS)

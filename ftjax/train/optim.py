@@ -10,20 +10,23 @@ from ftjax.train import param_groups
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "lion", "rmsprop", "adagrad")
 SCHEDULES = ("constant", "linear", "cosine")
+# Zeroth-order: no gradients, no optimizer state (ftjax/train/mezo.py; its own step).
+ZEROTH_ORDER = ("mezo",)
 
 # The `optimizer` section: every setting with its default (configs/common.py:optimizer builds
 # from it; `trainers.resolve_config` fills it into every run's config).
 DEFAULTS = dict(
-    name="adamw",            # OPTIMIZERS
+    name="adamw",            # OPTIMIZERS, or "mezo" (ZEROTH_ORDER)
     learning_rate=1e-3,
     schedule="cosine",       # SCHEDULES, each after a linear warmup from 0
     warmup_steps=0,
     min_lr_ratio=0.1,        # decay schedules end at learning_rate * min_lr_ratio
-    weight_decay=0.0,        # adamw, lion, adafactor
+    weight_decay=0.0,        # adamw, lion, adafactor, mezo
     b1=0.9, b2=0.999, eps=1e-8,
     momentum=0.9, nesterov=False,  # sgd (momentum also rmsprop)
     decay=0.9,               # rmsprop
-    grad_clip_norm=1.0,      # global-norm clipping; 0 disables it
+    grad_clip_norm=1.0,      # global-norm clipping; 0 disables it (must be 0 for mezo)
+    mezo_eps=1e-3,           # mezo: perturbation scale eps of the two forward passes
     # ((regex, None | lr multiplier | {"lr": m, "layers": (start, stop)}), ...): first full
     # match over trainable param paths wins; None freezes (ftjax/train/param_groups.py).
     param_groups=(),
@@ -31,9 +34,10 @@ DEFAULTS = dict(
 # Refused before a run builds anything (`trainers/_validate.py`: a bound, or the allowed values).
 # Across sections it also checks warmup_steps <= train.steps.
 CHECKS = dict(
-    name=OPTIMIZERS, schedule=SCHEDULES, learning_rate="> 0", warmup_steps=">= 0",
+    name=OPTIMIZERS + ZEROTH_ORDER, schedule=SCHEDULES, learning_rate="> 0", warmup_steps=">= 0",
     min_lr_ratio="in [0, 1]", weight_decay=">= 0", b1="in [0, 1)", b2="in [0, 1)",
     eps=">= 0", momentum="in [0, 1)", decay="in [0, 1)", grad_clip_norm=">= 0",
+    mezo_eps="> 0",
 )
 
 
@@ -96,8 +100,11 @@ def make_optimizer(opt_cfg: Any, total_steps: int):
                            momentum=float(o.momentum) or None)
     elif name == "adagrad":
         tx = optax.adagrad(sched, eps=eps)
+    elif name == "mezo":
+        return _mezo(o, sched), sched
     else:
-        raise ValueError(f"optimizer.name={name!r} is not supported; choose one of {OPTIMIZERS}")
+        raise ValueError(f"optimizer.name={name!r} is not supported; choose one of "
+                         f"{OPTIMIZERS + ZEROTH_ORDER}")
     clip = float(o.grad_clip_norm)
     if clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(clip), tx)
@@ -105,3 +112,17 @@ def make_optimizer(opt_cfg: Any, total_steps: int):
     if groups:
         tx = param_groups.with_groups(tx, groups)
     return tx, sched
+
+
+def _mezo(o, sched):
+    """MeZO (ftjax/train/mezo.py): plain SGD on a two-forward-pass estimate, weight decay
+    allowed; settings that only make sense with real gradients are refused."""
+    from ftjax.train import mezo
+    if float(o.grad_clip_norm) > 0:
+        raise ValueError(f"optimizer.grad_clip_norm={o.grad_clip_norm} does not apply to mezo "
+                         "(its gradient estimate g z has norm ~ |g| sqrt(#params)); set "
+                         "--config.optimizer.grad_clip_norm=0")
+    if o.param_groups:
+        raise ValueError("optimizer.param_groups are not supported with optimizer.name=mezo; "
+                         "freeze leaves through the PEFT method's train_patterns instead")
+    return mezo.mezo(sched, eps=float(o.mezo_eps), weight_decay=float(o.weight_decay))

@@ -122,7 +122,13 @@ def _accumulate(loss_fn: LossFn, params, batch: dict, rng, accum_steps: int, fro
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
                     accum_steps: int = 1, schedule: Optional[Callable] = None):
-    """Builds the pure step. Metrics are per-token means over the whole accumulation window."""
+    """Builds the pure step. Metrics are per-token means over the whole accumulation window.
+
+    With `optimizer.name="mezo"` (`tx` a `mezo.MeZO`) the step is MeZO's two-forward-pass
+    zeroth-order step instead (`ftjax/train/mezo.py`), with the same state and metrics."""
+    from ftjax.train import mezo  # lazy: mezo imports this module
+    if isinstance(tx, mezo.MeZO):
+        return mezo.make_mezo_train_step(loss_fn, tx, accum_steps=accum_steps, schedule=schedule)
 
     def train_step(state: TrainState, batch: dict):
         rng, step_rng = jax.random.split(state.rng)
