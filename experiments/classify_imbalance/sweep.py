@@ -37,7 +37,7 @@ def get_config():
             "accuracy", "macro_f1", "macro_recall", "macro_pr_auc", "recall_swap", "f1_swap",
             "recall_caesar", "f1_caesar", "recall_reverse")}},
         plots=(dict(axis="label.loss", metric="macro_f1", file="macro_f1.png"),),
-        curves=dict(split="train", key="loss"),
+        curves=dict(split="classify", key="loss"),
     )
     return c
 
