@@ -19,6 +19,7 @@ def get_config():
     c.name = "memory_tuning"
     c.base = "configs/memory_tuning.py"
     c.out = "results"          # results.md beside this file is the hand-written discussion
+    c.metrics_file = "finetune/metrics.jsonl"
     c.overrides = ("train.progress=False", "train.tensorboard=False")
     c.metrics = (("trainable", "trainable_params"),
                  ("recall_after", "recall_after"),
@@ -42,7 +43,7 @@ def get_config():
              **{f"{t}_em_after": "pct" for t in OTHER_TASKS}, "wall_s": ".0f"},
         plots=(dict(axis="label.run", metric="other_loss_change",
                     file="other_loss_change.png"),),
-        curves=dict(split="train", key="loss"),
+        curves=dict(split="memory", key="loss"),
     )
     return c
 
