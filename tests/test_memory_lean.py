@@ -2,7 +2,6 @@
 rank sampled per step). docs/memory_lean.md has the measured memory."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
