@@ -32,7 +32,7 @@ import ml_collections
 
 from ftjax.models.config import ModelConfig
 
-__all__ = ["EvalModel", "load_model", "mesh_sections", "engine_for", "main"]
+__all__ = ["EvalModel", "load_model", "mesh_sections", "inference_layout", "engine_for", "main"]
 
 
 @dataclasses.dataclass
@@ -54,6 +54,32 @@ def mesh_sections(data: int = -1, fsdp: int = 1, tensor: int = 1,
     return ml_collections.ConfigDict(dict(
         mesh=dict(data=data, fsdp=fsdp, tensor=tensor),
         sharding=dict(rules=rules)))
+
+
+def inference_layout(spec: str, rule_overrides: str = "") -> tuple[Any, list]:
+    """(layout, devices) for inference from a mesh spec such as "tensor=8" or
+    "data=2,tensor=4": tensor-parallel rules (heads and MLP over "tensor"; `fsdp_tp` when an
+    fsdp axis is given) with `rule_overrides` (e.g. "vocab=none") first, on the first
+    data x fsdp x tensor devices. An empty spec: one device."""
+    if not spec:
+        return mesh_sections(data=1), jax.devices()[:1]
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    for part in spec.split(","):
+        k, sep, v = part.partition("=")
+        if not sep or k.strip() not in sizes or not v.strip().isdigit():
+            raise ValueError(f"mesh {spec!r}: use AXIS=N pairs over data, fsdp, tensor "
+                             "(e.g. tensor=8)")
+        sizes[k.strip()] = int(v)
+    n = sizes["data"] * sizes["fsdp"] * sizes["tensor"]
+    if n > jax.device_count():
+        raise ValueError(f"mesh {spec!r} needs {n} devices; this process sees "
+                         f"{jax.device_count()}")
+    from ftjax.sharding import get_rules
+    rules = get_rules("tp" if sizes["fsdp"] == 1 else "fsdp_tp",
+                      overrides=rule_overrides or None)
+    layout = mesh_sections(data=sizes["data"], fsdp=sizes["fsdp"], tensor=sizes["tensor"],
+                           rules=[list(r) for r in rules])
+    return layout, jax.devices()[:n]
 
 
 def _placement(layout: Any, cfg: ModelConfig, params: Any, devices=None):

@@ -186,16 +186,9 @@ def place_on_mesh(cfg, params, mesh: str, rule_overrides: str = ""):
     """Params sharded tensor-parallel (heads and MLP over "tensor") on the first
     data x fsdp x tensor devices, as `python -m ftjax.serve --mesh` places them; generation
     then runs sharded (each device holds its slice of every kernel)."""
-    import jax
-
-    from ftjax.evaluate import _placement
-    from ftjax.serve.__main__ import _mesh_layout
-    layout = _mesh_layout(mesh, rule_overrides)
-    n = int(layout.mesh.data) * int(layout.mesh.fsdp) * int(layout.mesh.tensor)
-    if n > jax.device_count():
-        raise ValueError(f"--mesh {mesh!r} needs {n} devices; this process sees "
-                         f"{jax.device_count()}")
-    return _placement(layout, cfg, params, jax.devices()[:n]).put_params(params)
+    from ftjax.evaluate import _placement, inference_layout
+    layout, devices = inference_layout(mesh, rule_overrides)
+    return _placement(layout, cfg, params, devices).put_params(params)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[str]:

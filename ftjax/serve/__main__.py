@@ -61,44 +61,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _mesh_layout(spec: str, overrides: str = ""):
-    from ftjax.evaluate import mesh_sections
-    if not spec:
-        return None
-    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
-    for part in spec.split(","):
-        k, sep, v = part.partition("=")
-        if not sep or k.strip() not in sizes:
-            raise ValueError(f"--mesh {spec!r}: use AXIS=N pairs over data, fsdp, tensor "
-                             "(e.g. tensor=8)")
-        sizes[k.strip()] = int(v)
-    from ftjax.sharding import get_rules
-    preset = "tp" if sizes["fsdp"] == 1 else "fsdp_tp"
-    rules = get_rules(preset, overrides=overrides or None)
-    return mesh_sections(data=sizes["data"], fsdp=sizes["fsdp"], tensor=sizes["tensor"],
-                         rules=[list(r) for r in rules])
-
-
 def build_server(args: argparse.Namespace):
     """(Server, name): loads, quantizes and places the model, the adapters and monitoring."""
-    import jax
-
-    from ftjax.evaluate import load_model
+    from ftjax.evaluate import inference_layout, load_model
     from ftjax.serve.app import Server
 
-    layout = _mesh_layout(args.mesh, args.rule_overrides)
-    devices = None
-    if layout is not None:   # the first data x fsdp x tensor devices
-        m = layout.mesh
-        n = int(m.data) * int(m.fsdp) * int(m.tensor)
-        if n > jax.device_count():
-            raise ValueError(f"--mesh {args.mesh!r} needs {n} devices; this process sees "
-                             f"{jax.device_count()}")
-        devices = jax.devices()[:n]
-    else:
-        devices = jax.devices()[:1]
-        from ftjax.evaluate import mesh_sections
-        layout = mesh_sections(data=1)
+    layout, devices = inference_layout(args.mesh, args.rule_overrides)
     model = load_model(args.model, step=args.step, tokenizer=args.tokenizer, layout=layout,
                        dtype=args.dtype, devices=devices)
     extra = {}
