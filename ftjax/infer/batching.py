@@ -189,6 +189,10 @@ class BatchEngine:
     def active(self) -> int:
         return int(self._active.sum())
 
+    def adapters_in_use(self) -> set[int]:
+        """Adapter indices of the requests decoding now (an AdapterBank must not reuse them)."""
+        return {int(a) for a, on in zip(self._adapter, self._active) if on and a >= 0}
+
     def queued(self) -> int:
         return len(self._queue)
 

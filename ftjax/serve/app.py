@@ -378,7 +378,7 @@ def create_app(server: Server):
             if not isinstance(name, str) or not isinstance(path, str):
                 raise api.APIError("give 'lora_name' and 'lora_path' (strings)",
                                    code="missing_required_parameter")
-            busy = set(int(i) for i in server.engine._adapter if i >= 0)  # pylint: disable=protected-access
+            busy = server.engine.adapters_in_use()
             loop = asyncio.get_running_loop()
             try:
                 version = await loop.run_in_executor(
