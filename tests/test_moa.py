@@ -4,15 +4,13 @@ ftjax server == LocalAgent (greedy), and scripts/moa.py end to end."""
 from __future__ import annotations
 
 import os
-import socket
 import sys
-import threading
-import time
 
 import jax
 import pytest
 
 from ftjax.config_utils import load_config
+from tests._serving import Running
 from ftjax.infer import generate as gen
 from ftjax.infer.moa import (DEFAULT_TEMPLATE, Agent, LocalAgent, MoA, OpenAIAgent, VoteAgent,
                              check_config, compose, from_config, majority)
@@ -200,36 +198,6 @@ def test_local_agent_answers_like_generate_text(base):
     assert len(sampled) == len(PROMPTS) and all(isinstance(s, str) for s in sampled)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Running:
-    """A uvicorn server on a free loopback port in a thread (the tests/test_serve.py pattern)."""
-
-    def __init__(self, server):
-        import uvicorn
-
-        from ftjax.serve.app import create_app
-        self.port = _free_port()
-        self.uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1",
-                                                port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.uv.run, daemon=True)
-        self.thread.start()
-        t0 = time.time()
-        while not self.uv.started:
-            if time.time() - t0 > 60 or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-
-    def close(self):
-        self.uv.should_exit = True
-        self.thread.join(timeout=30)
-
-
 def test_openai_agent_against_the_ftjax_server_equals_local(base):
     pytest.importorskip("openai")
     pytest.importorskip("uvicorn")
@@ -238,11 +206,11 @@ def test_openai_agent_against_the_ftjax_server_equals_local(base):
     try:
         local = LocalAgent(base.params, base.cfg, base.tokenizer, "local")
         want = local.complete(PROMPTS, max_tokens=16, temperature=0.0)
-        remote = OpenAIAgent(running.url, "qs")
+        remote = OpenAIAgent(running.url + "/v1", "qs")
         assert remote.name == "qs"
         assert remote.complete(PROMPTS, max_tokens=16, temperature=0.0) == want
         # chat: the model's template ("plain": [bos] text "\n") gives the same prompts
-        chat = OpenAIAgent(running.url, "qs", name="qs-chat", chat=True)
+        chat = OpenAIAgent(running.url + "/v1", "qs", name="qs-chat", chat=True)
         assert chat.complete(PROMPTS[:2], max_tokens=16, temperature=0.0) == want[:2]
         # a mixture of the two, voted
         res = MoA([[local, remote, chat]], VoteAgent()).run(PROMPTS[:2], max_tokens=16)

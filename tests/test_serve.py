@@ -7,9 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import socket
 import sys
-import threading
 import time
 
 import httpx
@@ -29,15 +27,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(ROOT, "experiments", "quickstart_base", "model.safetensors")
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import generate as generate_script  # noqa: E402
+from tests._serving import Running, free_port as _free_port  # noqa: E402
 
 PROMPTS = ["add 12 34", "reverse hello", "sort 3 1 2", "format abc", "add 7 8",
            "reverse abcdef", "sort 9 2 5 1", "add 100 23"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _lora(params, seed: int):
@@ -50,33 +43,6 @@ def _lora(params, seed: int):
         return w.replace(b=0.05 * jax.random.normal(
             jax.random.fold_in(key, sum(map(ord, path))), w.b.shape))
     return map_weights(fill, tree)
-
-
-class Running:
-    """A uvicorn server on a free loopback port in a thread; stopped by `close()`."""
-
-    def __init__(self, server):
-        import uvicorn
-
-        from ftjax.serve.app import create_app
-        self.server = server
-        self.port = _free_port()
-        self.uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1",
-                                                port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.uv.run, daemon=True)
-        self.thread.start()
-        t0 = time.time()
-        while not self.uv.started:
-            if time.time() - t0 > 60 or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused",
-                                    max_retries=0, timeout=120)
-
-    def close(self):
-        self.uv.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
