@@ -309,15 +309,22 @@ class BatchEngine:
         self._emit(i, [int(first)])
 
     def _decode(self) -> np.ndarray:
+        # Decode only the first `rows` slots: the smallest power of two (or all slots) that
+        # covers every active one. Requests take the lowest free slot, so a light load runs
+        # a small batch: at most log2(slots) + 1 decode programs.
+        hi = int(np.flatnonzero(self._active).max()) + 1
+        rows = min(1 << (hi - 1).bit_length(), self.slots)
+        cut = slice(0, rows)
         self._cache, toks = _decode_jit(
-            self.params, self._cache, jnp.asarray(self._last), jnp.asarray(self._pos),
-            jnp.asarray(self._active), jnp.asarray(self._adapter), jnp.asarray(self._temp),
-            jnp.asarray(self._top_k), jnp.asarray(self._top_p), jnp.asarray(self._seed),
-            jnp.asarray(self._count), cfg=self.cfg, chunk=self.chunk, apply=self._apply)
-        return np.asarray(toks)                                            # [chunk, slots]
+            self.params, self._cache, jnp.asarray(self._last[cut]), jnp.asarray(self._pos[cut]),
+            jnp.asarray(self._active[cut]), jnp.asarray(self._adapter[cut]),
+            jnp.asarray(self._temp[cut]), jnp.asarray(self._top_k[cut]),
+            jnp.asarray(self._top_p[cut]), jnp.asarray(self._seed[cut]),
+            jnp.asarray(self._count[cut]), cfg=self.cfg, chunk=self.chunk, apply=self._apply)
+        return np.asarray(toks)                                            # [chunk, rows]
 
     def _dispatch(self, toks: np.ndarray) -> None:
-        for i in range(self.slots):
+        for i in range(toks.shape[1]):
             if not self._active[i]:
                 continue
             self._pos[i] += self.chunk
@@ -428,8 +435,12 @@ def _prefill_jit(params, cache, tokens, length, slot, adapter, temp, top_k, top_
 @functools.partial(jax.jit, static_argnames=("cfg", "chunk", "apply"), donate_argnums=(1,))
 def _decode_jit(params, cache, last, pos, active, adapter, temp, top_k, top_p, seed, count, *,
                 cfg, chunk, apply):
-    """`chunk` decode steps over every slot; returns (cache, tokens [chunk, slots]).
-    Inactive slots compute too (fixed shapes) but write with segment id 0 and never move."""
+    """`chunk` decode steps over the first `rows = len(last)` slots; returns (cache, tokens
+    [chunk, rows]). Inactive slots among them compute too (fixed shapes) but write with
+    segment id 0 and never move; the slots past `rows` are not touched."""
+    rows = last.shape[0]
+    full = cache
+    cache = jax.tree.map(lambda x: x[:rows], cache)
     seg = active.astype(jnp.int32)[:, None]
     step_pos = jnp.where(active, 1, 0).astype(jnp.int32)
     limit = cache["segment_ids"].shape[1] - 1
@@ -443,4 +454,8 @@ def _decode_jit(params, cache, last, pos, active, adapter, temp, top_k, top_p, s
         return (aux["cache"], tok, pos + step_pos), tok
 
     (cache, _, _), toks = jax.lax.scan(body, (cache, last, pos), jnp.arange(chunk))
-    return cache, toks
+    if rows == full["segment_ids"].shape[0]:
+        return cache, toks
+    zero = jnp.int32(0)
+    return jax.tree.map(lambda big, new: jax.lax.dynamic_update_slice(
+        big, new, (zero,) * big.ndim), full, cache), toks
