@@ -272,3 +272,16 @@ def test_a_failing_callback_or_step_ends_requests_not_the_engine(params):
         assert events["after"].wait(60) and done["after"] in ("stop", "length")
     finally:
         engine.stop()
+
+
+def test_warmup_compiles_every_decode_program(params):
+    """Decoding runs on the smallest power-of-two prefix of slots that covers the active ones;
+    warmup() compiles all of them, so no load compiles a decode program later."""
+    engine = BatchEngine(params, CFG, eos_ids=[EOS], slots=8, max_len=32, chunk=2)
+    engine.warmup()
+    compiled = _decode_jit._cache_size()
+    prompts = _prompts(11, seed=4)
+    got, _ = _run(engine, prompts[:1], SamplingParams(max_tokens=6))       # 1 row
+    got += _run(engine, prompts[1:], SamplingParams(max_tokens=6))[0]      # up to 8 rows
+    assert _decode_jit._cache_size() == compiled
+    assert got == _reference(params, CFG, prompts, 6)

@@ -196,6 +196,30 @@ class BatchEngine:
     def queued(self) -> int:
         return len(self._queue)
 
+    def warmup(self) -> float:
+        """Compiles every decode program (one per power-of-two slot prefix) and the smallest
+        prefill bucket before requests arrive; returns the seconds it took. Call it while no
+        request is running (the server does, at start)."""
+        if self._active.any():
+            raise RuntimeError("warmup() while requests are running")
+        t0 = time.perf_counter()
+        rows = 1
+        while True:
+            rows = min(rows, self.slots)
+            cut = slice(0, rows)
+            self._cache, toks = _decode_jit(
+                self.params, self._cache, jnp.asarray(self._last[cut]),
+                jnp.asarray(self._pos[cut]), jnp.asarray(self._active[cut]),
+                jnp.asarray(self._adapter[cut]), jnp.asarray(self._temp[cut]),
+                jnp.asarray(self._top_k[cut]), jnp.asarray(self._top_p[cut]),
+                jnp.asarray(self._seed[cut]), jnp.asarray(self._count[cut]), cfg=self.cfg,
+                chunk=self.chunk, apply=self._apply)
+            np.asarray(toks)
+            if rows == self.slots:
+                break
+            rows *= 2
+        return time.perf_counter() - t0
+
     def start(self) -> None:
         """Runs the engine loop in a daemon thread until `stop()`."""
         if self._thread is not None:

@@ -58,6 +58,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "the drift check")
     p.add_argument("--drift-window", type=int, default=256)
     p.add_argument("--no-metrics", action="store_true", help="no /metrics endpoint")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="compile the decode programs on first use instead of at start")
     return p.parse_args(argv)
 
 
@@ -92,7 +94,8 @@ def build_server(args: argparse.Namespace):
     server = Server(model, name=name, slots=args.slots, max_len=args.max_len, chunk=args.chunk,
                     max_adapters=max_adapters, max_lora_rank=args.max_lora_rank,
                     metrics=metrics, request_log=request_log, drift=drift,
-                    cache_sharding=cache_sharding, extra_version=extra)
+                    cache_sharding=cache_sharding, extra_version=extra,
+                    warmup=not args.no_warmup)
     for spec in args.adapter:
         a_name, sep, path = spec.partition("=")
         if not sep:

@@ -106,7 +106,8 @@ class Server:
     def __init__(self, model: Any, *, name: str, slots: int = 16, max_len: int = 256,
                  chunk: int = 4, max_adapters: int = 0, max_lora_rank: int = 16,
                  metrics: Any = None, request_log: Any = None, drift: Any = None,
-                 cache_sharding: Any = None, extra_version: Optional[dict] = None):
+                 cache_sharding: Any = None, extra_version: Optional[dict] = None,
+                 warmup: bool = False):
         if model.apply_fn is not None:
             raise ValueError(f"{model.source.get('peft')!r} changes the model's forward pass "
                              "(prompt or prefix tuning); the server runs plain and LoRA models "
@@ -128,6 +129,7 @@ class Server:
                                   adapters=self.registry.bank, cache_sharding=cache_sharding,
                                   on_step=on_step)
         self.started = int(time.time())
+        self.warmup = warmup   # compile every decode program before serving (the CLI does)
 
     def decode(self, ids: list) -> str:
         """Text of generated ids: eos ids, and ids past the tokenizer's vocabulary (the
@@ -275,6 +277,9 @@ def create_app(server: Server):
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
+        if server.warmup:
+            took = server.engine.warmup()
+            log.info("compiled the decode programs in %.1f s", took)
         server.engine.start()
         try:
             yield
