@@ -10,7 +10,8 @@ import pytest
 from ftjax import models
 from ftjax.infer import generate as gen
 from ftjax.infer.adapters import AdapterBank
-from ftjax.infer.batching import BatchEngine, Request, SamplingParams, _decode_jit
+from ftjax.infer.batching import (BatchEngine, Request, SamplingParams, _decode_jit,
+                                  _prefill_jit)
 from ftjax.peft.lora import LoRAWeight, apply_lora
 from ftjax.peft.core import map_weights
 
@@ -279,9 +280,9 @@ def test_warmup_compiles_every_decode_program(params):
     warmup() compiles all of them, so no load compiles a decode program later."""
     engine = BatchEngine(params, CFG, eos_ids=[EOS], slots=8, max_len=32, chunk=2)
     engine.warmup()
-    compiled = _decode_jit._cache_size()
+    compiled = _decode_jit._cache_size(), _prefill_jit._cache_size()
     prompts = _prompts(11, seed=4)
     got, _ = _run(engine, prompts[:1], SamplingParams(max_tokens=6))       # 1 row
     got += _run(engine, prompts[1:], SamplingParams(max_tokens=6))[0]      # up to 8 rows
-    assert _decode_jit._cache_size() == compiled
+    assert (_decode_jit._cache_size(), _prefill_jit._cache_size()) == compiled
     assert got == _reference(params, CFG, prompts, 6)

@@ -197,9 +197,9 @@ class BatchEngine:
         return len(self._queue)
 
     def warmup(self) -> float:
-        """Compiles every decode program (one per power-of-two slot prefix) and the smallest
-        prefill bucket before requests arrive; returns the seconds it took. Call it while no
-        request is running (the server does, at start)."""
+        """Compiles every decode program (one per power-of-two slot prefix) and every prefill
+        bucket before requests arrive; returns the seconds it took. Call it while no request
+        is running (the server does, at start)."""
         if self._active.any():
             raise RuntimeError("warmup() while requests are running")
         t0 = time.perf_counter()
@@ -218,6 +218,12 @@ class BatchEngine:
             if rows == self.slots:
                 break
             rows *= 2
+        for bucket in self.buckets:    # every prefill length, into the free slot 0
+            self._cache, first = _prefill_jit(
+                self.params, self._cache, jnp.full((1, bucket), self.pad_id, jnp.int32),
+                jnp.int32(1), jnp.int32(0), jnp.int32(-1), jnp.float32(0.0), jnp.int32(0),
+                jnp.float32(1.0), jnp.uint32(0), cfg=self.cfg, apply=self._apply)
+            int(first)
         return time.perf_counter() - t0
 
     def start(self) -> None:
