@@ -22,6 +22,9 @@ from typing import Any, AsyncIterator, Optional
 
 from fastapi import Request as HTTPRequest  # module level: FastAPI resolves the annotations here
 
+from ftjax.data.batching import bos_prefix
+from ftjax.data.chat import apply_chat_template
+from ftjax.data.hf_tokenizer import HFTokenizer
 from ftjax.infer.batching import BatchEngine, Request, SamplingParams
 from ftjax.serve import openai_api as api
 from ftjax.serve.registry import Registry, fingerprint
@@ -148,8 +151,6 @@ class Server:
         generation prompt; a completion string as `scripts/generate.py --prompt` encodes it
         (HF tokenizers with their special tokens; the character tokenizer in the synthetic
         tasks' layout `[bos] text "\\n"`); token ids as given."""
-        from ftjax.data.chat import apply_chat_template
-        from ftjax.data.hf_tokenizer import HFTokenizer
         if req.kind == "chat":
             return list(apply_chat_template(self.tok, prompt, add_generation_prompt=True,
                                             template=self.model.template))
@@ -162,7 +163,6 @@ class Server:
             return list(prompt)
         if isinstance(self.tok, HFTokenizer):
             return list(self.tok.encode(prompt, add_special_tokens=True))
-        from ftjax.data.batching import bos_prefix
         return bos_prefix(self.tok) + list(self.tok.encode(prompt + "\n"))
 
     def _sampling(self, req: api.GenerationRequest, prompt_len: int, choice: int
