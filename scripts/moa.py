@@ -1,9 +1,9 @@
 """Run a Mixture of Agents (ftjax/infer/moa.py) described by a config; prints the answers.
 
-    python scripts/moa.py --config configs/moa.py --prompt "dmy2iso 18/05/1971" \\
+    python scripts/moa.py --config experiments/moa/config.py --prompt "dmy2iso 18/05/1971" \\
         --prompt "dmy2iso 01/02/2003"
-    python scripts/moa.py --config configs/moa.py:models=A+B+C --prompt ... --json
-    python scripts/moa.py --config configs/moa.py:models=A+B+C --eval-task dmy2iso --eval-n 100
+    python scripts/moa.py --config experiments/moa/config.py:models=A+B+C --prompt ... --json
+    python scripts/moa.py --config experiments/moa/config.py:models=A+B+C --eval-task dmy2iso --eval-n 100
 
 kind-"ftjax" agents are loaded here with `ftjax.evaluate.load_model` (on one device) and wrapped
 in `LocalAgent`; kind-"openai" agents talk to their endpoint; kind "vote" is the majority vote.
@@ -28,7 +28,7 @@ if ROOT not in sys.path:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="configs/moa.py[:args]")
+    p.add_argument("--config", required=True, help="experiments/moa/config.py[:args]")
     p.add_argument("--prompt", action="append", default=[], help="user prompt (repeatable)")
     p.add_argument("--eval-task", default=None, help="synthetic task to score exact match on")
     p.add_argument("--eval-n", type=int, default=100, help="held-out prompts for --eval-task")

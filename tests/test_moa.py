@@ -128,7 +128,7 @@ def test_bad_pipelines():
 
 
 def _config(**over):
-    c = load_config("configs/moa.py:models=a+b,layers=2")
+    c = load_config("experiments/moa/config.py:models=a+b,layers=2")
     for k, v in over.items():
         c[k] = v
     return c
@@ -225,11 +225,11 @@ def test_script_end_to_end(capsys):
         import moa as moa_script
     finally:
         sys.path.pop(0)
-    res = moa_script.main(["--config", f"configs/moa.py:models={BASE}+{BASE},max_tokens=16",
+    res = moa_script.main(["--config", f"experiments/moa/config.py:models={BASE}+{BASE},max_tokens=16",
                            "--prompt", "reverse hello", "--prompt", "reverse abc", "--json"])
     assert res.answers == ["olleh", "cba"] and res.names == [["m0", "m1"]]
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and '"answer": "olleh"' in lines[0]
-    report = moa_script.main(["--config", f"configs/moa.py:models={BASE},max_tokens=16",
+    report = moa_script.main(["--config", f"experiments/moa/config.py:models={BASE},max_tokens=16",
                               "--eval-task", "reverse", "--eval-n", "8"])
     assert report["n"] == 8 and report["moa"] == report["agents"]["m0"]

@@ -27,7 +27,7 @@ previous layer's raw responses instead of the composed text: `VoteAgent` returns
 response. It is the degenerate, non-LLM aggregator; it exists so the pipeline can be measured
 with ftjax's character-level models, which were never trained to read a synthesis prompt.
 
-`from_config` builds an `MoA` from a config (configs/moa.py); loading ftjax models is left to
+`from_config` builds an `MoA` from a config (experiments/moa/config.py); loading ftjax models is left to
 the caller (scripts/moa.py does it with `ftjax.evaluate.load_model`), since `infer` sits below
 `evaluate`.
 """
@@ -319,7 +319,7 @@ def _get(spec: Any, key: str, default: Any = None) -> Any:
 
 
 def check_config(config: Any) -> None:
-    """ValueError naming the first problem of an MoA config (see configs/moa.py)."""
+    """ValueError naming the first problem of an MoA config (see experiments/moa/config.py)."""
     agents = _get(config, "agents") or {}
     if not agents:
         raise ValueError("the MoA config defines no agents (config.agents)")

@@ -1,10 +1,10 @@
 """Mixture of Agents (ftjax/infer/moa.py, docs/moa.md): which agents, in which layers, and who
 aggregates.
 
-    python scripts/moa.py --config configs/moa.py --prompt "dmy2iso 18/05/1971"
-    python scripts/moa.py --config configs/moa.py:models=a.safetensors+workdirs/l1+workdirs/l2 \\
+    python scripts/moa.py --config experiments/moa/config.py --prompt "dmy2iso 18/05/1971"
+    python scripts/moa.py --config experiments/moa/config.py:models=a.safetensors+workdirs/l1+workdirs/l2 \\
         --prompt "dmy2iso 18/05/1971"
-    python scripts/moa.py --config configs/moa.py:aggregator=m0,layers=2 --prompt ...
+    python scripts/moa.py --config experiments/moa/config.py:aggregator=m0,layers=2 --prompt ...
 
 Fields:
   agents      name -> spec. kind "ftjax": `path` (workdir, HF directory or params file, loaded
