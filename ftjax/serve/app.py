@@ -122,10 +122,7 @@ class Server:
         self.registry = Registry(name, model.cfg, model.params, version,
                                  max_adapters=max_adapters, max_lora_rank=max_lora_rank)
         self.metrics, self.request_log, self.drift = metrics, request_log, drift
-        if metrics is not None and hasattr(metrics, "observe_step"):
-            on_step = self._on_step
-        else:
-            on_step = None
+        on_step = self._on_step if metrics is not None else None
         self.engine = BatchEngine(self.registry.params, model.cfg, eos_ids=sorted(self.eos_ids),
                                   pad_id=int(self.tok.pad_id), slots=slots, max_len=max_len,
                                   chunk=chunk,

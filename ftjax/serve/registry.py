@@ -142,9 +142,3 @@ class Registry:
         with self._lock:
             self.bank.remove(name)
             del self.adapter_versions[name]
-
-    def version_of(self, model: str) -> Optional[dict]:
-        try:
-            return self.resolve(model)[1]
-        except KeyError:
-            return None
