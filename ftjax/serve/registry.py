@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import threading
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
